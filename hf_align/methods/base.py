@@ -1,0 +1,82 @@
+"""The contract every aligner method implements (PEFT-style: one module per method, its config beside its model)."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodConfig:
+    """Base class of a method's settings. Subclasses are dataclasses; unknown keys are rejected by name."""
+
+    @classmethod
+    def from_kwargs(cls, method: str, kwargs: dict[str, Any]) -> "MethodConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(
+                f"method {method!r} got unknown argument(s) {unknown}; it accepts {sorted(names) or 'no arguments'}"
+            )
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class AlignerMethod(nn.Module, abc.ABC):
+    """A trainable (or training-free) map from frozen encoder features to a shared embedding space.
+
+    Subclasses set `config_class`, and implement `embed_image` / `embed_text`. The model L2-normalises what they
+    return, scores pairs with its similarity head and trains with symmetric InfoNCE plus `extra_loss`.
+
+    Class attributes:
+        input_kind: `"pooled"` (one vector per sample, shape (B, d)) or `"tokens"` (a sequence (B, T, d) + mask (B, T)).
+        trainable: `False` for training-free methods (training only runs `init_from_data`).
+
+    Instance attribute `embed_dim`: width D of the embeddings `embed_image` / `embed_text` return (set by subclasses).
+    """
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    input_kind: ClassVar[str] = "pooled"
+    trainable: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig, vision_dim: int, text_dim: int):
+        super().__init__()
+        self.config = config
+        self.vision_dim = vision_dim
+        self.text_dim = text_dim
+        self.embed_dim: int | None = None
+
+    @abc.abstractmethod
+    def embed_image(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, d_v) pooled features, or (B, T, d_v) tokens with mask (B, T) -> (B, D) embeddings (unnormalised)."""
+
+    @abc.abstractmethod
+    def embed_text(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, d_t) pooled features, or (B, T, d_t) tokens with mask (B, T) -> (B, D) embeddings (unnormalised)."""
+
+    def extra_loss(
+        self,
+        vision_features: torch.Tensor,
+        text_features: torch.Tensor,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Method-specific loss terms added to InfoNCE during training (name -> already weighted scalar)."""
+        return {}
+
+    def init_from_data(self, vision_features: torch.Tensor, text_features: torch.Tensor, seed: int = 0) -> None:
+        """Data-dependent initialisation (anchors, codebooks) from training features; default: nothing."""
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimiser step (EMA teachers and the like)."""
+
+    def reset_parameters(self) -> None:
+        """(Re-)initialise parameters held directly by this method. `post_init` visits every submodule, so children
+        with their own `reset_parameters` (nn.Linear, ...) are reset separately; default: nothing of its own."""

@@ -1,0 +1,31 @@
+"""`linear`: one linear map per modality into a shared `projection_dim` space (the baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from . import register_method
+from .base import MethodConfig
+from .projection import ProjectionPair
+
+
+@dataclass
+class LinearConfig(MethodConfig):
+    """projection_dim: width of the shared space. bias: add a bias to each map (the method notes use none)."""
+
+    projection_dim: int = 512
+    bias: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.projection_dim, int) or self.projection_dim < 1:
+            raise ValueError(f"projection_dim must be a positive int, got {self.projection_dim!r}")
+
+
+@register_method("linear")
+class LinearAligner(ProjectionPair):
+    config_class = LinearConfig
+
+    def make_head(self, in_dim: int) -> nn.Module:
+        return nn.Linear(in_dim, self.config.projection_dim, bias=self.config.bias)

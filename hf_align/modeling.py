@@ -1,0 +1,495 @@
+"""`AlignerModel`: a small trainable aligner stacked on two frozen Hub encoders, with CLIP-compatible outputs."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .configuration import AlignerConfig, check_layer, check_pooling, resolve_layer_index
+from .encoders import EncoderInfo, load_encoder, pool_text, pool_vision, probe_text, probe_vision
+from .losses import symmetric_infonce
+from .methods import build_method_config, get_method
+from .processing import AlignerProcessor
+from .similarity import build_similarity
+
+logger = logging.get_logger(__name__)
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learnable temperature
+ENCODER_PREFIXES = ("vision_model.", "text_model.")
+BUNDLE_SUBFOLDERS = {"vision": "vision_encoder", "text": "text_encoder"}
+
+
+@dataclass
+class AlignerOutput(ModelOutput):
+    """Outputs of [`AlignerModel.forward`], named as `CLIPOutput` so CLIP tooling works unchanged.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): total training loss, when `return_loss=True`.
+        logits_per_image (`torch.FloatTensor` of shape `(n_images, n_texts)`): similarity / temperature.
+        logits_per_text (`torch.FloatTensor` of shape `(n_texts, n_images)`): the transpose.
+        image_embeds (`torch.FloatTensor` of shape `(n_images, embed_dim)`): aligned, L2-normalised.
+        text_embeds (`torch.FloatTensor` of shape `(n_texts, embed_dim)`): aligned, L2-normalised.
+        loss_terms (`dict[str, torch.FloatTensor]`, *optional*): each term of `loss` (InfoNCE, regularisers, ...).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    loss_terms: dict | None = None
+
+
+class AlignerModel(PreTrainedModel):
+    r"""Frozen vision encoder + frozen text encoder + trainable aligner (see `hf_align.methods`).
+
+    Only the aligner (and the temperature) is part of the checkpoint; the encoders are reloaded from the ids and
+    revisions the config records. The model runs on raw inputs (`pixel_values`, `input_ids`, ...) or on features
+    already extracted from the tapped encoder layers (`vision_features`, `text_features`), which is how training on a
+    feature cache works.
+    """
+
+    config_class = AlignerConfig
+    base_model_prefix = "aligner"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = False
+
+    def __init__(
+        self,
+        config: AlignerConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        if config.vision_hidden_size is None or config.text_hidden_size is None:
+            raise ValueError(
+                "AlignerConfig needs vision_hidden_size and text_hidden_size; build the model with "
+                "AlignerModel.from_encoders(...) rather than from a bare config"
+            )
+        self.aligner = self._build_aligner()
+        self.similarity = build_similarity(config.similarity, self.aligner.embed_dim)
+        self.logit_scale = nn.Parameter(
+            torch.tensor(math.log(1.0 / config.contrastive_temperature)), requires_grad=config.learnable_temperature
+        )
+        self.processor: AlignerProcessor | None = None
+        self.post_init()
+        # Encoders are attached after post_init so that weight initialisation can never touch them.
+        if vision_model is not None and text_model is not None:
+            self.attach_encoders(vision_model, text_model)
+
+    # ------------------------------------------------------------------ construction
+    def _build_aligner(self) -> nn.Module:
+        method_cls = get_method(self.config.method)
+        method_config = method_cls.config_class.from_kwargs(self.config.method, self.config.method_config)
+        wants_tokens = method_cls.input_kind == "tokens"
+        for modality in ("vision", "text"):
+            pooling = getattr(self.config, f"resolved_{modality}_pooling")
+            if wants_tokens != (pooling == "tokens"):
+                raise ValueError(
+                    f"method {self.config.method!r} needs {modality}_pooling="
+                    f"{'tokens' if wants_tokens else 'cls or mean'}, got {pooling!r}"
+                )
+        return method_cls(method_config, self.config.vision_hidden_size, self.config.text_hidden_size)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # torch.nn.init functions are guarded by transformers: parameters loaded from a checkpoint are left alone.
+        if module is self:
+            nn.init.constant_(self.logit_scale, math.log(1.0 / self.config.contrastive_temperature))
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+    @classmethod
+    def from_encoders(
+        cls,
+        vision_encoder: str | PreTrainedModel,
+        text_encoder: str | PreTrainedModel,
+        method: str = "linear",
+        vision_layer: int | str = -1,
+        text_layer: int | str = -1,
+        vision_pooling: str = "auto",
+        text_pooling: str = "auto",
+        similarity: str = "cosine",
+        temperature: float = 0.05,
+        learnable_temperature: bool = False,
+        vision_revision: str | None = None,
+        text_revision: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        **method_kwargs,
+    ) -> "AlignerModel":
+        """Stack a new (untrained) aligner on two encoders given as Hub ids, local paths or loaded models.
+
+        Args:
+            vision_encoder / text_encoder: any vision / text `AutoModel` id or path (or an already loaded model).
+            method: registry name (`hf_align.methods.METHODS`); `**method_kwargs` go to its config.
+            vision_layer / text_layer: hidden-state index to tap (negative from the end) or `"auto"`.
+            vision_pooling / text_pooling: `auto`, `cls`, `mean` or `tokens`; token methods default to `tokens`.
+        """
+        check_layer("vision_layer", vision_layer)
+        check_layer("text_layer", text_layer)
+        method_cls = get_method(method)
+        method_config = build_method_config(method, method_kwargs)
+        if method_cls.input_kind == "tokens":
+            vision_pooling = "tokens" if vision_pooling == "auto" else vision_pooling
+            text_pooling = "tokens" if text_pooling == "auto" else text_pooling
+        check_pooling("vision_pooling", vision_pooling)
+        check_pooling("text_pooling", text_pooling)
+
+        vision = load_encoder("vision", vision_encoder, vision_revision, dtype)
+        text = load_encoder("text", text_encoder, text_revision, dtype)
+        vision_info = probe_vision(vision, _source_name(vision_encoder, vision))
+        text_info = probe_text(text, _source_name(text_encoder, text))
+        config = AlignerConfig(
+            vision_encoder=vision_info.name_or_path,
+            text_encoder=text_info.name_or_path,
+            vision_revision=vision_revision or vision_info.revision,
+            text_revision=text_revision or text_info.revision,
+            vision_layer=vision_layer,
+            text_layer=text_layer,
+            vision_pooling=vision_pooling,
+            text_pooling=text_pooling,
+            vision_hidden_size=_width_at("vision_layer", vision_info, vision_layer),
+            text_hidden_size=_width_at("text_layer", text_info, text_layer),
+            vision_num_layers=vision_info.num_hidden_states,
+            text_num_layers=text_info.num_hidden_states,
+            vision_has_cls=vision_info.has_cls,
+            method=method,
+            method_config=method_config.to_dict(),
+            similarity=similarity,
+            contrastive_temperature=temperature,
+            learnable_temperature=learnable_temperature,
+        )
+        model = cls(config, vision_model=vision, text_model=text)
+        model.processor = _try_load_processor(
+            vision_info.name_or_path, text_info.name_or_path, config.vision_revision, config.text_revision
+        )
+        return model.eval()  # like from_pretrained: inference mode until a training loop says otherwise
+
+    def attach_encoders(self, vision_model: PreTrainedModel, text_model: PreTrainedModel) -> None:
+        """Register the frozen encoders after checking they produce what the aligner was built for."""
+        vision_info = probe_vision(vision_model, self.config.vision_encoder)
+        text_info = probe_text(text_model, self.config.text_encoder)
+        for modality, info in (("vision", vision_info), ("text", text_info)):
+            layer = getattr(self.config, f"{modality}_layer")
+            expected = getattr(self.config, f"{modality}_hidden_size")
+            width = _width_at(f"{modality}_layer", info, layer)
+            if width != expected:
+                raise ValueError(
+                    f"{modality} encoder {info.name_or_path!r} gives width {width} at {modality}_layer={layer}, "
+                    f"but the aligner weights expect {modality}_hidden_size={expected}"
+                )
+        self.vision_model = vision_model.requires_grad_(False).eval()
+        self.text_model = text_model.requires_grad_(False).eval()
+
+    @property
+    def has_encoders(self) -> bool:
+        return isinstance(getattr(self, "vision_model", None), nn.Module) and isinstance(
+            getattr(self, "text_model", None), nn.Module
+        )
+
+    def set_layers(
+        self,
+        vision_layer: int | None = None,
+        text_layer: int | None = None,
+        vision_hidden_size: int | None = None,
+        text_hidden_size: int | None = None,
+    ) -> None:
+        """Point the aligner at other encoder layers (e.g. after layer selection).
+
+        The width of the new layer comes from the argument, else from probing the attached encoder. The aligner is
+        rebuilt (fresh weights) only when that width differs from the one it was built for.
+        """
+        rebuild = False
+        for modality, layer, width in (("vision", vision_layer, vision_hidden_size), ("text", text_layer, text_hidden_size)):
+            if layer is None:
+                continue
+            resolve_layer_index(f"{modality}_layer", layer, getattr(self.config, f"{modality}_num_layers"))
+            if width is None:
+                if not self.has_encoders:
+                    raise ValueError(f"set_layers: give {modality}_hidden_size (no encoders attached to probe)")
+                encoder = getattr(self, f"{modality}_model")
+                info = probe_vision(encoder, "") if modality == "vision" else probe_text(encoder, "")
+                width = _width_at(f"{modality}_layer", info, layer)
+            setattr(self.config, f"{modality}_layer", layer)
+            if width != getattr(self.config, f"{modality}_hidden_size"):
+                setattr(self.config, f"{modality}_hidden_size", width)
+                rebuild = True
+        if rebuild:
+            device = self.logit_scale.device
+            self.aligner = self._build_aligner().to(device)
+            self.similarity = build_similarity(self.config.similarity, self.aligner.embed_dim).to(device)
+
+    def train(self, mode: bool = True) -> "AlignerModel":
+        super().train(mode)
+        # Frozen encoders stay in eval mode (no dropout) while the aligner trains.
+        if self.has_encoders:
+            self.vision_model.eval()
+            self.text_model.eval()
+        return self
+
+    # ------------------------------------------------------------------ encoders
+    def encode_vision(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the frozen vision encoder and return the tapped, pooled layer: (B, d_v), or (B, T, d_v) + mask."""
+        states = self.vision_hidden_states(pixel_values)
+        layer = self.config.absolute_layer("vision")
+        return pool_vision(states[layer], self.config.resolved_vision_pooling, self.config.vision_has_cls)
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the frozen text encoder and return the tapped, pooled layer: (B, d_t), or (B, T, d_t) + mask."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        states = self.text_hidden_states(input_ids, attention_mask, token_type_ids)
+        layer = self.config.absolute_layer("text")
+        return pool_text(states[layer], attention_mask, self.config.resolved_text_pooling)
+
+    def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._require_encoders("pixel_values")
+        encoder = self.vision_model
+        param = next(encoder.parameters())
+        with torch.no_grad() if not _any_trainable(encoder) else torch.enable_grad():
+            out = encoder(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
+        return out.hidden_states
+
+    def text_hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        self._require_encoders("input_ids")
+        encoder = self.text_model
+        device = next(encoder.parameters()).device
+        kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids.to(device)
+        with torch.no_grad() if not _any_trainable(encoder) else torch.enable_grad():
+            out = encoder(**kwargs, output_hidden_states=True)
+        return out.hidden_states
+
+    def _require_encoders(self, argument: str) -> None:
+        if not self.has_encoders:
+            raise ValueError(
+                f"`{argument}` given but this AlignerModel has no encoders attached (loaded with load_encoders=False?); "
+                "pass precomputed vision_features/text_features instead"
+            )
+
+    # ------------------------------------------------------------------ embeddings
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        vision_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Aligned, L2-normalised image embeddings (B, embed_dim), as a tensor (not an output object).
+
+        Give either `pixel_values` (B, C, H, W) or `vision_features` from the tapped layer: (B, d_v) pooled, or
+        (B, T, d_v) tokens with `vision_mask` (B, T).
+        """
+        if vision_features is None and pixel_values is not None:
+            vision_features, vision_mask = self.encode_vision(pixel_values)
+        features, mask = self._check_features("vision", vision_features, vision_mask)
+        return F.normalize(self.aligner.embed_image(features, mask), dim=-1)
+
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Aligned, L2-normalised text embeddings (B, embed_dim), as a tensor.
+
+        Give either tokenised `input_ids` (B, T) (+ `attention_mask`, `token_type_ids`) or `text_features` from the
+        tapped layer: (B, d_t) pooled, or (B, T, d_t) tokens with `text_mask` (B, T).
+        """
+        if text_features is None and input_ids is not None:
+            text_features, text_mask = self.encode_text(input_ids, attention_mask, token_type_ids)
+        features, mask = self._check_features("text", text_features, text_mask)
+        return F.normalize(self.aligner.embed_text(features, mask), dim=-1)
+
+    def _check_features(self, modality, features, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate tapped-layer features against what the aligner was built for; move them to its device/dtype."""
+        if features is None:
+            raw_name = "pixel_values" if modality == "vision" else "input_ids"
+            raise ValueError(f"give either `{raw_name}` or `{modality}_features`; got neither")
+        expected_dim = getattr(self.config, f"{modality}_hidden_size")
+        tokens = self.aligner.input_kind == "tokens"
+        expected_rank = 3 if tokens else 2
+        if features.dim() != expected_rank or features.shape[-1] != expected_dim:
+            shape = "(B, T, %d)" % expected_dim if tokens else "(B, %d)" % expected_dim
+            raise ValueError(
+                f"{modality}_features must have shape {shape} for method {self.config.method!r} at "
+                f"{modality}_layer={getattr(self.config, f'{modality}_layer')}, got {tuple(features.shape)}"
+            )
+        if tokens and mask is None:
+            mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+        device = self.logit_scale.device
+        features = features.to(device=device, dtype=self.logit_scale.dtype)
+        return features, (mask.to(device) if mask is not None else None)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
+        vision_mask: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AlignerOutput | tuple:
+        """Score every image against every text, CLIP style.
+
+        Returns `logits_per_image` (n_images, n_texts) = similarity / temperature, its transpose
+        `logits_per_text`, the normalised embeddings, and with `return_loss=True` (n_images == n_texts, pair i matches
+        pair i) the symmetric InfoNCE plus the method's own terms.
+        """
+        if vision_features is None and pixel_values is not None:
+            vision_features, vision_mask = self.encode_vision(pixel_values)
+        if text_features is None and input_ids is not None:
+            text_features, text_mask = self.encode_text(input_ids, attention_mask, token_type_ids)
+        image_embeds = self.get_image_features(vision_features=vision_features, vision_mask=vision_mask)
+        text_embeds = self.get_text_features(input_ids=input_ids, text_features=text_features, text_mask=text_mask)
+
+        scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        logits_per_image = self.similarity(image_embeds, text_embeds) * scale
+        logits_per_text = logits_per_image.t()
+
+        loss, terms = None, None
+        if return_loss:
+            terms = self.loss_terms(vision_features, text_features, image_embeds, text_embeds, logits_per_image)
+            loss = torch.stack(list(terms.values())).sum()
+        output = AlignerOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            loss_terms=terms,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def loss_terms(self, vision_features, text_features, image_embeds, text_embeds, logits_per_image):
+        """Every training loss term by name: InfoNCE, then the method's own terms."""
+        terms = {"infonce": symmetric_infonce(logits_per_image)}
+        terms.update(self.aligner.extra_loss(vision_features, text_features, image_embeds, text_embeds))
+        return terms
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, bundle_encoders: bool = False, **kwargs) -> None:
+        """Write `config.json`, `model.safetensors` (aligner weights only), the processor files and a model card.
+
+        `bundle_encoders=True` also saves both encoders under `vision_encoder/` and `text_encoder/`, so the folder
+        loads with no access to the encoders' own repos.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        state_dict = kwargs.pop("state_dict", None) or self.state_dict()
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ENCODER_PREFIXES)}
+        if bundle_encoders:
+            self._require_encoders("bundle_encoders=True")
+            for modality, subfolder in BUNDLE_SUBFOLDERS.items():
+                getattr(self, f"{modality}_model").save_pretrained(os.path.join(save_directory, subfolder))
+        was_bundled = self.config.bundled_encoders
+        self.config.bundled_encoders = bundle_encoders or was_bundled
+        try:
+            super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
+        finally:
+            self.config.bundled_encoders = was_bundled
+        if self.processor is not None:
+            self.processor.save_pretrained(save_directory)
+        else:
+            logger.warning(
+                "this aligner has no processor: the saved folder cannot be used by pipeline(...) until an "
+                "AlignerProcessor is saved into it"
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        load_encoders: bool = True,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+        **kwargs,
+    ) -> "AlignerModel":
+        """Load the aligner weights, then re-load both encoders with *their own* weights from the recorded ids.
+
+        `load_encoders=False` gives an aligner-only model that works on precomputed features; `vision_model` /
+        `text_model` reuse encoders the caller already has in memory.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model.logit_scale.requires_grad_(model.config.learnable_temperature)
+        if not load_encoders:
+            return model
+        config = model.config
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        revision = kwargs.get("revision")
+        encoders = {}
+        for modality, given in (("vision", vision_model), ("text", text_model)):
+            if given is not None:
+                encoders[modality] = load_encoder(modality, given)
+            elif config.bundled_encoders:
+                encoders[modality] = _load_bundled(modality, pretrained_model_name_or_path, revision, dtype)
+            else:
+                source = getattr(config, f"{modality}_encoder")
+                encoders[modality] = load_encoder(modality, source, getattr(config, f"{modality}_revision"), dtype)
+        model.attach_encoders(encoders["vision"].to(model.device), encoders["text"].to(model.device))
+        try:
+            model.processor = AlignerProcessor.from_pretrained(pretrained_model_name_or_path, revision=revision)
+        except (OSError, ValueError, TypeError) as err:
+            logger.warning(f"no processor found with the aligner at {pretrained_model_name_or_path!r}: {err}")
+        return model
+
+
+def _source_name(given: str | PreTrainedModel, model: PreTrainedModel) -> str:
+    """What the config records for an encoder: the Hub id, or an absolute path for a local folder."""
+    name = given if isinstance(given, str) else (model.name_or_path or "")
+    if name and os.path.isdir(name):
+        return os.path.abspath(name)
+    return name
+
+
+def _width_at(name: str, info: EncoderInfo, layer: int | str) -> int:
+    if layer == "auto":
+        return info.hidden_sizes[-1]
+    return info.hidden_sizes[resolve_layer_index(name, layer, info.num_hidden_states)]
+
+
+def _any_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _try_load_processor(vision: str, text: str, vision_revision, text_revision) -> AlignerProcessor | None:
+    try:
+        return AlignerProcessor.from_encoders(vision, text, vision_revision, text_revision)
+    except (OSError, ValueError, TypeError) as err:
+        logger.warning(f"could not build an AlignerProcessor for ({vision!r}, {text!r}): {err}")
+        return None
+
+
+def _load_bundled(modality: str, repo: str | os.PathLike, revision: str | None, dtype) -> PreTrainedModel:
+    from transformers import AutoModel
+
+    subfolder = BUNDLE_SUBFOLDERS[modality]
+    kwargs = {"subfolder": subfolder, "revision": revision}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return load_encoder(modality, AutoModel.from_pretrained(str(repo), **kwargs))
