@@ -2,8 +2,11 @@
 
 Importing the package registers `AlignerConfig` / `AlignerModel` / `AlignerProcessor` with the transformers Auto
 classes, so `AutoModel.from_pretrained(<aligner>)` and `pipeline("zero-shot-image-classification", model=<aligner>)`
-work without `trust_remote_code`.
+work without `trust_remote_code`. The rest of the public API is imported on first use (it pulls in datasets,
+Accelerate, matplotlib, ...), so `import hf_align` stays light.
 """
+
+import importlib
 
 from transformers import (
     AutoConfig,
@@ -25,6 +28,39 @@ AutoModel.register(AlignerConfig, AlignerModel)
 AutoModelForZeroShotImageClassification.register(AlignerConfig, AlignerModel)
 AutoProcessor.register(AlignerConfig, AlignerProcessor)
 
+# public name -> module (inside hf_align) that defines it
+_LAZY = {
+    "extract_features": "features",
+    "features_for": "features",
+    "features_from_tensors": "features",
+    "FeatureCollator": "features",
+    "train": "training",
+    "AlignmentArguments": "training",
+    "evaluate_zero_shot": "evaluation",
+    "evaluate_retrieval": "evaluation",
+    "retrieval_metrics": "evaluation",
+    "zero_shot_metrics": "evaluation",
+    "mutual_knn": "representation",
+    "cka": "representation",
+    "unbiased_cka": "representation",
+    "select_layers": "layer_selection",
+    "structure_regularizer": "regularizers.structure",
+    "sinkhorn": "ot",
+    "relative_representation": "relative",
+    "evaluate_segmentation": "segmentation",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    if name in ("analysis", "testing"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "METHODS",
     "AlignerConfig",
@@ -33,4 +69,5 @@ __all__ = [
     "AlignerProcessor",
     "register_method",
     "symmetric_infonce",
+    *_LAZY,
 ]

@@ -44,7 +44,10 @@ class AlignerConfig(PretrainedConfig):
         vision_has_cls (`bool`): whether token 0 of the vision sequence is a CLS token.
         method (`str`): name of the aligner in the method registry (`hf_align.methods`).
         method_config (`dict`): the method's own settings (validated by its config dataclass).
+        regularizers (`dict`): extra loss terms by name with their settings, e.g. `{"structure": {"weight": 10.0}}`
+            (`hf_align.regularizers`).
         similarity (`str`): scoring head between aligned image and text embeddings (`hf_align.similarity`).
+        similarity_config (`dict`): settings of that head (learned heads' sizes, OT parameters, ...).
         contrastive_temperature (`float`): InfoNCE temperature τ; logits are `similarity / τ`. (Not called
             `temperature`: transformers reserves that name for generation.)
         learnable_temperature (`bool`): train `logit_scale = ln(1/τ)` (clamped at ln 100) as CLIP does.
@@ -73,7 +76,9 @@ class AlignerConfig(PretrainedConfig):
         vision_has_cls: bool = True,
         method: str = "linear",
         method_config: dict | None = None,
+        regularizers: dict | None = None,
         similarity: str = "cosine",
+        similarity_config: dict | None = None,
         contrastive_temperature: float = 0.05,
         learnable_temperature: bool = False,
         bundled_encoders: bool = False,
@@ -95,7 +100,9 @@ class AlignerConfig(PretrainedConfig):
         self.vision_has_cls = vision_has_cls
         self.method = method
         self.method_config = dict(method_config or {})
+        self.regularizers = {name: dict(kw) for name, kw in (regularizers or {}).items()}
         self.similarity = similarity
+        self.similarity_config = dict(similarity_config or {})
         t = contrastive_temperature
         if not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
             raise ValueError(f"contrastive_temperature must be a finite float > 0, got {t!r}")

@@ -17,6 +17,7 @@ from .encoders import EncoderInfo, load_encoder, pool_text, pool_vision, probe_t
 from .losses import symmetric_infonce
 from .methods import build_method_config, get_method
 from .processing import AlignerProcessor
+from .regularizers import build_regularizers, split_regularizer_kwargs
 from .similarity import build_similarity
 
 logger = logging.get_logger(__name__)
@@ -74,7 +75,8 @@ class AlignerModel(PreTrainedModel):
                 "AlignerModel.from_encoders(...) rather than from a bare config"
             )
         self.aligner = self._build_aligner()
-        self.similarity = build_similarity(config.similarity, self.aligner.embed_dim)
+        self.similarity = build_similarity(config.similarity, self.aligner.embed_dim, **config.similarity_config)
+        self.regularizers = build_regularizers(config.regularizers)
         self.logit_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / config.contrastive_temperature)), requires_grad=config.learnable_temperature
         )
@@ -116,32 +118,26 @@ class AlignerModel(PreTrainedModel):
         text_layer: int | str = -1,
         vision_pooling: str = "auto",
         text_pooling: str = "auto",
-        similarity: str = "cosine",
-        temperature: float = 0.05,
-        learnable_temperature: bool = False,
         vision_revision: str | None = None,
         text_revision: str | None = None,
         dtype: torch.dtype | str | None = None,
-        **method_kwargs,
+        **kwargs,
     ) -> "AlignerModel":
         """Stack a new (untrained) aligner on two encoders given as Hub ids, local paths or loaded models.
 
         Args:
             vision_encoder / text_encoder: any vision / text `AutoModel` id or path (or an already loaded model).
-            method: registry name (`hf_align.methods.METHODS`); `**method_kwargs` go to its config.
+            method: registry name (`hf_align.methods.METHODS`).
             vision_layer / text_layer: hidden-state index to tap (negative from the end) or `"auto"`.
             vision_pooling / text_pooling: `auto`, `cls`, `mean` or `tokens`; token methods default to `tokens`.
+            vision_revision / text_revision: Hub revision to load (the resolved commit is recorded either way).
+            dtype: dtype the encoders are loaded in (e.g. `torch.bfloat16` on a GPU).
+            **kwargs: `similarity`, `similarity_config`, `temperature`, `learnable_temperature`, the method's own
+                settings (e.g. `projection_dim=512`) and `<regulariser>_<field>` settings (e.g. `structure_weight=10`).
         """
         check_layer("vision_layer", vision_layer)
         check_layer("text_layer", text_layer)
-        method_cls = get_method(method)
-        method_config = build_method_config(method, method_kwargs)
-        if method_cls.input_kind == "tokens":
-            vision_pooling = "tokens" if vision_pooling == "auto" else vision_pooling
-            text_pooling = "tokens" if text_pooling == "auto" else text_pooling
-        check_pooling("vision_pooling", vision_pooling)
-        check_pooling("text_pooling", text_pooling)
-
+        settings = _aligner_settings(method, vision_pooling, text_pooling, kwargs)  # validated before any loading
         vision = load_encoder("vision", vision_encoder, vision_revision, dtype)
         text = load_encoder("text", text_encoder, text_revision, dtype)
         vision_info = probe_vision(vision, _source_name(vision_encoder, vision))
@@ -153,24 +149,39 @@ class AlignerModel(PreTrainedModel):
             text_revision=text_revision or text_info.revision,
             vision_layer=vision_layer,
             text_layer=text_layer,
-            vision_pooling=vision_pooling,
-            text_pooling=text_pooling,
             vision_hidden_size=_width_at("vision_layer", vision_info, vision_layer),
             text_hidden_size=_width_at("text_layer", text_info, text_layer),
             vision_num_layers=vision_info.num_hidden_states,
             text_num_layers=text_info.num_hidden_states,
             vision_has_cls=vision_info.has_cls,
-            method=method,
-            method_config=method_config.to_dict(),
-            similarity=similarity,
-            contrastive_temperature=temperature,
-            learnable_temperature=learnable_temperature,
+            **settings,
         )
         model = cls(config, vision_model=vision, text_model=text)
         model.processor = _try_load_processor(
             vision_info.name_or_path, text_info.name_or_path, config.vision_revision, config.text_revision
         )
         return model.eval()  # like from_pretrained: inference mode until a training loop says otherwise
+
+    @classmethod
+    def from_feature_dims(
+        cls,
+        vision_hidden_size: int,
+        text_hidden_size: int,
+        method: str = "linear",
+        vision_pooling: str = "auto",
+        text_pooling: str = "auto",
+        **kwargs,
+    ) -> "AlignerModel":
+        """An aligner-only model (no encoders) for features of the given widths, e.g. a cache or a synthetic task.
+
+        Takes the same `method` / `**kwargs` as `from_encoders`; it runs on `vision_features` / `text_features` only.
+        """
+        for name, value in (("vision_hidden_size", vision_hidden_size), ("text_hidden_size", text_hidden_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        settings = _aligner_settings(method, vision_pooling, text_pooling, kwargs)
+        config = AlignerConfig(vision_hidden_size=vision_hidden_size, text_hidden_size=text_hidden_size, **settings)
+        return cls(config).eval()
 
     def attach_encoders(self, vision_model: PreTrainedModel, text_model: PreTrainedModel) -> None:
         """Register the frozen encoders after checking they produce what the aligner was built for."""
@@ -224,7 +235,9 @@ class AlignerModel(PreTrainedModel):
         if rebuild:
             device = self.logit_scale.device
             self.aligner = self._build_aligner().to(device)
-            self.similarity = build_similarity(self.config.similarity, self.aligner.embed_dim).to(device)
+            self.similarity = build_similarity(
+                self.config.similarity, self.aligner.embed_dim, **self.config.similarity_config
+            ).to(device)
 
     def train(self, mode: bool = True) -> "AlignerModel":
         super().train(mode)
@@ -386,9 +399,11 @@ class AlignerModel(PreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
     def loss_terms(self, vision_features, text_features, image_embeds, text_embeds, logits_per_image):
-        """Every training loss term by name: InfoNCE, then the method's own terms."""
+        """Every training loss term by name: InfoNCE, the method's own terms, then each regulariser's."""
         terms = {"infonce": symmetric_infonce(logits_per_image)}
         terms.update(self.aligner.extra_loss(vision_features, text_features, image_embeds, text_embeds))
+        for name, regularizer in self.regularizers.items():
+            terms[name] = regularizer(vision_features, text_features, image_embeds, text_embeds)
         return terms
 
     # ------------------------------------------------------------------ save / load
@@ -493,3 +508,29 @@ def _load_bundled(modality: str, repo: str | os.PathLike, revision: str | None, 
     if dtype is not None:
         kwargs["dtype"] = dtype
     return load_encoder(modality, AutoModel.from_pretrained(str(repo), **kwargs))
+
+
+def _aligner_settings(method: str, vision_pooling: str, text_pooling: str, kwargs: dict) -> dict:
+    """Validate and sort `from_encoders`-style keywords into `AlignerConfig` fields."""
+    kwargs = dict(kwargs)
+    settings = {
+        "similarity": kwargs.pop("similarity", "cosine"),
+        "similarity_config": kwargs.pop("similarity_config", None),
+        "contrastive_temperature": kwargs.pop("temperature", 0.05),
+        "learnable_temperature": kwargs.pop("learnable_temperature", False),
+    }
+    method_cls = get_method(method)
+    regularizers, method_kwargs = split_regularizer_kwargs(kwargs)
+    method_config = build_method_config(method, method_kwargs)
+    build_regularizers(regularizers)
+    if method_cls.input_kind == "tokens":
+        vision_pooling = "tokens" if vision_pooling == "auto" else vision_pooling
+        text_pooling = "tokens" if text_pooling == "auto" else text_pooling
+    settings.update(
+        method=method,
+        method_config=method_config.to_dict(),
+        regularizers=regularizers,
+        vision_pooling=check_pooling("vision_pooling", vision_pooling),
+        text_pooling=check_pooling("text_pooling", text_pooling),
+    )
+    return settings

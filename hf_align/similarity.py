@@ -21,12 +21,13 @@ def register_similarity(name: str):
     return decorator
 
 
-def build_similarity(name: str, dim: int) -> nn.Module:
+def build_similarity(name: str, dim: int, **kwargs) -> nn.Module:
+    """Instantiate head `name` for embeddings of width `dim`; `kwargs` come from `AlignerConfig.similarity_config`."""
     try:
         cls = SIMILARITIES[name]
     except KeyError:
         raise ValueError(f"unknown similarity {name!r}; available: {sorted(SIMILARITIES)}") from None
-    return cls(dim)
+    return cls(dim, **kwargs)
 
 
 @register_similarity("cosine")

@@ -1,4 +1,8 @@
-"""Method registry: name -> `AlignerMethod` subclass. Adding a method = one module + one line in `_register_builtin`."""
+"""Method registry: name -> `AlignerMethod` subclass.
+
+Adding a method = one module in this folder whose class carries `@register_method("<name>")`; every module here is
+imported once, when the registry is first built, so nothing else needs editing.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +40,11 @@ def build_method_config(name: str, kwargs: dict[str, Any]) -> MethodConfig:
 
 def _register_builtin() -> None:
     # Importing a method module runs its @register_method decorator.
-    from . import linear  # noqa: F401
-    from . import mlp  # noqa: F401
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
 _register_builtin()

@@ -16,12 +16,13 @@ class MethodConfig:
     """Base class of a method's settings. Subclasses are dataclasses; unknown keys are rejected by name."""
 
     @classmethod
-    def from_kwargs(cls, method: str, kwargs: dict[str, Any]) -> "MethodConfig":
+    def from_kwargs(cls, owner: str, kwargs: dict[str, Any]) -> "MethodConfig":
+        """Build from keyword arguments; `owner` (the method or regulariser name) is named in errors."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise TypeError(
-                f"method {method!r} got unknown argument(s) {unknown}; it accepts {sorted(names) or 'no arguments'}"
+                f"{owner!r} got unknown argument(s) {unknown}; it accepts {sorted(names) or 'no arguments'}"
             )
         return cls(**kwargs)
 
