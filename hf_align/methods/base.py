@@ -72,8 +72,19 @@ class AlignerMethod(nn.Module, abc.ABC):
         """Method-specific loss terms added to InfoNCE during training (name -> already weighted scalar)."""
         return {}
 
-    def init_from_data(self, vision_features: torch.Tensor, text_features: torch.Tensor, seed: int = 0) -> None:
-        """Data-dependent initialisation (anchors, codebooks) from training features; default: nothing."""
+    def init_from_data(
+        self,
+        vision_features: torch.Tensor,
+        text_features: torch.Tensor,
+        seed: int = 0,
+        vision_mask: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Data-dependent initialisation (anchors, codebooks) from training pairs; default: nothing.
+
+        `train()` calls it once, before the first step, with up to `AlignmentArguments.init_samples` training pairs:
+        (N, d) pooled features, or (N, T, d) tokens with (N, T) masks for token methods.
+        """
 
     def after_optimizer_step(self) -> None:
         """Called after each optimiser step (EMA teachers and the like)."""
