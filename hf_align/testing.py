@@ -106,6 +106,19 @@ class PairedTask:
     text_mask: torch.Tensor | None = None
     patch_labels: torch.Tensor | None = None
 
+    def to_features(self, with_labels: bool = True):
+        """This task as a feature cache (`datasets.Dataset`, see `hf_align.features`), one image per pair."""
+        from .features import features_from_tensors
+
+        return features_from_tensors(
+            self.vision,
+            self.text,
+            vision_tokens=self.vision_tokens or None,
+            text_tokens=self.text_tokens or None,
+            text_mask=self.text_mask,
+            extra_columns={"label": self.labels} if with_labels else None,
+        )
+
     def split(self, n_train: int) -> tuple["PairedTask", "PairedTask"]:
         """First `n_train` pairs and the rest, as two tasks (pairs are already in random order)."""
         return self._take(slice(0, n_train)), self._take(slice(n_train, None))
