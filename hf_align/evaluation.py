@@ -1,0 +1,229 @@
+"""Zero-shot classification and cross-modal retrieval (protocols of METHODS.md §6).
+
+The metric functions work on score matrices; the `evaluate_*` functions embed a dataset first, from raw images and
+captions (encoders run) or from a feature cache (no encoder runs for what the cache holds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import datasets
+import torch
+import torch.nn.functional as F
+
+from .features import FeatureCollator, features_for
+from .templates import DEFAULT_TEMPLATES
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def retrieval_metrics(
+    logits_per_image: torch.Tensor, text_image_index: torch.Tensor | Sequence[int], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@k in both directions, in percent, for any number of captions per image.
+
+    Args:
+        logits_per_image: (n_images, n_texts) scores.
+        text_image_index: (n_texts,) index of the image each text describes.
+
+    A text→image query hits at k if its image ranks in the top k; an image→text query hits if *any* of its captions
+    does. Rank = number of candidates scoring strictly higher than the best positive (ties count in the query's
+    favour). Returns `image_to_text_R@k`, `text_to_image_R@k` and their mean `mean_R@k` for each k.
+    """
+    scores = torch.as_tensor(logits_per_image).float()
+    owner = torch.as_tensor(text_image_index, dtype=torch.long, device=scores.device)
+    n_images, n_texts = scores.shape
+    if owner.shape != (n_texts,):
+        raise ValueError(f"text_image_index must have shape ({n_texts},) (one image per text), got {tuple(owner.shape)}")
+    if n_texts == 0 or n_images == 0:
+        raise ValueError(f"retrieval needs at least one image and one text, got scores of shape {tuple(scores.shape)}")
+    if owner.min() < 0 or owner.max() >= n_images:
+        raise ValueError(f"text_image_index values must lie in [0, {n_images}), got [{owner.min()}, {owner.max()}]")
+    texts = torch.arange(n_texts, device=scores.device)
+    # text -> image: rank of the text's own image in its column
+    positive = scores[owner, texts]
+    text_rank = (scores > positive[None, :]).sum(0)
+    # image -> text: rank of the image's best-scoring caption among all texts
+    best_positive = torch.full((n_images,), float("-inf"), device=scores.device)
+    best_positive = best_positive.scatter_reduce(0, owner, positive, reduce="amax")
+    has_caption = torch.isfinite(best_positive)
+    image_rank = (scores > best_positive[:, None]).sum(1)[has_caption]
+    metrics = {}
+    for k in ks:
+        i2t = 100.0 * (image_rank < k).float().mean().item()
+        t2i = 100.0 * (text_rank < k).float().mean().item()
+        metrics[f"image_to_text_R@{k}"] = i2t
+        metrics[f"text_to_image_R@{k}"] = t2i
+        metrics[f"mean_R@{k}"] = (i2t + t2i) / 2
+    return metrics
+
+
+def zero_shot_metrics(
+    logits: torch.Tensor, labels: torch.Tensor | Sequence[int], ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Top-k accuracy and mean per-class recall (percent) of (n, C) class scores against (n,) integer labels."""
+    logits = torch.as_tensor(logits).float()
+    labels = torch.as_tensor(labels, dtype=torch.long, device=logits.device)
+    if logits.dim() != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"need (n, C) logits and (n,) labels, got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    n_classes = logits.shape[1]
+    if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes}) for {n_classes} classes, got [{labels.min()}, {labels.max()}]")
+    metrics = {}
+    for k in ks:
+        top = logits.topk(min(k, n_classes), dim=1).indices
+        metrics[f"top{k}"] = 100.0 * (top == labels[:, None]).any(1).float().mean().item()
+    predicted = logits.argmax(1)
+    recalls = [(predicted[labels == c] == c).float().mean() for c in range(n_classes) if (labels == c).any()]
+    metrics["mean_per_class_recall"] = 100.0 * torch.stack(recalls).mean().item()
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- embedding helpers
+def is_feature_cache(dataset: datasets.Dataset) -> bool:
+    return any(c.startswith(("vision_layer_", "vision_tokens_layer_")) for c in dataset.column_names)
+
+
+@torch.no_grad()
+def embed_texts(model, processor, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """Aligned embeddings (n, D) of raw strings through the frozen text encoder."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        inputs = processor.tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt")
+        out.append(model.get_text_features(**inputs.to(model.device)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_images(model, processor, images, batch_size: int = 64) -> torch.Tensor:
+    """Aligned embeddings (n, D) of images through the frozen vision encoder."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixel_values = processor.image_processor(images=images[start : start + batch_size], return_tensors="pt")
+        out.append(model.get_image_features(pixel_values=pixel_values["pixel_values"].to(model.device)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_feature_cache(model, features: datasets.Dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned image and text embeddings of every row of a feature cache: two (n, D) tensors."""
+    view = features_for(model, features)
+    collate = FeatureCollator()
+    images, texts = [], []
+    for start in range(0, len(view), batch_size):
+        batch = collate(view[start : start + batch_size])
+        images.append(model.get_image_features(vision_features=batch["vision_features"], vision_mask=batch.get("vision_mask")))
+        texts.append(model.get_text_features(text_features=batch["text_features"], text_mask=batch.get("text_mask")))
+    return torch.cat(images), torch.cat(texts)
+
+
+@torch.no_grad()
+def class_prototypes(model, processor, class_names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+    """(C, D) class embeddings: per class, the mean of its normalised template embeddings, renormalised."""
+    if not class_names:
+        raise ValueError("class_names is empty: zero-shot classification needs at least one class")
+    if len(set(class_names)) != len(class_names):
+        duplicated = sorted({c for c in class_names if list(class_names).count(c) > 1})
+        raise ValueError(f"class_names has duplicates {duplicated}: each class needs its own name")
+    templates = list(templates or DEFAULT_TEMPLATES)
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"every template needs a '{{}}' placeholder for the class name, got {template!r}")
+    prompts = [t.format(name) for name in class_names for t in templates]
+    embeds = embed_texts(model, processor, prompts).view(len(class_names), len(templates), -1)
+    return F.normalize(embeds.mean(1), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- protocols
+@torch.no_grad()
+def evaluate_zero_shot(
+    model,
+    processor,
+    dataset: datasets.Dataset,
+    class_names: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Zero-shot classification: top-1, top-5 and mean per-class recall (percent).
+
+    `dataset` holds images (raw, or a feature cache with the image features) and integer labels. Class names default
+    to the label column's `ClassLabel` names; `templates` default to CLIP's 80 ImageNet prompts.
+    """
+    model.eval()
+    if label_column not in dataset.column_names:
+        raise ValueError(f"label_column={label_column!r} is not a column of the dataset: {dataset.column_names}")
+    if class_names is None:
+        feature = dataset.features[label_column]
+        if not isinstance(feature, datasets.ClassLabel):
+            raise ValueError(f"class_names not given and column {label_column!r} is not a ClassLabel with names")
+        class_names = feature.names
+    prototypes = class_prototypes(model, processor, class_names, templates)
+    if is_feature_cache(dataset):
+        first = _first_row_per_image(dataset)
+        subset = dataset.select(first)
+        images, _ = embed_feature_cache(model, subset)
+        labels = subset[label_column]
+    else:
+        if image_column not in dataset.column_names:
+            raise ValueError(f"image_column={image_column!r} is not a column of the dataset: {dataset.column_names}")
+        images = torch.cat(
+            [embed_images(model, processor, dataset[s : s + batch_size][image_column]) for s in range(0, len(dataset), batch_size)]
+        )
+        labels = dataset[label_column]
+    logits = 100.0 * images @ prototypes.t()
+    return zero_shot_metrics(logits, labels)
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model,
+    processor=None,
+    dataset: datasets.Dataset | None = None,
+    image_column: str = "image",
+    text_column: str = "caption",
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Image↔text retrieval R@1/5/10 both ways (percent), several captions per image allowed.
+
+    `dataset` is a feature cache (rows sharing an `image_id` are captions of one image; `processor` unused) or raw
+    data with an image column and a caption column holding a string or a list of strings per image.
+    """
+    model.eval()
+    if dataset is None or len(dataset) == 0:
+        raise ValueError("evaluate_retrieval needs a non-empty dataset")
+    if is_feature_cache(dataset):
+        first = _first_row_per_image(dataset)
+        image_embeds, text_embeds = embed_feature_cache(model, dataset)
+        image_ids = torch.as_tensor(dataset["image_id"])
+        slot = {int(image_ids[row]): i for i, row in enumerate(first)}
+        owner = torch.tensor([slot[int(i)] for i in image_ids])
+        image_embeds = image_embeds[torch.as_tensor(first)]
+    else:
+        for argument, column in (("image_column", image_column), ("text_column", text_column)):
+            if column not in dataset.column_names:
+                raise ValueError(f"{argument}={column!r} is not a column of the dataset: {dataset.column_names}")
+        captions, owner = [], []
+        for i, caption in enumerate(dataset[text_column]):
+            group = caption if isinstance(caption, list) else [caption]
+            captions.extend(group)
+            owner.extend([i] * len(group))
+        image_embeds = torch.cat(
+            [embed_images(model, processor, dataset[s : s + batch_size][image_column]) for s in range(0, len(dataset), batch_size)]
+        )
+        text_embeds = embed_texts(model, processor, captions)
+        owner = torch.tensor(owner)
+    scores = model.similarity(image_embeds, text_embeds)
+    return retrieval_metrics(scores, owner.to(scores.device))
+
+
+def _first_row_per_image(dataset: datasets.Dataset) -> list[int]:
+    if "image_id" not in dataset.column_names:
+        return list(range(len(dataset)))
+    seen, first = set(), []
+    for row, image_id in enumerate(dataset["image_id"]):
+        if image_id not in seen:
+            seen.add(image_id)
+            first.append(row)
+    return first
