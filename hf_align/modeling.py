@@ -18,7 +18,7 @@ from .losses import symmetric_infonce
 from .methods import build_method_config, get_method
 from .processing import AlignerProcessor
 from .regularizers import build_regularizers, split_regularizer_kwargs
-from .similarity import build_similarity
+from .similarity import build_similarity, check_similarity
 
 logger = logging.get_logger(__name__)
 
@@ -75,6 +75,7 @@ class AlignerModel(PreTrainedModel):
                 "AlignerModel.from_encoders(...) rather than from a bare config"
             )
         self.aligner = self._build_aligner()
+        check_similarity(config.similarity, self.aligner, config.similarity_config)  # e.g. token heads need token sets
         self.similarity = build_similarity(config.similarity, self.aligner.embed_dim, **config.similarity_config)
         self.regularizers = build_regularizers(config.regularizers)
         self.logit_scale = nn.Parameter(
@@ -520,6 +521,7 @@ def _aligner_settings(method: str, vision_pooling: str, text_pooling: str, kwarg
         "learnable_temperature": kwargs.pop("learnable_temperature", False),
     }
     method_cls = get_method(method)
+    check_similarity(settings["similarity"], method_cls, settings["similarity_config"])  # before any loading
     regularizers, method_kwargs = split_regularizer_kwargs(kwargs)
     method_config = build_method_config(method, method_kwargs)
     build_regularizers(regularizers)

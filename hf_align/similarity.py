@@ -1,19 +1,69 @@
 """Similarity heads: how an aligned image embedding and an aligned text embedding are scored.
 
-Registry by name, like the methods. Inputs are the model's L2-normalised embeddings (Bi, D) and (Bt, D); output is
-(Bi, Bt) raw similarity, divided by the temperature by the model to give logits.
+A head is chosen by name, like a method (`AlignerModel.from_encoders(..., similarity="bilinear",
+similarity_config={...})`, stored in `AlignerConfig.similarity` / `similarity_config`), and the model uses it
+everywhere it scores pairs: the training logits (`logits = similarity / τ`), validation, retrieval and zero-shot.
+
+| name | score s(x, y) | parameters |
+|---|---|---|
+| `cosine` | `x·y / (‖x‖‖y‖)` | — |
+| `dot` | `x·y` | — |
+| `euclidean` | `−‖x − y‖₂` | — |
+| `manhattan` | `−‖x − y‖₁` | — |
+| `chi_square` | `−½ Σ_k (x_k − y_k)² / (|x_k| + |y_k|)` (see `ChiSquareSimilarity` for signed inputs) | — |
+| `wasserstein` | `−OT_ε(tokens of x, tokens of y)`, entropic OT between two *sets* of token embeddings | — |
+| `mlp` | `w₂ᵀ GELU(A x + B y + b₁) + b₂` (an MLP on the concatenated pair) | yes |
+| `bilinear` | `xᵀ (I + Δ) y`, Δ learned (starts as the dot product) | yes |
+
+The first four distances plus chi-square are the paper's standard metrics and the last two its learned ones (Xu &
+Leiva, METHODS.md §5). The model feeds heads its L2-normalised embeddings, so there `dot` equals `cosine` and
+`euclidean` is a monotone function of it (`√(2 − 2 cos)`); they still train differently (gradients and logit ranges
+differ), and on unnormalised inputs (`score_pairs`, `rerank`) they are distinct metrics.
+
+Contract of a head (`SimilarityHead`):
+    * `forward(x, y)`: (Bi, D) and (Bt, D) -> (Bi, Bt) raw scores, higher = more similar; the model divides by τ.
+    * `score_pairs(x, y)`: (N, D) and (N, D) -> (N,), the score of row i with row i only (re-ranking, diagnostics).
+    * `input_kind`: `"pooled"` (one vector per sample) or `"tokens"` (a set of token vectors per sample, with masks).
+    * `learned`: whether the head has trainable parameters (they train with the aligner and are saved with it).
+
+Memory: heads whose pairwise score is not a matrix product (`manhattan`, `chi_square`, `mlp`, `wasserstein`) build
+an intermediate of size Bi·Bt·w per batch (w = D, the MLP's hidden width, or T_i·T_t). They evaluate it in blocks
+of at most `max_chunk_elements` numbers and, when gradients are needed, recompute each block in the backward pass
+(`torch.utils.checkpoint`), so peak memory is bounded by the block size, not by Bi·Bt·w.
+
+Retrieval with a learned head over a large gallery: `rerank` scores every pair with a cheap first stage (cosine),
+keeps each query's `top_k` candidates and re-scores only those with the head (`score_pairs`), O(n_query · top_k)
+head evaluations instead of O(n_query · n_gallery).
+
+Compatibility: `check_similarity(name, method, similarity_config)` runs when an aligner is configured (before any
+encoder is loaded) and rejects a head the method cannot feed, e.g. the token-set `wasserstein` head with a method
+that embeds each sample as one pooled vector.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+from typing import Any, Callable, ClassVar
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 SIMILARITIES: dict[str, type[nn.Module]] = {}
+INPUT_KINDS = ("pooled", "tokens")
+DEFAULT_MAX_CHUNK_ELEMENTS = 2**25  # 32M numbers = 128 MiB in fp32 per block of a pairwise intermediate
 
 
 def register_similarity(name: str):
+    """Class decorator: make a head available as `similarity=name`."""
+
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in SIMILARITIES and SIMILARITIES[name] is not cls:
+            raise ValueError(f"similarity name {name!r} is already registered to {SIMILARITIES[name].__name__}")
+        if getattr(cls, "input_kind", "pooled") not in INPUT_KINDS:
+            raise ValueError(f"{cls.__name__}.input_kind must be one of {INPUT_KINDS}")
         SIMILARITIES[name] = cls
         cls.similarity_name = name
         return cls
@@ -21,21 +71,582 @@ def register_similarity(name: str):
     return decorator
 
 
-def build_similarity(name: str, dim: int, **kwargs) -> nn.Module:
-    """Instantiate head `name` for embeddings of width `dim`; `kwargs` come from `AlignerConfig.similarity_config`."""
+def get_similarity(name: str) -> type[nn.Module]:
     try:
-        cls = SIMILARITIES[name]
+        return SIMILARITIES[name]
     except KeyError:
         raise ValueError(f"unknown similarity {name!r}; available: {sorted(SIMILARITIES)}") from None
+
+
+def build_similarity(name: str, dim: int, **kwargs) -> nn.Module:
+    """Instantiate head `name` for embeddings of width `dim`; `kwargs` come from `AlignerConfig.similarity_config`."""
+    cls = get_similarity(name)
+    _check_kwargs(name, cls, kwargs)
     return cls(dim, **kwargs)
 
 
-@register_similarity("cosine")
-class CosineSimilarity(nn.Module):
-    """Cosine similarity; embeddings arrive normalised, so this is their dot product."""
+def _check_kwargs(name: str, cls: type[nn.Module], kwargs: dict[str, Any]) -> None:
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "dim")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"similarity {name!r} got unknown similarity_config key(s) {unknown}; it accepts {accepted or 'none'}"
+        )
+
+
+def method_gives_tokens(method: Any) -> bool:
+    """Whether a method (class or instance) outputs aligned *token sets*, which token heads need.
+
+    A method opts in by setting `outputs_token_sets = True` and implementing `embed_image_tokens(features, mask)` /
+    `embed_text_tokens(features, mask)` -> ((B, T, D) embeddings, (B, T) mask). No built-in method does yet:
+    every registered aligner pools each sample to one vector before scoring.
+    """
+    return bool(getattr(method, "outputs_token_sets", False)) and all(
+        callable(getattr(method, f"embed_{m}_tokens", None)) for m in ("image", "text")
+    )
+
+
+def check_similarity(name: str, method: Any = None, similarity_config: dict | None = None) -> type[nn.Module]:
+    """Validate a head choice at configuration time: the name, its `similarity_config` keys, and that `method` (an
+    `AlignerMethod` class or instance, or `None` to skip) can feed it. Returns the head class.
+
+    Raises `ValueError` (unknown name, incompatible method) or `TypeError` (unknown config key).
+    """
+    cls = get_similarity(name)
+    _check_kwargs(name, cls, dict(similarity_config or {}))
+    if method is None or getattr(cls, "input_kind", "pooled") != "tokens":
+        return cls
+    if not method_gives_tokens(method):
+        method_name = getattr(method, "method_name", getattr(method, "__name__", type(method).__name__))
+        pooled = sorted(n for n, c in SIMILARITIES.items() if getattr(c, "input_kind", "pooled") == "pooled")
+        raise ValueError(
+            f"similarity {name!r} compares *sets of token embeddings* (B, T, D), but method {method_name!r} embeds "
+            f"each image and each text as one pooled vector (B, D) (input_kind="
+            f"{getattr(method, 'input_kind', 'pooled')!r}), so there is no token set to transport. Choose a pooled "
+            f"similarity ({', '.join(pooled)}), or a method that outputs aligned token sets (outputs_token_sets=True). "
+            f"To compare token sets outside a model, call {cls.__name__}(dim)(image_tokens, text_tokens, "
+            "image_mask, text_mask) directly."
+        )
+    return cls
+
+
+# ---------------------------------------------------------------------------------------------- base and helpers
+class SimilarityHead(nn.Module):
+    """Base class of the heads (see the module docstring for the contract)."""
+
+    similarity_name: ClassVar[str] = ""
+    input_kind: ClassVar[str] = "pooled"
+    learned: ClassVar[bool] = False
 
     def __init__(self, dim: int):
         super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"similarity dim must be a positive int, got {dim!r}")
+        self.dim = dim
 
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_pairs(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Scores of matched rows: (N, D), (N, D) -> (N,). Default: the diagonal of `forward`, in blocks."""
+        _check_pairs(image_embeds, text_embeds)
+        out = [
+            torch.diagonal(self(image_embeds[s : s + 256], text_embeds[s : s + 256]))
+            for s in range(0, image_embeds.shape[0], 256)
+        ]
+        return torch.cat(out)
+
+    def _check(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
+        for name, x in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
+            if x.dim() != 2 or x.shape[-1] != self.dim:
+                raise ValueError(
+                    f"similarity {self.similarity_name!r} scores (B, {self.dim}) embeddings; {name} has shape "
+                    f"{tuple(x.shape)}"
+                )
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+def _check_pairs(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.shape != y.shape or x.dim() < 2:
+        raise ValueError(f"score_pairs needs matched rows of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+
+
+def _needs_grad(*tensors: torch.Tensor, module: nn.Module | None = None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    if any(t.requires_grad for t in tensors):
+        return True
+    return module is not None and any(p.requires_grad for p in module.parameters())
+
+
+def pairwise_chunked(
+    block: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    width: int,
+    max_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+    module: nn.Module | None = None,
+) -> torch.Tensor:
+    """Evaluate `block(x_rows, y_rows) -> (rows_x, rows_y)` over all row pairs in memory-bounded blocks.
+
+    `width` is the number of intermediate values `block` creates per (x row, y row) pair; blocks are sized so that
+    rows_x · rows_y · width ≤ `max_elements`. With gradients enabled each block runs under activation checkpointing,
+    so the backward pass also holds one block's intermediates at a time (plus the (Bi, Bt) output).
+    """
+    n_x, n_y = x.shape[0], y.shape[0]
+    if n_x * n_y * width <= max_elements:
+        return block(x, y)
+    cols = n_y if n_y * width <= max_elements else max(1, max_elements // width)
+    rows = max(1, max_elements // (cols * width))
+    use_checkpoint = _needs_grad(x, y, module=module)
+    out_rows = []
+    for i in range(0, n_x, rows):
+        pieces = []
+        for j in range(0, n_y, cols):
+            xb, yb = x[i : i + rows], y[j : j + cols]
+            pieces.append(checkpoint(block, xb, yb, use_reentrant=False) if use_checkpoint else block(xb, yb))
+        out_rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(out_rows, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------- fixed metrics
+@register_similarity("cosine")
+class CosineSimilarity(SimilarityHead):
+    """Cosine similarity `x·y / (‖x‖‖y‖)`, in [−1, 1]. The model's embeddings arrive normalised, so this is their
+    dot product; rows are renormalised anyway so the head is a true cosine on any input."""
+
+    def forward(self, image_embeds, text_embeds):
+        self._check(image_embeds, text_embeds)
+        return F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).t()
+
+    def score_pairs(self, image_embeds, text_embeds):
+        _check_pairs(image_embeds, text_embeds)
+        return F.cosine_similarity(image_embeds, text_embeds, dim=-1)
+
+
+@register_similarity("dot")
+class DotProductSimilarity(SimilarityHead):
+    """Dot product `x·y` (no normalisation; equal to `cosine` on the model's unit-norm embeddings)."""
+
+    def forward(self, image_embeds, text_embeds):
+        self._check(image_embeds, text_embeds)
         return image_embeds @ text_embeds.t()
+
+    def score_pairs(self, image_embeds, text_embeds):
+        _check_pairs(image_embeds, text_embeds)
+        return (image_embeds * text_embeds).sum(-1)
+
+
+class _DistanceHead(SimilarityHead):
+    """Negative distance, multiplied by `scale` (default 1: the raw metric)."""
+
+    def __init__(self, dim: int, scale: float = 1.0):
+        super().__init__(dim)
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        self.scale = float(scale)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, scale={self.scale}"
+
+
+@register_similarity("euclidean")
+class EuclideanSimilarity(_DistanceHead):
+    """Negative Euclidean distance `−‖x − y‖₂` (in [−2, 0] on unit vectors).
+
+    Computed as `√max(‖x‖² + ‖y‖² − 2 x·y, 1e-12)`: a matrix product, no (Bi, Bt, D) intermediate. The floor keeps
+    the gradient finite for identical vectors (it shifts a zero distance to 1e-6).
+    """
+
+    def forward(self, image_embeds, text_embeds):
+        self._check(image_embeds, text_embeds)
+        x, y = image_embeds, text_embeds
+        squared = (x * x).sum(-1)[:, None] + (y * y).sum(-1)[None, :] - 2.0 * (x @ y.t())
+        return -self.scale * squared.clamp_min(1e-12).sqrt()
+
+    def score_pairs(self, image_embeds, text_embeds):
+        _check_pairs(image_embeds, text_embeds)
+        return -self.scale * ((image_embeds - text_embeds).pow(2).sum(-1).clamp_min(1e-12)).sqrt()
+
+
+@register_similarity("manhattan")
+class ManhattanSimilarity(_DistanceHead):
+    """Negative Manhattan (L1) distance `−Σ_k |x_k − y_k|` (up to 2√D on unit vectors, so its logit range grows with
+    D; `scale` rescales it). Evaluated in memory-bounded blocks (`max_chunk_elements`)."""
+
+    def __init__(self, dim: int, scale: float = 1.0, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS):
+        super().__init__(dim, scale)
+        self.max_chunk_elements = int(max_chunk_elements)
+
+    def forward(self, image_embeds, text_embeds):
+        self._check(image_embeds, text_embeds)
+        block = lambda x, y: (x[:, None, :] - y[None, :, :]).abs().sum(-1)  # noqa: E731
+        return -self.scale * pairwise_chunked(block, image_embeds, text_embeds, 2 * self.dim, self.max_chunk_elements)
+
+    def score_pairs(self, image_embeds, text_embeds):
+        _check_pairs(image_embeds, text_embeds)
+        return -self.scale * (image_embeds - text_embeds).abs().sum(-1)
+
+
+@register_similarity("chi_square")
+class ChiSquareSimilarity(_DistanceHead):
+    """Negative chi-square distance.
+
+    The chi-square distance `½ Σ_k (x_k − y_k)² / (x_k + y_k)` is defined for non-negative histograms; aligned
+    embeddings are signed. Two readings, chosen with `signed`:
+
+    * `"abs"` (default): denominator `|x_k| + |y_k|`, i.e. `½ Σ_k (x_k − y_k)² / (|x_k| + |y_k|)`. It equals the
+      classic chi-square distance on non-negative inputs, is symmetric, zero iff x = y, and each term is at most
+      `|x_k − y_k|` (reached when the signs differ), so it sits between 0 and the L1 distance. Coordinates where both
+      are 0 contribute 0 (the denominator gets `eps`).
+    * `"softmax"`: map each embedding to a probability vector `softmax(x / softmax_temperature)` and take the classic
+      chi-square between the two distributions (bounded by 1; insensitive to a constant shift of all coordinates).
+
+    Evaluated in memory-bounded blocks (`max_chunk_elements`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        scale: float = 1.0,
+        signed: str = "abs",
+        softmax_temperature: float = 0.1,
+        eps: float = 1e-8,
+        max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+    ):
+        super().__init__(dim, scale)
+        if signed not in ("abs", "softmax"):
+            raise ValueError(f"chi_square signed must be 'abs' or 'softmax', got {signed!r}")
+        if softmax_temperature <= 0 or eps <= 0:
+            raise ValueError("chi_square softmax_temperature and eps must be > 0")
+        self.signed = signed
+        self.softmax_temperature = float(softmax_temperature)
+        self.eps = float(eps)
+        self.max_chunk_elements = int(max_chunk_elements)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x / self.softmax_temperature, dim=-1) if self.signed == "softmax" else x
+
+    def _distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # broadcastable x, y (..., D) -> (...)
+        return 0.5 * ((x - y).pow(2) / (x.abs() + y.abs() + self.eps)).sum(-1)
+
+    def forward(self, image_embeds, text_embeds):
+        self._check(image_embeds, text_embeds)
+        x, y = self._prepare(image_embeds), self._prepare(text_embeds)
+        block = lambda a, b: self._distance(a[:, None, :], b[None, :, :])  # noqa: E731
+        return -self.scale * pairwise_chunked(block, x, y, 4 * self.dim, self.max_chunk_elements)
+
+    def score_pairs(self, image_embeds, text_embeds):
+        _check_pairs(image_embeds, text_embeds)
+        return -self.scale * self._distance(self._prepare(image_embeds), self._prepare(text_embeds))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, scale={self.scale}, signed={self.signed!r}"
+
+
+# ---------------------------------------------------------------------------------------------- token sets
+@register_similarity("wasserstein")
+class WassersteinSimilarity(SimilarityHead):
+    """Negative entropic Wasserstein distance between two *sets* of token embeddings.
+
+    Each sample is a uniform measure over its real tokens (mask); the ground cost between tokens u, v is
+    `1 − cos(u, v)` (`cost="cosine"`, in [0, 2]) or `‖u − v‖²` (`cost="sqeuclidean"`). The transport plan P comes
+    from log-domain Sinkhorn (`hf_align.ot.log_sinkhorn`, entropic regularisation `epsilon`, `n_iters` rounds) and
+    the score is `−⟨P, C⟩` (the transport cost of the entropic plan, without the entropy term). Differentiable.
+
+    Inputs are token sets: `forward(image_tokens (Bi, Ti, D), text_tokens (Bt, Tt, D), image_mask (Bi, Ti) = None,
+    text_mask (Bt, Tt) = None)` -> (Bi, Bt). A pooled (B, D) input is rejected: a single vector per sample is not a
+    set to transport (the distance would collapse to the cost between the two vectors). Cost per call:
+    Bi·Bt·Ti·Tt·n_iters, evaluated in memory-bounded blocks.
+    """
+
+    input_kind = "tokens"
+
+    def __init__(
+        self,
+        dim: int,
+        epsilon: float = 0.05,
+        n_iters: int = 50,
+        cost: str = "cosine",
+        max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+    ):
+        super().__init__(dim)
+        if cost not in ("cosine", "sqeuclidean"):
+            raise ValueError(f"wasserstein cost must be 'cosine' or 'sqeuclidean', got {cost!r}")
+        if not (isinstance(epsilon, (int, float)) and epsilon > 0):
+            raise ValueError(f"wasserstein epsilon must be > 0, got {epsilon!r}")
+        if not (isinstance(n_iters, int) and n_iters >= 1):
+            raise ValueError(f"wasserstein n_iters must be a positive int, got {n_iters!r}")
+        self.epsilon = float(epsilon)
+        self.n_iters = n_iters
+        self.cost = cost
+        self.max_chunk_elements = int(max_chunk_elements)
+
+    def _tokens(self, name: str, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
+            raise ValueError(
+                f"similarity 'wasserstein' compares sets of token embeddings (B, T, {self.dim}) (+ a (B, T) mask); "
+                f"{name} has shape {tuple(tokens.shape)}. Pooled (B, D) embeddings have no token set: use a pooled "
+                "similarity (cosine, euclidean, ...) for them"
+            )
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if mask.shape != tokens.shape[:2]:
+            raise ValueError(f"{name} mask must have shape {tuple(tokens.shape[:2])}, got {tuple(mask.shape)}")
+        mask = mask.bool()
+        if not mask.any(1).all():
+            raise ValueError(f"{name}: every sample needs at least one real token (a row of its mask is all False)")
+        if self.cost == "cosine":
+            tokens = F.normalize(tokens, dim=-1)
+        return tokens, mask
+
+    def _weights(self, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.float()
+        return mask / mask.sum(-1, keepdim=True)
+
+    def _transport_cost(self, x, xm, y, ym) -> torch.Tensor:
+        """x (N, Ti, D), y (N, Tt, D) matched sets -> (N,) transport cost of the entropic plan."""
+        from .ot import log_sinkhorn
+
+        if self.cost == "cosine":
+            cost = 1.0 - x @ y.transpose(-1, -2)
+        else:
+            cost = ((x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2.0 * x @ y.transpose(-1, -2)).clamp_min(0)
+        plan = log_sinkhorn(cost, self._weights(xm), self._weights(ym), epsilon=self.epsilon, n_iters=self.n_iters)
+        return (plan * cost.to(plan.dtype)).sum((-2, -1))
+
+    def forward(self, image_embeds, text_embeds, image_mask=None, text_mask=None):
+        x, xm = self._tokens("image_embeds", image_embeds, image_mask)
+        y, ym = self._tokens("text_embeds", text_embeds, text_mask)
+        n_x, t_x, n_y, t_y = x.shape[0], x.shape[1], y.shape[0], y.shape[1]
+
+        def block(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+            # rows / cols index the two sets; every (row, col) pair is one OT problem
+            r, c = rows.shape[0], cols.shape[0]
+            i, j = rows.repeat_interleave(c), cols.repeat(r)
+            return -self._transport_cost(x[i], xm[i], y[j], ym[j]).view(r, c).to(x.dtype)
+
+        width = 4 * t_x * t_y + (t_x + t_y) * self.dim
+        index_x = torch.arange(n_x, device=x.device)
+        index_y = torch.arange(n_y, device=y.device)
+        return _pairwise_by_index(block, index_x, index_y, width, self.max_chunk_elements, (x, y))
+
+    def score_pairs(self, image_embeds, text_embeds, image_mask=None, text_mask=None):
+        x, xm = self._tokens("image_embeds", image_embeds, image_mask)
+        y, ym = self._tokens("text_embeds", text_embeds, text_mask)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"score_pairs needs as many image as text sets, got {x.shape[0]} and {y.shape[0]}")
+        return -self._transport_cost(x, xm, y, ym).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, epsilon={self.epsilon}, n_iters={self.n_iters}, cost={self.cost!r}"
+
+
+def _pairwise_by_index(block, index_x, index_y, width, max_elements, tensors) -> torch.Tensor:
+    """`pairwise_chunked` over index vectors (the block closes over the actual, larger tensors)."""
+    n_x, n_y = index_x.shape[0], index_y.shape[0]
+    cols = n_y if n_y * width <= max_elements else max(1, max_elements // width)
+    rows = max(1, max_elements // (cols * width))
+    use_checkpoint = _needs_grad(*tensors) and n_x * n_y * width > max_elements
+    out_rows = []
+    for i in range(0, n_x, rows):
+        pieces = []
+        for j in range(0, n_y, cols):
+            xb, yb = index_x[i : i + rows], index_y[j : j + cols]
+            pieces.append(checkpoint(block, xb, yb, use_reentrant=False) if use_checkpoint else block(xb, yb))
+        out_rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(out_rows, dim=0)
+
+
+# ---------------------------------------------------------------------------------------------- learned metrics
+@register_similarity("mlp")
+class MLPSimilarity(SimilarityHead):
+    """Learned scorer: an MLP on the concatenated pair, `s(x, y) = w_outᵀ φ(… φ(A x + B y + b₁) …) + b_out`.
+
+    `A x + B y` is the first linear layer applied to `[x; y]`, split so that the (Bi, Bt, hidden_dim) first-layer
+    activations are a broadcast sum of two small products. `interaction=True` adds a term `C (x ⊙ y)` to the first
+    layer (element-wise products, which an MLP on `[x; y]` can only approximate; it costs Bi·Bt·hidden_dim·D
+    multiply-adds). `num_hidden_layers` ≥ 1 hidden layers of width `hidden_dim`, GELU, optional dropout. The output
+    layer starts at zero (all pairs score 0, InfoNCE at log B) so the head learns its scale from the data.
+
+    Cost: O(Bi·Bt·hidden_dim) memory per forward, evaluated in blocks of at most `max_chunk_elements` activations and
+    recomputed blockwise in the backward pass. For retrieval over large galleries prefer `rerank`.
+    """
+
+    learned = True
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int = 256,
+        num_hidden_layers: int = 1,
+        dropout: float = 0.0,
+        interaction: bool = False,
+        max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+    ):
+        super().__init__(dim)
+        if not isinstance(hidden_dim, int) or hidden_dim < 1:
+            raise ValueError(f"mlp hidden_dim must be a positive int, got {hidden_dim!r}")
+        if not isinstance(num_hidden_layers, int) or num_hidden_layers < 1:
+            raise ValueError(f"mlp num_hidden_layers must be an int >= 1, got {num_hidden_layers!r}")
+        self.hidden_dim = hidden_dim
+        self.interaction = bool(interaction)
+        self.max_chunk_elements = int(max_chunk_elements)
+        self.image_in = nn.Linear(dim, hidden_dim)
+        self.text_in = nn.Linear(dim, hidden_dim, bias=False)
+        self.product_in = nn.Linear(dim, hidden_dim, bias=False) if self.interaction else None
+        self.hidden = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim) for _ in range(num_hidden_layers - 1))
+        self.dropout = nn.Dropout(dropout)
+        self.out_weight = nn.Parameter(torch.zeros(hidden_dim))
+        self.out_bias = nn.Parameter(torch.zeros(()))
+
+    def reset_parameters(self) -> None:
+        # Only the parameters held directly here; the nn.Linear children reset themselves.
+        nn.init.zeros_(self.out_weight)
+        nn.init.zeros_(self.out_bias)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(F.gelu(h))
+        for layer in self.hidden:
+            h = self.dropout(F.gelu(layer(h)))
+        return h @ self.out_weight.to(h.dtype) + self.out_bias.to(h.dtype)
+
+    def _block(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.image_in(x)[:, None, :] + self.text_in(y)[None, :, :]  # (bi, bt, H)
+        if self.product_in is not None:
+            # Σ_d C[h, d] x_d y_d for every pair, as a batched matmul: (bi, H, D) @ (D, bt) -> (bi, H, bt)
+            h = h + ((x[:, None, :] * self.product_in.weight[None]) @ y.t()).permute(0, 2, 1)
+        return self._head(h)
+
+    def forward(self, image_embeds, text_embeds):
+        self._check(image_embeds, text_embeds)
+        width = self.hidden_dim * (2 + 2 * len(self.hidden))
+        return pairwise_chunked(self._block, image_embeds, text_embeds, width, self.max_chunk_elements, module=self)
+
+    def score_pairs(self, image_embeds, text_embeds):
+        _check_pairs(image_embeds, text_embeds)
+        h = self.image_in(image_embeds) + self.text_in(text_embeds)
+        if self.product_in is not None:
+            h = h + self.product_in(image_embeds * text_embeds)
+        return self._head(h)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, hidden_dim={self.hidden_dim}, interaction={self.interaction}"
+
+
+@register_similarity("bilinear")
+class BilinearSimilarity(SimilarityHead):
+    """Learned bilinear form `s(x, y) = xᵀ W y` with `W = I + Δ`.
+
+    Δ (D×D) starts at zero (`init="identity"`, the head then begins as the dot product = cosine on unit vectors) or
+    small random (`init="random"`, std `init_std`). Cost: one extra (Bi, D) × (D, D) product, no pairwise
+    intermediate, so it is as cheap as cosine.
+    """
+
+    learned = True
+
+    def __init__(self, dim: int, init: str = "identity", init_std: float = 0.02):
+        super().__init__(dim)
+        if init not in ("identity", "random"):
+            raise ValueError(f"bilinear init must be 'identity' or 'random', got {init!r}")
+        self.init = init
+        self.init_std = float(init_std)
+        self.delta = nn.Parameter(torch.zeros(dim, dim))
+
+    def reset_parameters(self) -> None:
+        if self.init == "identity":
+            nn.init.zeros_(self.delta)
+        else:
+            nn.init.normal_(self.delta, std=self.init_std)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W = I + Δ, the matrix of the bilinear form."""
+        return self.delta + torch.eye(self.dim, dtype=self.delta.dtype, device=self.delta.device)
+
+    def forward(self, image_embeds, text_embeds):
+        self._check(image_embeds, text_embeds)
+        x = image_embeds + image_embeds @ self.delta.to(image_embeds.dtype)
+        return x @ text_embeds.t()
+
+    def score_pairs(self, image_embeds, text_embeds):
+        _check_pairs(image_embeds, text_embeds)
+        return ((image_embeds + image_embeds @ self.delta.to(image_embeds.dtype)) * text_embeds).sum(-1)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, init={self.init!r}"
+
+
+# ---------------------------------------------------------------------------------------------- re-ranking
+@torch.no_grad()
+def rerank(
+    similarity: nn.Module | Callable,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    top_k: int = 100,
+    direction: str = "text_to_image",
+    first_stage: nn.Module | Callable | None = None,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Two-stage retrieval scores: a cheap first stage shortlists, an expensive (e.g. learned) head re-scores.
+
+    For each query (a text for `direction="text_to_image"`, an image for `"image_to_text"`), the `top_k` candidates
+    of the first stage (default: cosine; any head or `f(x, y) -> (n_x, n_y)` callable) are re-scored with
+    `similarity.score_pairs` (a head, or an `AlignerModel`, whose `.similarity` is used). The head is evaluated on
+    n_query · top_k pairs instead of n_query · n_gallery.
+
+    Returns an (n_images, n_texts) matrix in the orientation of `logits_per_image`, ranked correctly along the query
+    axis (columns for text→image, rows for image→text): shortlisted candidates carry the head's score and every other
+    candidate keeps its first-stage order strictly below them. Pass it to `hf_align.evaluation.retrieval_metrics` and
+    read the metrics of that direction; recall@k is exact for k ≤ top_k (beyond, it is the first stage's).
+    """
+    head = getattr(similarity, "similarity", similarity)
+    if direction not in ("text_to_image", "image_to_text"):
+        raise ValueError(f"direction must be 'text_to_image' or 'image_to_text', got {direction!r}")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    if not callable(getattr(head, "score_pairs", None)):
+        raise TypeError("rerank needs a similarity head (or a model with one) that implements score_pairs")
+    first = first_stage if first_stage is not None else _cosine_scores
+    queries, gallery = (text_embeds, image_embeds) if direction == "text_to_image" else (image_embeds, text_embeds)
+    k = min(top_k, gallery.shape[0])
+    out = torch.empty(queries.shape[0], gallery.shape[0], device=queries.device, dtype=torch.float32)
+    for start in range(0, queries.shape[0], batch_size):
+        q = queries[start : start + batch_size]
+        coarse = first(q, gallery).float()  # (nq, n_gallery)
+        shortlist = coarse.topk(k, dim=1).indices  # (nq, k)
+        fine = head.score_pairs(q.repeat_interleave(k, dim=0), gallery[shortlist.reshape(-1)]).float().view(-1, k)
+        # everything outside the shortlist: first-stage order, shifted below the worst shortlisted score
+        floor = fine.min(1, keepdim=True).values - 1.0
+        rest = coarse - coarse.max(1, keepdim=True).values + floor
+        rest.scatter_(1, shortlist, fine)
+        out[start : start + q.shape[0]] = rest
+    return out.t() if direction == "text_to_image" else out
+
+
+def _cosine_scores(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).t()
+
+
+__all__ = [
+    "SIMILARITIES",
+    "BilinearSimilarity",
+    "ChiSquareSimilarity",
+    "CosineSimilarity",
+    "DotProductSimilarity",
+    "EuclideanSimilarity",
+    "MLPSimilarity",
+    "ManhattanSimilarity",
+    "SimilarityHead",
+    "WassersteinSimilarity",
+    "build_similarity",
+    "check_similarity",
+    "get_similarity",
+    "method_gives_tokens",
+    "pairwise_chunked",
+    "register_similarity",
+    "rerank",
+]
