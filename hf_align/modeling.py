@@ -408,6 +408,10 @@ class AlignerModel(PreTrainedModel):
         return terms
 
     # ------------------------------------------------------------------ save / load
+    def aligner_state_dict(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's content: every tensor of the model except the frozen encoders'."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(ENCODER_PREFIXES)}
+
     def save_pretrained(self, save_directory: str | os.PathLike, bundle_encoders: bool = False, **kwargs) -> None:
         """Write `config.json`, `model.safetensors` (aligner weights only), the processor files and a model card.
 
@@ -415,7 +419,7 @@ class AlignerModel(PreTrainedModel):
         loads with no access to the encoders' own repos.
         """
         os.makedirs(save_directory, exist_ok=True)
-        state_dict = kwargs.pop("state_dict", None) or self.state_dict()
+        state_dict = kwargs.pop("state_dict", None) or self.aligner_state_dict()
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ENCODER_PREFIXES)}
         if bundle_encoders:
             self._require_encoders("bundle_encoders=True")

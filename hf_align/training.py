@@ -1,0 +1,430 @@
+"""`train()`: fit an aligner on a feature cache with Accelerate (device placement, bf16, accumulation, checkpoints).
+
+Training never runs the frozen encoders: batches are rows of the feature cache. Pooled caches are held in memory as
+two tensors (a 100k × 1024 cache is 800 MB in fp32) so a step is a gather plus a few matmuls; token caches are read
+from the memory-mapped Arrow file batch by batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from transformers import get_scheduler
+from transformers.utils import logging
+
+from .evaluation import retrieval_metrics
+from .features import FeatureCollator, features_for
+
+logger = logging.get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class AlignmentArguments:
+    """Settings of `hf_align.train` (names follow `transformers.TrainingArguments` where they mean the same)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints and the final aligner go."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs over the training pairs."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimiser steps; overrides num_train_epochs when > 0."})
+    per_device_train_batch_size: int = field(default=4096, metadata={"help": "Pairs per InfoNCE batch."})
+    per_device_eval_batch_size: int = field(default=4096, metadata={"help": "Pairs per evaluation batch."})
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers scheduler name."})
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "Share of images (with all their captions) held out for validation; 0 = none."}
+    )
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: each epoch)."})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after N evaluations without improvement; best weights are kept."}
+    )
+    metric_for_best_model: str = field(
+        default="eval_loss", metadata={"help": "eval_loss or eval_<retrieval metric>, e.g. eval_mean_R@1."}
+    )
+    save_steps: int | None = field(default=None, metadata={"help": "Checkpoint every N steps (default: at evals)."})
+    save_total_limit: int = 2
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'latest' for the newest one in output_dir."}
+    )
+    logging_steps: int = 50
+    report_to: list[str] = field(default_factory=list, metadata={"help": "Accelerate trackers (tensorboard, ...)."})
+    mixed_precision: str = field(default="auto", metadata={"help": "no | bf16 | fp16 | auto (bf16 on CUDA)."})
+    seed: int = 42
+    init_samples: int = field(default=10000, metadata={"help": "Training pairs shown to init_from_data."})
+    save_model: bool = field(default=True, metadata={"help": "save_pretrained the final aligner to output_dir."})
+
+    def __post_init__(self):
+        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
+            raise ValueError(f"mixed_precision must be no, bf16, fp16 or auto, got {self.mixed_precision!r}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("give num_train_epochs > 0 or max_steps > 0")
+        if self.metric_for_best_model != "eval_loss" and not self.metric_for_best_model.startswith("eval_"):
+            raise ValueError(f"metric_for_best_model must start with 'eval_', got {self.metric_for_best_model!r}")
+
+    @property
+    def greater_is_better(self) -> bool:
+        return "loss" not in self.metric_for_best_model
+
+    def non_default(self) -> dict:
+        """The settings that differ from the defaults (what a model card should mention)."""
+        defaults = AlignmentArguments()
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)}
+
+
+@dataclass
+class TrainingResult:
+    global_step: int
+    training_loss: float
+    metrics: dict  # the best (or last) evaluation
+    history: list  # one dict per logging / evaluation event
+    train_runtime: float  # seconds
+    output_dir: str | None
+
+
+class BatchSource:
+    """Rows of a `features_for` view by index: in-memory tensors for pooled features, Arrow reads for tokens."""
+
+    def __init__(self, view: datasets.Dataset):
+        self.view = view
+        self.collate = FeatureCollator()
+        ids = view["image_id"] if "image_id" in view.column_names else range(len(view))
+        self.image_ids = torch.as_tensor(ids)
+        sample = view[0]["vision_features"]
+        self.tokens = torch.as_tensor(sample).dim() == 2 or torch.as_tensor(view[0]["text_features"]).dim() == 2
+        if not self.tokens:
+            columns = view.with_format("torch", columns=["vision_features", "text_features"])[:]
+            self.vision = columns["vision_features"].float()
+            self.text = columns["text_features"].float()
+        else:
+            self.numpy_view = view.with_format("numpy", columns=["vision_features", "text_features"])
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def fetch(self, indices: torch.Tensor) -> dict:
+        if not self.tokens:
+            return {"vision_features": self.vision[indices], "text_features": self.text[indices], "return_loss": True}
+        rows = self.numpy_view[indices.tolist()]
+        return self.collate({k: list(v) for k, v in rows.items()})
+
+
+def split_by_image(view: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of the training and validation parts; all captions of one image fall on the same side."""
+    image_ids = torch.as_tensor(view["image_id"]) if "image_id" in view.column_names else torch.arange(len(view))
+    unique = torch.unique(image_ids)
+    n_eval = int(round(eval_fraction * len(unique)))
+    if eval_fraction > 0 and (n_eval < 2 or n_eval >= len(unique)):
+        raise ValueError(
+            f"eval_fraction={eval_fraction} of {len(unique)} images gives {n_eval} validation images; need at least 2 "
+            "and fewer than all (use eval_fraction=0 to train without validation)"
+        )
+    order = unique[torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed))]
+    is_eval = torch.isin(image_ids, order[:n_eval])
+    return torch.nonzero(~is_eval).flatten(), torch.nonzero(is_eval).flatten()
+
+
+def train(model, features: datasets.Dataset, args: AlignmentArguments | None = None) -> TrainingResult:
+    """Train `model`'s aligner on a feature cache and return what happened.
+
+    The model's layers pick the cache columns (`features_for`); a layer set to `"auto"` is chosen first by layer
+    selection on the cache. Methods with a data-dependent start (`init_from_data`) get up to `args.init_samples`
+    training pairs before the first step; training-free methods stop there. The best weights on the validation split
+    (by `metric_for_best_model`) are restored at the end and, with `output_dir`, saved with `save_pretrained`.
+    """
+    args = args or AlignmentArguments()
+    if not isinstance(features, datasets.Dataset):
+        raise TypeError(f"features must be a datasets.Dataset feature cache, got {type(features).__name__}")
+    if len(features) == 0:
+        raise ValueError("features is empty: nothing to train on")
+    if "auto" in (model.config.vision_layer, model.config.text_layer):
+        from .layer_selection import resolve_auto_layers
+
+        resolve_auto_layers(model, features, seed=args.seed)
+    set_seed(args.seed)
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(args.mixed_precision),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to or None,
+        project_dir=args.output_dir,
+    )
+    view = features_for(model, features)
+    train_rows, eval_rows = split_by_image(view, args.eval_fraction, args.seed)
+    source = BatchSource(view)
+    model.to(accelerator.device)
+
+    resume_dir = _resume_dir(args)
+    if resume_dir is None:
+        _init_from_data(model, source, train_rows, args, accelerator.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches_per_epoch = math.ceil(len(train_rows) / args.per_device_train_batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    eval_steps = args.eval_steps or steps_per_epoch
+    save_steps = args.save_steps or eval_steps
+    state = {"global_step": 0, "history": [], "best_metric": None, "best_step": None, "bad_evals": 0}
+    start = time.perf_counter()
+    trainable = bool(params) and model.aligner.trainable
+
+    if trainable:
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, warmup, total_steps)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        best_state = None
+        if resume_dir is not None:
+            state, best_state = _load_checkpoint(resume_dir, accelerator.unwrap_model(model), optimizer, scheduler)
+            logger.info(f"resumed from {resume_dir} at step {state['global_step']}")
+        if args.report_to:
+            accelerator.init_trackers("hf_align", config=asdict(args))
+        running, micro = [], state["global_step"] * args.gradient_accumulation_steps
+        while state["global_step"] < total_steps:
+            epoch, position = divmod(micro, batches_per_epoch)
+            rows = _epoch_order(train_rows, args.seed, epoch)
+            batch_rows = rows[position * args.per_device_train_batch_size : (position + 1) * args.per_device_train_batch_size]
+            batch = _to_device(source.fetch(batch_rows), accelerator.device)
+            model.train()
+            with accelerator.accumulate(model):
+                output = model(**batch)
+                loss = output.loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite training loss {loss.item()} at step {state['global_step']} (epoch {epoch}, "
+                        f"batch {position}, first rows {batch_rows[:8].tolist()}); terms: "
+                        f"{ {k: v.item() for k, v in output.loss_terms.items()} }. The last good checkpoint is "
+                        f"{_latest_checkpoint(args.output_dir)}"
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            micro += 1
+            running.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            accelerator.unwrap_model(model).aligner.after_optimizer_step()
+            state["global_step"] += 1
+            step = state["global_step"]
+            if step % args.logging_steps == 0 or step == total_steps:
+                log = {"step": step, "epoch": micro / batches_per_epoch, "loss": torch.stack(running).mean().item()}
+                log.update({f"loss_{k}": v.item() for k, v in output.loss_terms.items()})
+                log["learning_rate"] = scheduler.get_last_lr()[0]
+                log.update(_diagnostics(accelerator.unwrap_model(model)))
+                running = []
+                _record(state, log, accelerator)
+            if len(eval_rows) and (step % eval_steps == 0 or step == total_steps):
+                metrics = evaluate_on_rows(accelerator.unwrap_model(model), source, eval_rows, args)
+                _record(state, {"step": step, **metrics}, accelerator)
+                if _improved(state, metrics, args):
+                    state.update(best_metric=metrics[args.metric_for_best_model], best_step=step, bad_evals=0)
+                    best_state = _aligner_state(accelerator.unwrap_model(model))
+                else:
+                    state["bad_evals"] += 1
+            if args.output_dir and (step % save_steps == 0 or step == total_steps):
+                _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best_state)
+            patience = args.early_stopping_patience
+            if patience is not None and state["bad_evals"] >= patience:
+                logger.info(f"early stopping at step {step}: {patience} evaluations without improvement")
+                break
+        model = accelerator.unwrap_model(model)
+        if best_state is not None:
+            model.load_state_dict(best_state, strict=False)
+        accelerator.end_training()
+    final = evaluate_on_rows(model, source, eval_rows, args) if len(eval_rows) else {}
+    runtime = time.perf_counter() - start
+    _summarise(model, args, state, final, len(train_rows), len(eval_rows), runtime, accelerator)
+    if args.output_dir and args.save_model and accelerator.is_main_process:
+        model.save_pretrained(args.output_dir)
+    losses = [h["loss"] for h in state["history"] if "loss" in h]
+    return TrainingResult(state["global_step"], losses[-1] if losses else float("nan"), final, state["history"], runtime, args.output_dir)
+
+
+@torch.no_grad()
+def evaluate_on_rows(model, source: BatchSource, rows: torch.Tensor, args: AlignmentArguments) -> dict:
+    """Validation loss (mean over eval batches) and retrieval recall@k on the held-out rows."""
+    model.eval()
+    device = model.logit_scale.device
+    losses, images, texts = [], [], []
+    for start in range(0, len(rows), args.per_device_eval_batch_size):
+        batch = _to_device(source.fetch(rows[start : start + args.per_device_eval_batch_size]), device)
+        output = model(**batch)
+        losses.append(output.loss.float() * len(output.image_embeds))
+        images.append(output.image_embeds)
+        texts.append(output.text_embeds)
+    image_embeds, text_embeds = torch.cat(images), torch.cat(texts)
+    unique, owner = torch.unique(source.image_ids[rows], return_inverse=True)
+    first = torch.zeros(len(unique), dtype=torch.long).scatter_(0, owner.flip(0), torch.arange(len(owner)).flip(0))
+    scores = model.similarity(image_embeds[first.to(device)], text_embeds)
+    metrics = {"eval_loss": (torch.stack(losses).sum() / len(rows)).item()}
+    metrics.update({f"eval_{k}": v for k, v in retrieval_metrics(scores, owner.to(device)).items()})
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _epoch_order(rows: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    # A fixed permutation per (seed, epoch): a resumed run sees exactly the batches the interrupted one would have.
+    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100003 + epoch))]
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _init_from_data(model, source: BatchSource, train_rows, args, device) -> None:
+    rows = _epoch_order(train_rows, args.seed, -1)[: args.init_samples]
+    batch = _to_device(source.fetch(rows), device)
+    model.aligner.init_from_data(
+        batch["vision_features"],
+        batch["text_features"],
+        seed=args.seed,
+        vision_mask=batch.get("vision_mask"),
+        text_mask=batch.get("text_mask"),
+    )
+
+
+def _diagnostics(model) -> dict:
+    report = getattr(model.aligner, "diagnostics", None)
+    return {f"diag_{k}": float(v) for k, v in report().items()} if callable(report) else {}
+
+
+def _record(state: dict, entry: dict, accelerator: Accelerator) -> None:
+    state["history"].append(entry)
+    logger.info(json.dumps(entry))
+    accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
+
+
+def _improved(state: dict, metrics: dict, args: AlignmentArguments) -> bool:
+    if args.metric_for_best_model not in metrics:
+        raise ValueError(f"metric_for_best_model={args.metric_for_best_model!r} is not among {sorted(metrics)}")
+    value, best = metrics[args.metric_for_best_model], state["best_metric"]
+    return best is None or (value > best if args.greater_is_better else value < best)
+
+
+def _aligner_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.aligner_state_dict().items()}
+
+
+def _resume_dir(args: AlignmentArguments) -> str | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        path = _latest_checkpoint(args.output_dir)
+        if path is None:
+            logger.info(f"resume_from_checkpoint='latest' but {args.output_dir!r} holds no checkpoint: starting fresh")
+        return path
+    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, STATE_FILE)):
+        raise ValueError(f"resume_from_checkpoint={args.resume_from_checkpoint!r} is not a complete checkpoint folder")
+    return args.resume_from_checkpoint
+
+
+def _latest_checkpoint(output_dir: str | None) -> str | None:
+    """Newest *complete* checkpoint: written under a temporary name and renamed only when whole."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit() and os.path.isfile(os.path.join(path, STATE_FILE)):
+            steps.append((int(name[len(CHECKPOINT_PREFIX) :]), path))
+    return max(steps)[1] if steps else None
+
+
+def _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best_state) -> None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{state['global_step']}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    unwrapped = accelerator.unwrap_model(model)
+    save_file({k: v.contiguous() for k, v in unwrapped.aligner_state_dict().items()}, os.path.join(tmp, "aligner.safetensors"))
+    if best_state is not None:
+        save_file({k: v.contiguous() for k, v in best_state.items()}, os.path.join(tmp, "best_aligner.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        },
+        os.path.join(tmp, "optimizer.pt"),
+    )
+    with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as handle:
+        json.dump(state, handle)  # written last: its presence marks the folder complete
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    checkpoints = sorted(
+        (int(n[len(CHECKPOINT_PREFIX) :]), n) for n in os.listdir(args.output_dir)
+        if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX) :].isdigit()
+    )  # fmt: skip
+    for _, name in checkpoints[: max(0, len(checkpoints) - args.save_total_limit)]:
+        shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+
+
+def _load_checkpoint(path, model, optimizer, scheduler) -> tuple[dict, dict | None]:
+    model.load_state_dict(load_file(os.path.join(path, "aligner.safetensors"), device=str(model.logit_scale.device)), strict=False)
+    extra = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["rng"]["torch"])
+    if extra["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+        state = json.load(handle)
+    best_path = os.path.join(path, "best_aligner.safetensors")
+    best = load_file(best_path) if os.path.isfile(best_path) else None
+    return state, best
+
+
+def _summarise(model, args, state, final, n_train, n_eval, runtime, accelerator) -> None:
+    """Record the run in the config; the model card is written from this."""
+    device = accelerator.device
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} cores)"
+    summary = dict(model.config.training_summary)
+    summary.update(
+        train_pairs=n_train,
+        eval_pairs=n_eval,
+        global_step=state["global_step"],
+        best_step=state["best_step"],
+        train_runtime_s=round(runtime, 3),
+        hardware=hardware,
+        mixed_precision=accelerator.mixed_precision,
+        training_args=args.non_default(),
+        final_eval=final,
+    )
+    model.config.training_summary = summary
+
+
+__all__ = ["AlignmentArguments", "TrainingResult", "evaluate_on_rows", "split_by_image", "train"]
