@@ -1,0 +1,288 @@
+"""Similarity heads: hand-computed values, chunked evaluation, re-ranking, config-time compatibility checks."""
+
+import math
+
+import pytest
+import torch
+
+from hf_align import AlignerModel
+from hf_align.similarity import (
+    SIMILARITIES,
+    WassersteinSimilarity,
+    build_similarity,
+    check_similarity,
+    rerank,
+)
+
+POOLED = sorted(n for n, c in SIMILARITIES.items() if c.input_kind == "pooled")
+X = torch.tensor([[3.0, 4.0]])
+Y = torch.tensor([[4.0, 3.0]])
+
+
+def test_registry_holds_the_paper_metrics_and_the_extras():
+    assert set(SIMILARITIES) >= {"cosine", "dot", "euclidean", "manhattan", "chi_square", "wasserstein", "mlp", "bilinear"}
+    with pytest.raises(ValueError, match="unknown similarity 'cos'.*available"):
+        build_similarity("cos", 4)
+    with pytest.raises(TypeError, match="unknown similarity_config key.*'hiden'"):
+        build_similarity("mlp", 4, hiden=3)
+
+
+# ---------------------------------------------------------------------------------------------- hand-computed values
+@pytest.mark.parametrize(
+    "name, kwargs, expected",
+    [
+        ("cosine", {}, 24 / 25),
+        ("dot", {}, 24.0),
+        ("euclidean", {}, -math.sqrt(2)),
+        ("euclidean", {"scale": 2.0}, -2 * math.sqrt(2)),
+        ("manhattan", {}, -2.0),
+        # ½ [(3-4)²/(3+4) + (4-3)²/(4+3)] = 1/7
+        ("chi_square", {}, -1 / 7),
+    ],
+)
+def test_fixed_metrics_against_hand_computed_values(name, kwargs, expected):
+    head = build_similarity(name, 2, **kwargs)
+    assert head(X, Y).item() == pytest.approx(expected, rel=1e-6)
+    assert head.score_pairs(X, Y).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_chi_square_on_signed_embeddings():
+    # "abs": ½ Σ (x−y)² / (|x|+|y|): ½ [(2)²/2 + (4)²/4] = 3 for x = (1, −2), y = (−1, 2)
+    head = build_similarity("chi_square", 2)
+    assert head(torch.tensor([[1.0, -2.0]]), torch.tensor([[-1.0, 2.0]])).item() == pytest.approx(-3.0)
+    # zero coordinates in both contribute nothing (no 0/0)
+    assert head(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]])).item() == pytest.approx(0.0, abs=1e-7)
+    # "softmax": x -> (½, ½), y -> (¾, ¼) at temperature 0.1: ½ [(¼)²/1.25 + (¼)²/0.75] = 1/15
+    head = build_similarity("chi_square", 2, signed="softmax", softmax_temperature=0.1)
+    y = torch.tensor([[0.1 * math.log(3.0), 0.0]])
+    assert head(torch.zeros(1, 2), y).item() == pytest.approx(-1 / 15, rel=1e-5)
+    with pytest.raises(ValueError, match="signed"):
+        build_similarity("chi_square", 2, signed="shift")
+
+
+def test_bilinear_hand_computed_and_identity_start():
+    head = build_similarity("bilinear", 2)
+    assert head(X, Y).item() == pytest.approx(24.0)  # W = I at the start: the dot product
+    with torch.no_grad():
+        head.delta.copy_(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    # W = [[1, 1], [0, 1]]: W y = (7, 3), x · W y = 21 + 12
+    assert head(X, Y).item() == pytest.approx(33.0)
+    assert head.score_pairs(X, Y).item() == pytest.approx(33.0)
+    assert torch.equal(head.weight, torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+
+
+def test_mlp_hand_computed():
+    head = build_similarity("mlp", 2, hidden_dim=2)
+    with torch.no_grad():
+        head.image_in.weight.copy_(torch.eye(2))
+        head.image_in.bias.zero_()
+        head.text_in.weight.copy_(-torch.eye(2))
+        head.out_weight.copy_(torch.ones(2))
+        head.out_bias.fill_(0.5)
+    # h = x − y = (−1, 1); GELU(−1) + GELU(1) = −Φ(−1) + Φ(1) = 2Φ(1) − 1; + 0.5
+    phi = 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+    expected = 2 * phi - 1 + 0.5
+    assert head(X, Y).item() == pytest.approx(expected, rel=1e-6)
+    assert head.score_pairs(X, Y).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mlp_starts_neutral():
+    head = build_similarity("mlp", 8)
+    scores = head(torch.randn(5, 8), torch.randn(6, 8))
+    assert torch.equal(scores, torch.zeros(5, 6))  # zero output layer: InfoNCE starts at log B
+
+
+def test_wasserstein_hand_computed():
+    e1, e2 = torch.eye(2)
+    head = WassersteinSimilarity(2, epsilon=0.01, n_iters=200)
+    # {e1, e2} (½ each) to {e1}: all mass goes to e1; cosine costs 0 and 1 -> transport cost ½
+    image = torch.stack([e1, e2])[None]
+    text = e1[None, None]
+    assert head(image, text).item() == pytest.approx(-0.5, abs=1e-5)
+    # {e1, e2} to {e2, e1}: the permutation costs 0 (entropic leakage ~ exp(-1/ε))
+    assert head(image, torch.stack([e2, e1])[None]).item() == pytest.approx(0.0, abs=1e-5)
+    # a masked padding token changes nothing
+    padded = torch.stack([e1, torch.tensor([-7.0, 3.0])])[None]
+    mask = torch.tensor([[True, False]])
+    assert head(image, padded, text_mask=mask).item() == pytest.approx(-0.5, abs=1e-5)
+
+
+def test_wasserstein_matches_pot_entropic_plan_cost():
+    ot = pytest.importorskip("ot")
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 5, 3, dtype=torch.float64), torch.randn(1, 4, 3, dtype=torch.float64)
+    head = WassersteinSimilarity(3, epsilon=0.1, n_iters=500, cost="sqeuclidean")
+    cost = torch.cdist(x[0], y[0]).pow(2).numpy()
+    plan = ot.sinkhorn([], [], cost, reg=0.1, numItermax=5000, stopThr=1e-12)
+    assert head(x, y).item() == pytest.approx(-(plan * cost).sum(), rel=1e-6)
+
+
+def test_wasserstein_pairwise_matches_pairs_and_has_finite_gradients():
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    y = torch.randn(5, 3, 6)
+    y_mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    head = WassersteinSimilarity(6, max_chunk_elements=200)  # forces blocks + checkpointing
+    scores = head(x, y, text_mask=y_mask)
+    assert scores.shape == (3, 5)
+    pairs = head.score_pairs(x, y[:3], text_mask=y_mask[:3])
+    torch.testing.assert_close(scores.diagonal(), pairs)
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_wasserstein_rejects_pooled_inputs():
+    with pytest.raises(ValueError, match="sets of token embeddings"):
+        WassersteinSimilarity(4)(torch.randn(2, 4), torch.randn(3, 4))
+
+
+# ---------------------------------------------------------------------------------------------- shapes, chunking
+@pytest.mark.parametrize("name", POOLED)
+def test_pairwise_scores_agree_with_score_pairs(name):
+    torch.manual_seed(2)
+    head = build_similarity(name, 6)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, y = torch.randn(5, 6), torch.randn(7, 6)
+    scores = head(x, y)
+    assert scores.shape == (5, 7)
+    torch.testing.assert_close(scores[:, :5].diagonal(), head.score_pairs(x, y[:5]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs", [("manhattan", {}), ("chi_square", {}), ("mlp", {"interaction": True, "num_hidden_layers": 2})]
+)
+def test_chunked_evaluation_gives_the_same_values_and_gradients(name, kwargs):
+    torch.manual_seed(3)
+    whole = build_similarity(name, 8, **kwargs)
+    for p in whole.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    chunked = build_similarity(name, 8, max_chunk_elements=300, **kwargs)  # blocks of a few pairs
+    chunked.load_state_dict(whole.state_dict())
+    whole, chunked = whole.double(), chunked.double()  # compare in fp64: blockwise matmuls round differently
+    grads = []
+    for head in (whole, chunked):
+        x = torch.randn(9, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64, requires_grad=True)
+        y = torch.randn(11, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+        scores = head(x, y)
+        weights = torch.linspace(-1, 1, scores.numel(), dtype=torch.float64).view_as(scores)
+        (scores * weights).sum().backward()
+        grads.append((scores.detach(), x.grad, y.grad, [p.grad for p in head.parameters()]))
+    for a, b in zip(grads[0][:3], grads[1][:3]):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(grads[0][3], grads[1][3]):
+        torch.testing.assert_close(a, b)
+
+
+def test_mlp_peak_memory_is_bounded_by_the_block_size():
+    # 128 x 128 pairs x 64 hidden = 1M activations unchunked; blocks of 2^14 keep every saved tensor small.
+    head = build_similarity("mlp", 16, hidden_dim=64, max_chunk_elements=2**14)
+    x = torch.randn(128, 16, requires_grad=True)
+    y = torch.randn(128, 16, requires_grad=True)
+    torch.nn.init.normal_(head.out_weight)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        scores = head(x, y)
+    assert scores.shape == (128, 128)
+    assert max(saved) <= 128 * 128  # the output, the block inputs: nothing of size Bi·Bt·hidden is kept
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------- re-ranking
+def test_rerank_with_full_shortlist_reproduces_the_head_ranking():
+    torch.manual_seed(4)
+    head = build_similarity("bilinear", 6, init="random", init_std=0.5)
+    images, texts = torch.randn(20, 6), torch.randn(30, 6)
+    full = head(images, texts)
+    reranked = rerank(head, images, texts, top_k=20, direction="text_to_image")
+    assert reranked.shape == (20, 30)
+    torch.testing.assert_close(reranked, full)
+    reranked = rerank(head, images, texts, top_k=30, direction="image_to_text")
+    torch.testing.assert_close(reranked, full)
+
+
+def test_rerank_orders_the_shortlist_by_the_head_and_keeps_the_rest_below():
+    torch.manual_seed(5)
+    head = build_similarity("mlp", 6)
+    torch.nn.init.normal_(head.out_weight)
+    images, texts = torch.randn(15, 6), torch.randn(12, 6)
+    k = 4
+    scores = rerank(head, images, texts, top_k=k, direction="image_to_text")  # rows are queries
+    cosine = torch.nn.functional.normalize(images, dim=1) @ torch.nn.functional.normalize(texts, dim=1).t()
+    for row in range(15):
+        shortlist = cosine[row].topk(k).indices
+        expected = head.score_pairs(images[row].expand(k, 6), texts[shortlist])
+        torch.testing.assert_close(scores[row, shortlist], expected.detach())
+        others = torch.ones(12, dtype=torch.bool)
+        others[shortlist] = False
+        assert scores[row, others].max() < scores[row, shortlist].min()
+        # outside the shortlist the first-stage (cosine) order is kept
+        assert torch.equal(scores[row, others].argsort(), cosine[row, others].argsort())
+
+
+def test_rerank_accepts_a_model_and_checks_arguments():
+    model = AlignerModel.from_feature_dims(8, 6, similarity="bilinear")
+    images, texts = torch.randn(5, model.aligner.embed_dim), torch.randn(5, model.aligner.embed_dim)
+    assert rerank(model, images, texts, top_k=2).shape == (5, 5)
+    with pytest.raises(ValueError, match="direction"):
+        rerank(model, images, texts, direction="both")
+    with pytest.raises(ValueError, match="top_k"):
+        rerank(model, images, texts, top_k=0)
+
+
+# ---------------------------------------------------------------------------------------------- with the model
+def test_token_set_head_with_a_pooled_method_fails_at_configuration_time():
+    with pytest.raises(ValueError, match="sets of token embeddings.*method 'linear'.*pooled"):
+        AlignerModel.from_feature_dims(8, 6, method="linear", similarity="wasserstein")
+    # from_encoders checks before it loads anything: a nonexistent encoder path is never reached
+    with pytest.raises(ValueError, match="sets of token embeddings"):
+        AlignerModel.from_encoders("/nonexistent/vision", "/nonexistent/text", method="mlp", similarity="wasserstein")
+    with pytest.raises(TypeError, match="unknown similarity_config"):
+        AlignerModel.from_encoders("/nonexistent/vision", "/nonexistent/text", similarity="mlp", similarity_config={"width": 3})
+    with pytest.raises(ValueError, match="unknown similarity"):
+        AlignerModel.from_encoders("/nonexistent/vision", "/nonexistent/text", similarity="cosinus")
+
+
+def test_check_similarity_accepts_a_method_that_outputs_token_sets():
+    class TokenSetMethod:
+        method_name = "token_sets"
+        input_kind = "tokens"
+        outputs_token_sets = True
+
+        def embed_image_tokens(self, features, mask=None): ...
+
+        def embed_text_tokens(self, features, mask=None): ...
+
+    assert check_similarity("wasserstein", TokenSetMethod) is WassersteinSimilarity
+    with pytest.raises(ValueError, match="token"):
+        check_similarity("wasserstein", type("PoolsTokens", (), {"input_kind": "tokens"}))
+
+
+@pytest.mark.parametrize("name", ["bilinear", "mlp"])
+def test_learned_head_trains_with_the_aligner_and_is_saved(name, tmp_path):
+    torch.manual_seed(6)
+    model = AlignerModel.from_feature_dims(8, 6, similarity=name, similarity_config={} if name == "bilinear" else {"hidden_dim": 16})
+    params = dict(model.named_parameters())
+    head_params = [k for k in params if k.startswith("similarity.")]
+    assert head_params and all(params[k].requires_grad for k in head_params)
+    x, y = torch.randn(16, 8), torch.randn(16, 6)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    first = None
+    for _ in range(15):
+        loss = model(vision_features=x, text_features=y, return_loss=True).loss
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first
+    assert any(params[k].abs().sum() > 0 for k in head_params)
+    model.save_pretrained(tmp_path)
+    reloaded = AlignerModel.from_pretrained(tmp_path, load_encoders=False).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(vision_features=x, text_features=y).logits_per_image, model(vision_features=x, text_features=y).logits_per_image
+        )
+    assert reloaded.config.similarity == name
