@@ -99,7 +99,9 @@ def method_gives_tokens(method: Any) -> bool:
 
     A method opts in by setting `outputs_token_sets = True` and implementing `embed_image_tokens(features, mask)` /
     `embed_text_tokens(features, mask)` -> ((B, T, D) embeddings, (B, T) mask). No built-in method does yet:
-    every registered aligner pools each sample to one vector before scoring.
+    every registered aligner pools each sample to one vector before scoring, and `AlignerModel` scores pooled
+    embeddings only, so today token heads are rejected at configuration time for every method and are used
+    directly on token tensors (`WassersteinSimilarity(dim)(image_tokens, text_tokens, image_mask, text_mask)`).
     """
     return bool(getattr(method, "outputs_token_sets", False)) and all(
         callable(getattr(method, f"embed_{m}_tokens", None)) for m in ("image", "text")
@@ -108,16 +110,24 @@ def method_gives_tokens(method: Any) -> bool:
 
 def check_similarity(name: str, method: Any = None, similarity_config: dict | None = None) -> type[nn.Module]:
     """Validate a head choice at configuration time: the name, its `similarity_config` keys, and that `method` (an
-    `AlignerMethod` class or instance, or `None` to skip) can feed it. Returns the head class.
+    `AlignerMethod` class or instance, or `None` to skip) can use it: a token-set head needs a method that outputs
+    aligned token sets, and a learned head needs a trainable method (a training-free one never runs an optimiser
+    step, so the head would stay untrained). Returns the head class.
 
     Raises `ValueError` (unknown name, incompatible method) or `TypeError` (unknown config key).
     """
     cls = get_similarity(name)
     _check_kwargs(name, cls, dict(similarity_config or {}))
-    if method is None or getattr(cls, "input_kind", "pooled") != "tokens":
+    if method is None:
         return cls
-    if not method_gives_tokens(method):
-        method_name = getattr(method, "method_name", getattr(method, "__name__", type(method).__name__))
+    method_name = getattr(method, "method_name", getattr(method, "__name__", type(method).__name__))
+    if getattr(cls, "learned", False) and not getattr(method, "trainable", True):
+        raise ValueError(
+            f"similarity {name!r} has trainable parameters, but method {method_name!r} is training-free "
+            "(trainable=False: training only runs its data-dependent initialisation), so the head would stay at its "
+            "initial weights. Use a fixed similarity (e.g. cosine) with this method, or a trainable method."
+        )
+    if getattr(cls, "input_kind", "pooled") == "tokens" and not method_gives_tokens(method):
         pooled = sorted(n for n, c in SIMILARITIES.items() if getattr(c, "input_kind", "pooled") == "pooled")
         raise ValueError(
             f"similarity {name!r} compares *sets of token embeddings* (B, T, D), but method {method_name!r} embeds "

@@ -259,6 +259,18 @@ def test_check_similarity_accepts_a_method_that_outputs_token_sets():
         check_similarity("wasserstein", type("PoolsTokens", (), {"input_kind": "tokens"}))
 
 
+def test_learned_head_with_a_training_free_method_fails_at_configuration_time():
+    frozen = type("FrozenMethod", (), {"method_name": "frozen", "trainable": False})
+    with pytest.raises(ValueError, match="training-free"):
+        check_similarity("bilinear", frozen)
+    assert check_similarity("cosine", frozen).similarity_name == "cosine"
+    from hf_align import METHODS
+
+    if "asif" in METHODS:
+        with pytest.raises(ValueError, match="similarity 'mlp' has trainable parameters.*'asif' is training-free"):
+            AlignerModel.from_feature_dims(8, 6, method="asif", similarity="mlp", num_anchors=4, topk=2)
+
+
 @pytest.mark.parametrize("name", ["bilinear", "mlp"])
 def test_learned_head_trains_with_the_aligner_and_is_saved(name, tmp_path):
     torch.manual_seed(6)
