@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .features import FeatureCollator, features_for
+from .modelcard import TASK_RETRIEVAL, TASK_ZERO_SHOT, record_evaluation
 from .templates import DEFAULT_TEMPLATES
 
 
@@ -145,11 +146,15 @@ def evaluate_zero_shot(
     image_column: str = "image",
     label_column: str = "label",
     batch_size: int = 64,
+    dataset_name: str | None = None,
+    dataset_split: str | None = None,
 ) -> dict[str, float]:
     """Zero-shot classification: top-1, top-5 and mean per-class recall (percent).
 
     `dataset` holds images (raw, or a feature cache with the image features) and integer labels. Class names default
-    to the label column's `ClassLabel` names; `templates` default to CLIP's 80 ImageNet prompts.
+    to the label column's `ClassLabel` names; `templates` default to CLIP's 80 ImageNet prompts. The result is
+    recorded in `model.config.training_summary["evaluations"]` (the model card's `model-index`) under
+    `dataset_name` / `dataset_split` (default: what a Hub-loaded `dataset` knows about itself).
     """
     model.eval()
     if label_column not in dataset.column_names:
@@ -173,7 +178,13 @@ def evaluate_zero_shot(
         )
         labels = dataset[label_column]
     logits = 100.0 * images @ prototypes.t()
-    return zero_shot_metrics(logits, labels)
+    metrics = zero_shot_metrics(logits, labels)
+    n_templates = len(templates or DEFAULT_TEMPLATES)
+    record_evaluation(
+        model, TASK_ZERO_SHOT, metrics, dataset, dataset_name, dataset_split, num_samples=len(labels),
+        details=f"{len(class_names)} classes, {n_templates} prompt template{'s' if n_templates > 1 else ''} per class",
+    )  # fmt: skip
+    return metrics
 
 
 @torch.no_grad()
@@ -184,11 +195,15 @@ def evaluate_retrieval(
     image_column: str = "image",
     text_column: str = "caption",
     batch_size: int = 64,
+    dataset_name: str | None = None,
+    dataset_split: str | None = None,
 ) -> dict[str, float]:
     """Image↔text retrieval R@1/5/10 both ways (percent), several captions per image allowed.
 
     `dataset` is a feature cache (rows sharing an `image_id` are captions of one image; `processor` unused) or raw
-    data with an image column and a caption column holding a string or a list of strings per image.
+    data with an image column and a caption column holding a string or a list of strings per image. The result is
+    recorded in `model.config.training_summary["evaluations"]` (the model card's `model-index`) under
+    `dataset_name` / `dataset_split` (default: what a Hub-loaded `dataset` knows about itself).
     """
     model.eval()
     if dataset is None or len(dataset) == 0:
@@ -215,7 +230,12 @@ def evaluate_retrieval(
         text_embeds = embed_texts(model, processor, captions)
         owner = torch.tensor(owner)
     scores = model.similarity(image_embeds, text_embeds)
-    return retrieval_metrics(scores, owner.to(scores.device))
+    metrics = retrieval_metrics(scores, owner.to(scores.device))
+    record_evaluation(
+        model, TASK_RETRIEVAL, metrics, dataset, dataset_name, dataset_split, num_samples=len(image_embeds),
+        details=f"{len(text_embeds)} captions of {len(image_embeds)} images, every image against every caption",
+    )  # fmt: skip
+    return metrics
 
 
 def _first_row_per_image(dataset: datasets.Dataset) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from .configuration import AlignerConfig, check_layer, check_pooling, resolve_la
 from .encoders import EncoderInfo, load_encoder, pool_text, pool_vision, probe_text, probe_vision
 from .losses import symmetric_infonce
 from .methods import build_method_config, get_method
+from .modelcard import upload_aligner, write_model_card
 from .processing import AlignerProcessor
 from .regularizers import build_regularizers, split_regularizer_kwargs
 from .similarity import build_similarity, check_similarity
@@ -419,6 +421,10 @@ class AlignerModel(PreTrainedModel):
         loads with no access to the encoders' own repos.
         """
         os.makedirs(save_directory, exist_ok=True)
+        # transformers' own push would run before the processor and card are written: push the finished folder instead
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+        hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "token", "revision", "create_pr") if k in kwargs}
         state_dict = kwargs.pop("state_dict", None) or self.aligner_state_dict()
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ENCODER_PREFIXES)}
         if bundle_encoders:
@@ -429,6 +435,8 @@ class AlignerModel(PreTrainedModel):
         self.config.bundled_encoders = bundle_encoders or was_bundled
         try:
             super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
+            if kwargs.get("is_main_process", True):
+                write_model_card(self, save_directory)
         finally:
             self.config.bundled_encoders = was_bundled
         if self.processor is not None:
@@ -438,6 +446,34 @@ class AlignerModel(PreTrainedModel):
                 "this aligner has no processor: the saved folder cannot be used by pipeline(...) until an "
                 "AlignerProcessor is saved into it"
             )
+        if push_to_hub:
+            upload_aligner(self, save_directory, repo_id, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        bundle_encoders: bool = False,
+    ):
+        """Upload what `save_pretrained` writes (config, aligner weights, processor files, model card) to `repo_id`.
+
+        Replaces transformers' version, which would overwrite this model's card with a generic one. The card's usage
+        snippet names `repo_id`; `tags` are added to its YAML. Returns the `huggingface_hub.CommitInfo`.
+        """
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, bundle_encoders=bundle_encoders, max_shard_size=max_shard_size)
+            return upload_aligner(
+                self, folder, repo_id, commit_message=commit_message, commit_description=commit_description,
+                private=private, token=token, revision=revision, create_pr=create_pr, tags=tags or (),
+            )  # fmt: skip
 
     @classmethod
     def from_pretrained(

@@ -1,0 +1,83 @@
+"""Image↔text retrieval recall@k as an `evaluate` module (one import per line: evaluate scans this file's imports)."""
+
+import datasets
+import evaluate
+import torch
+
+from hf_align.evaluation import retrieval_metrics
+
+_DESCRIPTION = """
+Recall@k of cross-modal retrieval in both directions, in percent, for any number of captions per image.
+A text→image query hits at k when its image ranks in the top k images; an image→text query hits when any of its
+captions ranks in the top k texts. Candidates tied with the best positive do not push it down (ties count in the
+query's favour). Returns `image_to_text_R@k`, `text_to_image_R@k` and their mean `mean_R@k` for each k. This is
+`hf_align.evaluation.retrieval_metrics`, the function `hf_align.evaluate_retrieval` uses.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (`list` of `list` of `float`): one row per image, its scores against every text
+        (the `(n_images, n_texts)` matrix `logits_per_image`).
+    references (`list` of `list` of `int`): for each image, the indices (columns of `predictions`) of the texts that
+        describe it. Every text belongs to exactly one image; an image may have several texts, or none.
+    ks (`list` of `int`, defaults to `[1, 5, 10]`): the cut-offs k.
+Returns:
+    `dict`: `image_to_text_R@k`, `text_to_image_R@k`, `mean_R@k` (percent) for each k.
+Examples:
+    >>> import hf_align.metrics
+    >>> recall = hf_align.metrics.load("retrieval_recall")
+    >>> recall.compute(predictions=[[0.9, 0.1], [0.8, 0.2]], references=[[0], [1]], ks=[1])
+    {'image_to_text_R@1': 50.0, 'text_to_image_R@1': 100.0, 'mean_R@1': 75.0}
+"""
+
+_CITATION = """
+@inproceedings{radford2021clip,
+  title={Learning Transferable Visual Models From Natural Language Supervision},
+  author={Radford, Alec and Kim, Jong Wook and Hallacy, Chris and others},
+  booktitle={ICML},
+  year={2021}
+}
+"""
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class RetrievalRecall(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            module_type="metric",
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Value("float32")),
+                    "references": datasets.Sequence(datasets.Value("int64")),
+                }
+            ),
+            reference_urls=["https://arxiv.org/abs/2103.00020"],
+        )
+
+    def _compute(self, predictions, references, ks=(1, 5, 10)):
+        scores = torch.tensor(predictions, dtype=torch.float32)
+        if scores.dim() != 2:
+            raise ValueError(
+                "predictions must be one row of scores per image, all rows as long as the number of texts; "
+                f"got rows of lengths {sorted({len(row) for row in predictions})}"
+            )
+        return retrieval_metrics(scores, text_owners(references, scores.shape[1]), ks)
+
+
+def text_owners(references, n_texts: int) -> torch.Tensor:
+    """Per-image lists of text indices -> (n_texts,) index of the image each text describes."""
+    owner = torch.full((n_texts,), -1, dtype=torch.long)
+    for image, texts in enumerate(references):
+        for text in texts:
+            if not 0 <= text < n_texts:
+                raise ValueError(f"references[{image}] names text {text}, outside [0, {n_texts}) (the score columns)")
+            if owner[text] >= 0:
+                raise ValueError(f"text {text} is listed under images {int(owner[text])} and {image}; each text describes one image")
+            owner[text] = image
+    orphans = torch.nonzero(owner < 0).flatten().tolist()
+    if orphans:
+        raise ValueError(f"texts {orphans[:10]} are listed under no image in references; every text needs its image")
+    return owner

@@ -1,0 +1,599 @@
+"""Model cards written from what happened to an aligner (sentence-transformers' approach).
+
+Everything the card says comes from the model itself: its config (encoders and pinned revisions, layers, pooling,
+method and settings) and `config.training_summary`, the record that `hf_align.train` / `CardDataCallback` (training
+data sizes, steps, runtime, hardware, non-default arguments, validation metrics, losses), layer selection (chosen
+layers and their scores) and `record_evaluation` (every `evaluate_*` run) fill in. The summary travels in
+`config.json`, so a reloaded model re-saves the same card.
+
+The YAML header carries `base_model` (both encoders, when they are Hub ids), `datasets` and a `model-index` with one
+`EvalResult` per recorded metric, so the Hub shows the evaluation results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TASK_ZERO_SHOT = "zero-shot-image-classification"
+TASK_RETRIEVAL = "image-text-retrieval"
+TASK_SEGMENTATION = "image-segmentation"
+TASK_NAMES = {
+    TASK_ZERO_SHOT: "Zero-shot image classification",
+    TASK_RETRIEVAL: "Image-text retrieval",
+    TASK_SEGMENTATION: "Zero-shot semantic segmentation",
+}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_METRIC_NAMES = {
+    "top1": "Top-1 accuracy",
+    "top5": "Top-5 accuracy",
+    "mean_per_class_recall": "Mean per-class recall",
+    "loss": "Loss",
+    "mIoU": "Mean IoU",
+    "mean_iou": "Mean IoU",
+    "pixel_accuracy": "Pixel accuracy",
+}
+_SELECTION_METRICS = {"mutual_knn": "mutual k-NN alignment", "cka": "linear CKA", "unbiased_cka": "unbiased linear CKA"}
+_MAX_LOG_ROWS = 25
+_VERSIONED_PACKAGES = ("transformers", "torch", "datasets", "accelerate", "huggingface_hub", "evaluate", "safetensors")
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A CLIP-style image–text model built with `hf_align`: the frozen vision encoder \
+{{ vision.link }} and the frozen text encoder {{ text.link }}, joined by a small trained `{{ method }}` aligner\
+{% if train_pairs %} fitted on {{ train_pairs }} image–text pairs{% endif %}. Only the aligner's weights live in \
+this repository; the encoders are loaded from their own repositories at the pinned revisions below\
+{% if bundled %} (a copy of each is also bundled under `vision_encoder/` and `text_encoder/` for offline use){% endif %}.
+
+## Model details
+
+| | Vision | Text |
+|---|---|---|
+| Encoder | {{ vision.link }} | {{ text.link }} |
+| Revision | {{ vision.revision }} | {{ text.revision }} |
+| Layer (hidden-state index) | {{ vision.layer }} | {{ text.layer }} |
+| Pooling | {{ vision.pooling }} | {{ text.pooling }} |
+| Feature width | {{ vision.width }} | {{ text.width }} |
+
+- **Aligner method:** `{{ method }}`{% if method_settings %} with {{ method_settings }}{% endif %}
+- **Regularisers:** {{ regularizers if regularizers else "none" }}
+- **Similarity head:** `{{ similarity }}`{% if similarity_settings %} with {{ similarity_settings }}{% endif %}
+- **Temperature:** {{ temperature }}{% if learnable_temperature %} (learned){% endif %}
+- **Embedding dimension:** {{ embed_dim }}
+- **Trainable aligner parameters:** {{ num_parameters }}
+{% if layer_selection %}
+## Layer selection
+
+{{ layer_selection }}
+{% endif %}
+## Usage
+
+```bash
+pip install hf_align
+```
+
+```python
+import torch
+from PIL import Image
+from transformers import pipeline
+
+import hf_align  # registers the aligner classes with transformers
+
+model = hf_align.AlignerModel.from_pretrained("{{ model_id }}")
+processor = hf_align.AlignerProcessor.from_pretrained("{{ model_id }}")
+inputs = processor(images=Image.open("photo.jpg"), text=["a photo of a cat", "a photo of a dog"])
+with torch.no_grad():
+    probs = model(**inputs).logits_per_image.softmax(dim=-1)
+
+# embeddings for search: (n, {{ embed_dim }}) L2-normalised tensors
+image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"])
+
+# or the stock zero-shot pipeline
+classifier = pipeline("zero-shot-image-classification", model="{{ model_id }}")
+classifier("photo.jpg", candidate_labels=["cat", "dog"])
+```
+{% if evaluations %}
+## Evaluation
+{% for run in evaluations %}
+### {{ run.task_name }}: {{ run.dataset }}
+
+{% if run.details %}{{ run.details }}
+
+{% endif %}| Metric | Value |
+|---|---|
+{% for name, value in run.metrics %}| {{ name }} | {{ value }} |
+{% endfor %}{% endfor %}{% endif %}
+## Training details
+{% if train_datasets %}
+### Training data
+
+| Dataset | Split | Rows |
+|---|---|---|
+{% for dataset in train_datasets %}| {{ dataset.label }} | {{ dataset.split }} | {{ dataset.num_rows }} |
+{% endfor %}{% endif %}{% if training %}
+### Training run
+
+| | |
+|---|---|
+{% for name, value in training %}| {{ name }} | {{ value }} |
+{% endfor %}{% endif %}{% if hyperparameters %}
+### Non-default hyperparameters
+
+| Argument | Value |
+|---|---|
+{% for name, value in hyperparameters %}| `{{ name }}` | `{{ value }}` |
+{% endfor %}{% endif %}{% if final_eval %}
+### Validation metrics (held-out part of the training pairs, best checkpoint)
+
+| Metric | Value |
+|---|---|
+{% for name, value in final_eval %}| {{ name }} | {{ value }} |
+{% endfor %}{% endif %}{% if training_logs %}
+### Training logs
+
+| Epoch | Step | Training loss | Validation loss |
+|---|---|---|---|
+{% for row in training_logs %}| {{ row.epoch }} | {{ row.step }} | {{ row.training_loss }} | {{ row.validation_loss }} |
+{% endfor %}{% endif %}{% if not (train_datasets or training) %}
+This aligner has not been trained with `hf_align.train` or \
+`transformers.Trainer` + `hf_align.CardDataCallback`; no training record is available.
+{% endif %}
+## Framework versions
+
+{% for name, version in versions %}- {{ name }}: {{ version }}
+{% endfor %}"""
+
+
+# ---------------------------------------------------------------------------------------------- recording
+def describe_dataset(
+    dataset=None, name: str | None = None, split: str | None = None, num_rows: int | None = None
+) -> dict[str, Any]:
+    """What a card says about a dataset: `name`, and when known `id` (Hub id), `revision`, `config`, `split`,
+    `num_rows`.
+
+    Explicit arguments win; the rest is read off a `datasets.Dataset` loaded from the Hub (its download checksums
+    name `hf://datasets/<id>@<revision>/...`, as sentence-transformers reads them).
+    """
+    info: dict[str, Any] = {}
+    if dataset is not None:
+        dataset_info = getattr(dataset, "info", None)
+        if getattr(dataset_info, "dataset_name", None):
+            info["name"] = dataset_info.dataset_name
+        if getattr(dataset_info, "config_name", None) not in (None, "default"):
+            info["config"] = dataset_info.config_name
+        if getattr(dataset, "split", None) is not None:
+            info["split"] = str(dataset.split)
+        for source in (getattr(dataset_info, "download_checksums", None) or {}):
+            if source.startswith("hf://datasets/") and "@" in source:
+                repo, rest = source[len("hf://datasets/") :].split("@", 1)
+                info["id"] = repo
+                revision = rest.split("/")[0]
+                if len(revision) == 40:
+                    info["revision"] = revision
+                break
+        if hasattr(dataset, "__len__"):
+            info["num_rows"] = len(dataset)
+    if name is not None:
+        info["name"] = name
+        if _REPO_ID.match(name) and "/" in name and not os.path.exists(name):
+            info.setdefault("id", name)
+    if split is not None:
+        info["split"] = split
+    if num_rows is not None:
+        info["num_rows"] = num_rows
+    return info
+
+
+def record_evaluation(
+    model,
+    task: str,
+    metrics: Mapping[str, float],
+    dataset=None,
+    dataset_name: str | None = None,
+    dataset_split: str | None = None,
+    num_samples: int | None = None,
+    details: str | None = None,
+) -> dict[str, Any]:
+    """Add one evaluation run to `model.config.training_summary["evaluations"]` (the card's `model-index`).
+
+    A later run of the same task on the same dataset and split replaces the earlier one, so the card lists what the
+    model scores now. `details` is one line of protocol for the card (e.g. "80 CLIP templates, 10 classes").
+    Returns the stored entry.
+    """
+    if task not in TASK_NAMES:
+        raise ValueError(f"task must be one of {sorted(TASK_NAMES)}, got {task!r}")
+    values = {}
+    for key, value in metrics.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"metric {key!r} must be a number, got {value!r}")
+        values[key] = float(value)
+    entry = {
+        "task": task,
+        "dataset": describe_dataset(dataset, dataset_name, dataset_split, num_samples),
+        "metrics": values,
+    }
+    if details:
+        entry["details"] = details
+    summary = dict(model.config.training_summary)
+    key = _evaluation_key(entry)
+    summary["evaluations"] = [e for e in summary.get("evaluations", []) if _evaluation_key(e) != key] + [entry]
+    model.config.training_summary = summary
+    return entry
+
+
+def record_training_dataset(model, dataset=None, name: str | None = None, split: str | None = None, num_rows=None):
+    """Note the source dataset the aligner was trained on (the feature cache itself no longer knows its name)."""
+    info = describe_dataset(dataset, name, split, num_rows)
+    if "name" not in info and "id" not in info:
+        raise ValueError("record_training_dataset needs a name: pass name=... or a datasets.Dataset loaded from the Hub")
+    summary = dict(model.config.training_summary)
+    same = (info.get("id") or info.get("name"), info.get("split"))
+    kept = [d for d in summary.get("train_datasets", []) if (d.get("id") or d.get("name"), d.get("split")) != same]
+    summary["train_datasets"] = kept + [info]
+    model.config.training_summary = summary
+    return info
+
+
+def hardware_description(device: torch.device | str) -> str:
+    """The accelerator a run used, as the card prints it: the CUDA device name, or `cpu (<n> cores)`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({os.cpu_count()} cores)"
+
+
+def _evaluation_key(entry: Mapping) -> tuple:
+    dataset = entry.get("dataset", {})
+    return entry["task"], dataset.get("id") or dataset.get("name"), dataset.get("config"), dataset.get("split")
+
+
+# ---------------------------------------------------------------------------------------------- card data
+def eval_results(model) -> list[EvalResult]:
+    """One `EvalResult` per metric of every recorded evaluation run, values exactly as recorded."""
+    results = []
+    for run in model.config.training_summary.get("evaluations", []):
+        dataset = run.get("dataset", {})
+        name = dataset.get("name") or dataset.get("id") or "unnamed dataset"
+        for metric, value in run["metrics"].items():
+            results.append(
+                EvalResult(
+                    task_type=run["task"],
+                    task_name=TASK_NAMES[run["task"]],
+                    dataset_type=dataset.get("id") or name,
+                    dataset_name=name,
+                    dataset_config=dataset.get("config"),
+                    dataset_split=dataset.get("split"),
+                    dataset_revision=dataset.get("revision"),
+                    metric_type=metric,
+                    metric_name=metric_display_name(metric),
+                    metric_value=value,
+                )
+            )
+    return results
+
+
+def metric_display_name(key: str) -> str:
+    """`image_to_text_R@5` -> `Image→text R@5`; `top1` -> `Top-1 accuracy`; unknown keys are returned as they are."""
+    if key in _METRIC_NAMES:
+        return _METRIC_NAMES[key]
+    match = re.fullmatch(r"(image_to_text|text_to_image|mean)_R@(\d+)", key)
+    if match:
+        direction = {"image_to_text": "Image→text", "text_to_image": "Text→image", "mean": "Mean"}[match.group(1)]
+        return f"{direction} R@{match.group(2)}"
+    return key
+
+
+def hub_encoder_ids(config) -> list[str]:
+    """The encoders that are Hub repositories (local folders cannot be a card's `base_model`)."""
+    ids = []
+    for name in (config.vision_encoder, config.text_encoder):
+        if name and _REPO_ID.match(name) and not os.path.isabs(name) and not os.path.isdir(name):
+            ids.append(name)
+    return ids
+
+
+def default_model_name(config) -> str:
+    parts = [os.path.basename(str(n).rstrip("/\\")) for n in (config.vision_encoder, config.text_encoder) if n]
+    return "-".join(parts + [config.method, "aligner"])
+
+
+def card_data(model, model_id: str | None = None, tags: Sequence[str] = ()) -> ModelCardData:
+    """The YAML header: library, pipeline tag, tags, `base_model` (both encoders), datasets and `model-index`."""
+    config = model.config
+    summary = config.training_summary
+    all_tags = ["hf_align", "image-text-alignment", "clip", f"aligner-{config.method}"]
+    if summary.get("trainer") == "transformers.Trainer":
+        all_tags.append("generated_from_trainer")
+    all_tags += [t for t in tags if t not in all_tags]
+    dataset_ids = [d["id"] for d in summary.get("train_datasets", []) if d.get("id")]
+    base_models = hub_encoder_ids(config)
+    results = eval_results(model)
+    extra = {"base_model_relation": "adapter"} if base_models else {}
+    return ModelCardData(
+        library_name="hf_align",
+        pipeline_tag=TASK_ZERO_SHOT,
+        tags=all_tags,
+        base_model=base_models or None,
+        datasets=dataset_ids or None,
+        eval_results=results or None,
+        model_name=(model_id or default_model_name(config)) if results else None,
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+def generate_model_card(model, model_id: str | None = None, tags: Sequence[str] = ()) -> ModelCard:
+    """The full card of `model`; `model_id` (repo id or folder) is what the usage snippet loads."""
+    config = model.config
+    summary = config.training_summary
+    model_id = model_id or default_model_name(config)
+    return ModelCard.from_template(
+        card_data(model, model_id, tags),
+        template_str=TEMPLATE,
+        model_name=model_id,
+        model_id=model_id,
+        vision=_encoder_facts(config, "vision"),
+        text=_encoder_facts(config, "text"),
+        method=config.method,
+        method_settings=_settings(_non_default_method_settings(config)),
+        regularizers=", ".join(f"`{n}` ({_settings(kw) or 'defaults'})" for n, kw in config.regularizers.items()),
+        similarity=config.similarity,
+        similarity_settings=_settings(config.similarity_config),
+        temperature=_fmt(config.contrastive_temperature),
+        learnable_temperature=config.learnable_temperature,
+        embed_dim=getattr(model.aligner, "embed_dim", None),
+        num_parameters=f"{_aligner_parameter_count(model):,}",
+        bundled=config.bundled_encoders,
+        train_pairs=summary.get("train_pairs"),
+        layer_selection=_layer_selection_text(summary.get("layer_selection")),
+        evaluations=[_evaluation_view(run) for run in summary.get("evaluations", [])],
+        train_datasets=[_dataset_view(d) for d in summary.get("train_datasets", [])],
+        training=_training_rows(summary),
+        hyperparameters=[(k, _fmt(v)) for k, v in sorted(summary.get("training_args", {}).items())],
+        final_eval=[(metric_display_name(k.removeprefix("eval_")), _fmt(v)) for k, v in summary.get("final_eval", {}).items()],
+        training_logs=_log_rows(summary.get("training_logs", [])),
+        versions=library_versions(),
+    )
+
+
+def write_model_card(model, save_directory: str | os.PathLike, model_id: str | None = None, tags=()) -> str:
+    """Write `README.md` into `save_directory` (what `save_pretrained` calls); returns its path."""
+    path = os.path.join(save_directory, "README.md")
+    generate_model_card(model, model_id or os.fspath(save_directory), tags).save(path)
+    return path
+
+
+def upload_aligner(
+    model,
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    tags: Sequence[str] = (),
+):
+    """Upload a folder `save_pretrained` wrote for `model` to the Hub repo `repo_id` (created if missing).
+
+    Every file goes up except training leftovers (`checkpoint-*/`, `runs/`, hidden files); `README.md` is
+    regenerated for `repo_id` so the card's usage snippet names the repo. Returns the `CommitInfo`.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from . import __version__
+
+    folder = os.fspath(folder)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ValueError(f"folder={folder!r} holds no config.json: save the aligner there with save_pretrained first")
+    api = HfApi(library_name="hf_align", library_version=__version__)
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
+    operations = [
+        CommitOperationAdd(path_in_repo=path, path_or_fileobj=os.path.join(folder, path))
+        for path in _uploaded_files(folder)
+        if path != "README.md"
+    ]
+    card = str(generate_model_card(model, repo_id, tags)).encode("utf-8")
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    return api.create_commit(
+        repo_id,
+        operations,
+        commit_message=commit_message or "Upload hf_align aligner",
+        commit_description=commit_description,
+        token=token,
+        revision=revision,
+        create_pr=create_pr,
+    )
+
+
+def _uploaded_files(folder: str) -> list[str]:
+    """Repo paths (POSIX) of the files under `folder`, leaving out checkpoints, logs and hidden files."""
+    paths = []
+    for root, directories, files in os.walk(folder):
+        relative = os.path.relpath(root, folder)
+        top_level = relative == "."
+        directories[:] = sorted(
+            d for d in directories
+            if not d.startswith(".") and not (top_level and (d.startswith("checkpoint-") or d == "runs"))
+        )  # fmt: skip
+        for name in sorted(files):
+            if not name.startswith("."):
+                paths.append(name if top_level else "/".join([*relative.split(os.sep), name]))
+    return paths
+
+
+def library_versions() -> list[tuple[str, str]]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    versions = [("Python", platform.python_version()), ("hf_align", __version__)]
+    for package in _VERSIONED_PACKAGES:
+        try:
+            versions.append((package, version(package)))
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def _encoder_facts(config, modality: str) -> dict[str, Any]:
+    name = getattr(config, f"{modality}_encoder")
+    is_hub = name in hub_encoder_ids(config)
+    revision = getattr(config, f"{modality}_revision")
+    if is_hub:
+        link = f"[{name}](https://huggingface.co/{name})"
+    else:
+        link = f"`{name}` (local folder)" if name else "none recorded (aligner built from feature widths)"
+    return {
+        "link": link,
+        "revision": f"`{revision}`" if revision else ("latest" if is_hub else "n/a (local)"),
+        "layer": getattr(config, f"{modality}_layer"),
+        "pooling": getattr(config, f"{modality}_pooling") if getattr(config, f"{modality}_pooling") != "auto"
+        else f"auto ({getattr(config, f'resolved_{modality}_pooling')})",
+        "width": getattr(config, f"{modality}_hidden_size"),
+    }
+
+
+def _non_default_method_settings(config) -> dict[str, Any]:
+    from .methods import get_method
+
+    defaults = {}
+    for field in dataclasses.fields(get_method(config.method).config_class):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+    return {k: v for k, v in config.method_config.items() if k not in defaults or defaults[k] != v}
+
+
+def _aligner_parameter_count(model) -> int:
+    from .modeling import ENCODER_PREFIXES
+
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(ENCODER_PREFIXES) and p.requires_grad)
+
+
+def _layer_selection_text(selection: Mapping | None) -> str:
+    """Markdown for `hf_align.layer_selection`'s record: the chosen pair, why, and the whole score matrix."""
+    if not selection:
+        return ""
+    metric = _SELECTION_METRICS.get(selection["metric"], selection["metric"])
+    vision_layers, text_layers = selection["vision_layers"], selection["text_layers"]
+    best = (selection["best_vision_layer"], selection["best_text_layer"])
+    sample = f"{selection['n_samples']} training pairs (seed {selection['seed']}"
+    sample += f", k = {selection['k']})" if selection.get("k") is not None else ")"
+    lines = [
+        f"The layers were chosen by `hf_align.select_layers`: vision layer **{best[0]}** and text layer "
+        f"**{best[1]}** give the highest {metric} ({_fmt(selection['best_score'])}) of the "
+        f"{len(vision_layers)} × {len(text_layers)} layer pairs scored on {sample}.",
+        "",
+        "| Vision layer \\ text layer | " + " | ".join(str(t) for t in text_layers) + " |",
+        "|---|" + "---|" * len(text_layers),
+    ]
+    for v, row in zip(vision_layers, selection["scores"]):
+        cells = [f"**{_fmt(s)}**" if (v, t) == best else str(_fmt(s)) for t, s in zip(text_layers, row)]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _evaluation_view(run: Mapping) -> dict[str, Any]:
+    dataset = run.get("dataset", {})
+    label = dataset.get("name") or dataset.get("id") or "unnamed dataset"
+    if dataset.get("split"):
+        label += f" ({dataset['split']})"
+    details = [run["details"]] if run.get("details") else []
+    if dataset.get("num_rows"):
+        details.append(f"{dataset['num_rows']} samples")
+    return {
+        "task_name": TASK_NAMES[run["task"]],
+        "dataset": label,
+        "details": "; ".join(details),
+        "metrics": [(metric_display_name(k), _fmt(v)) for k, v in run["metrics"].items()],
+    }
+
+
+def _dataset_view(dataset: Mapping) -> dict[str, Any]:
+    name = dataset.get("name") or dataset.get("id")
+    label = f"[{name}](https://huggingface.co/datasets/{dataset['id']})" if dataset.get("id") else name
+    if dataset.get("revision"):
+        label += f" @ `{dataset['revision'][:8]}`"
+    return {"label": label, "split": dataset.get("split", ""), "num_rows": dataset.get("num_rows", "")}
+
+
+def _training_rows(summary: Mapping) -> list[tuple[str, Any]]:
+    names = (
+        ("trainer", "Trained with"),
+        ("train_pairs", "Training pairs"),
+        ("eval_pairs", "Validation pairs"),
+        ("global_step", "Optimiser steps"),
+        ("best_step", "Best step (kept)"),
+        ("train_runtime_s", "Training time"),
+        ("hardware", "Hardware"),
+        ("mixed_precision", "Mixed precision"),
+    )
+    rows = []
+    for key, label in names:
+        if summary.get(key) is None:
+            continue
+        value = summary[key]
+        rows.append((label, _duration(value) if key == "train_runtime_s" else _fmt(value)))
+    return rows
+
+
+def _log_rows(logs: Sequence[Mapping]) -> list[dict[str, Any]]:
+    """At most `_MAX_LOG_ROWS` evenly spaced rows (always the last one) of the training log."""
+    if len(logs) > _MAX_LOG_ROWS:
+        step = len(logs) / _MAX_LOG_ROWS
+        logs = [logs[int(i * step)] for i in range(_MAX_LOG_ROWS - 1)] + [logs[-1]]
+    return [
+        {k: _fmt(row.get(k)) if row.get(k) is not None else "-" for k in ("epoch", "step", "training_loss", "validation_loss")}
+        for row in logs
+    ]
+
+
+def _settings(values: Mapping) -> str:
+    return ", ".join(f"`{k}={v!r}`" for k, v in values.items())
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e5 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return value
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+__all__ = [
+    "TASK_RETRIEVAL",
+    "TASK_SEGMENTATION",
+    "TASK_ZERO_SHOT",
+    "card_data",
+    "describe_dataset",
+    "eval_results",
+    "generate_model_card",
+    "hardware_description",
+    "record_evaluation",
+    "record_training_dataset",
+    "upload_aligner",
+    "write_model_card",
+]

@@ -1,0 +1,152 @@
+"""`CardDataCallback`: what `transformers.Trainer` needs to train an aligner like `hf_align.train` does.
+
+`Trainer(model=aligner, args=..., train_dataset=hf_align.features_for(aligner, features),
+data_collator=hf_align.FeatureCollator(), callbacks=[hf_align.CardDataCallback()])` then trains with no subclassing:
+
+* before the first step, methods with a data-dependent start (anchors, codebooks) get `init_from_data` on up to
+  `init_samples` training pairs, as `hf_align.train` gives them (skipped when resuming: the checkpoint holds them);
+* after every optimiser step, `aligner.after_optimizer_step()` runs (EMA teachers, codebook updates);
+* the run is written into `model.config.training_summary` with the keys `hf_align.train` uses (pairs, steps,
+  runtime, hardware, mixed precision, non-default arguments, last validation metrics) plus the loss log, so
+  `save_pretrained` / `push_to_hub` write a model card describing this run.
+
+Evaluation loss needs nothing extra: `FeatureCollator` puts `return_loss=True` in every batch, which
+`Trainer.prediction_step` reads before its `can_return_loss` default.
+"""
+
+from __future__ import annotations
+
+import time
+
+import datasets
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from .modelcard import hardware_description
+
+# TrainingArguments that say where things go, not how the model was trained: left out of the card.
+_IGNORED_ARGUMENTS = frozenset(
+    {
+        "output_dir", "logging_dir", "run_name", "report_to", "hub_token", "hub_model_id", "push_to_hub",
+        "disable_tqdm", "logging_steps", "logging_strategy", "logging_first_step", "save_strategy", "save_steps",
+        "save_total_limit", "overwrite_output_dir", "use_cpu", "dataloader_num_workers", "local_rank",
+    }
+)  # fmt: skip
+
+
+class CardDataCallback(TrainerCallback):
+    """Trainer callback for `AlignerModel`: data-dependent init, `after_optimizer_step`, and the card's training record.
+
+    Args:
+        init_samples: training pairs shown to the aligner's `init_from_data` before the first step (as
+            `AlignmentArguments.init_samples`).
+    """
+
+    def __init__(self, init_samples: int = 10000):
+        if not isinstance(init_samples, int) or isinstance(init_samples, bool) or init_samples < 1:
+            raise ValueError(f"init_samples must be a positive int, got {init_samples!r}")
+        self.init_samples = init_samples
+        self._start = None
+        self._logs: list[dict] = []
+        self._last_eval: dict = {}
+        self._train_pairs = None
+        self._eval_pairs = None
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        aligner_model = _aligner_model(model)
+        dataset = getattr(train_dataloader, "dataset", None)
+        self._train_pairs = len(dataset) if isinstance(dataset, datasets.Dataset) else None
+        if state.global_step == 0:
+            self._logs, self._last_eval = [], {}
+            if _initialises_from_data(aligner_model):
+                if not isinstance(dataset, datasets.Dataset):
+                    raise ValueError(
+                        f"method {aligner_model.config.method!r} initialises from data, but the Trainer's training "
+                        f"set is a {type(dataset).__name__}, not a datasets.Dataset view "
+                        "(hf_align.features_for(model, features))"
+                    )
+                _init_from_data(aligner_model, dataset, self.init_samples, args.seed)
+        # A summary recorded before this run (an earlier fit, evaluations of the old weights) no longer describes it.
+        kept = {k: v for k, v in aligner_model.config.training_summary.items() if k in ("layer_selection", "train_datasets")}
+        aligner_model.config.training_summary = kept
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        _aligner_model(model).aligner.after_optimizer_step()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._row(state)["training_loss"] = float(logs["loss"])
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None, **kwargs):
+        if not metrics:
+            return
+        dataset = getattr(eval_dataloader, "dataset", None)
+        if isinstance(dataset, datasets.Dataset):
+            self._eval_pairs = len(dataset)
+        self._last_eval = {k: float(v) for k, v in metrics.items() if k.startswith("eval_") and _is_metric(k)}
+        if "eval_loss" in metrics:
+            self._row(state)["validation_loss"] = float(metrics["eval_loss"])
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        aligner_model = _aligner_model(model)
+        summary = dict(aligner_model.config.training_summary)
+        summary.update(
+            trainer="transformers.Trainer",
+            train_pairs=self._train_pairs,
+            eval_pairs=self._eval_pairs or 0,
+            global_step=state.global_step,
+            best_step=state.best_global_step,
+            train_runtime_s=round(time.perf_counter() - self._start, 3),
+            hardware=hardware_description(args.device),
+            mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+            training_args=non_default_training_args(args),
+            final_eval=self._last_eval,
+            training_logs=list(self._logs),
+        )
+        aligner_model.config.training_summary = summary
+
+    def _row(self, state) -> dict:
+        if not self._logs or self._logs[-1]["step"] != state.global_step:
+            self._logs.append({"epoch": round(float(state.epoch or 0.0), 4), "step": state.global_step})
+        return self._logs[-1]
+
+
+def non_default_training_args(args: TrainingArguments) -> dict:
+    """The `TrainingArguments` that differ from their defaults, leaving out paths, logging and hub settings."""
+    defaults = TrainingArguments(output_dir=args.output_dir, use_cpu=args.use_cpu).to_dict()
+    return {
+        k: v for k, v in args.to_dict().items()
+        if k not in _IGNORED_ARGUMENTS and not k.startswith("_") and k in defaults and v != defaults[k]
+    }  # fmt: skip
+
+
+def _aligner_model(model):
+    """The `AlignerModel` inside what Trainer hands callbacks (it may be wrapped, e.g. by DDP)."""
+    inner = getattr(model, "module", model)
+    if not hasattr(inner, "aligner") or not hasattr(inner.config, "training_summary"):
+        raise TypeError(f"CardDataCallback works with hf_align.AlignerModel, got {type(inner).__name__}")
+    return inner
+
+
+def _initialises_from_data(model) -> bool:
+    from .methods.base import AlignerMethod
+
+    return type(model.aligner).init_from_data is not AlignerMethod.init_from_data
+
+
+@torch.no_grad()
+def _init_from_data(model, dataset: datasets.Dataset, init_samples: int, seed: int) -> None:
+    """`hf_align.train`'s data-dependent start, on rows of the Trainer's training set."""
+    from .training import AlignmentArguments, BatchSource, _init_from_data as init_from_training_rows
+
+    settings = AlignmentArguments(seed=seed, init_samples=init_samples)
+    init_from_training_rows(model, BatchSource(dataset), torch.arange(len(dataset)), settings, model.logit_scale.device)
+
+
+def _is_metric(key: str) -> bool:
+    # Trainer adds timing entries to the metrics; the card lists model quality only.
+    return not key.endswith(("_runtime", "_samples_per_second", "_steps_per_second")) and key != "epoch"
+
+
+__all__ = ["CardDataCallback", "non_default_training_args"]
