@@ -1,0 +1,199 @@
+"""STRUCTURE regulariser: hand-computed values, invariance, options, warm-up clock, model integration, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import hf_align
+from hf_align import AlignerModel
+from hf_align.regularizers.structure import StructureRegularizer, StructureConfig
+
+# A 4-sample batch: frozen features (4, 3) and aligned embeddings (4, 2).
+FROZEN = [[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 1.0, 1.0], [-1.0, 0.5, 0.0]]
+ALIGNED = [[1.0, 0.2], [0.3, 1.0], [-1.0, 0.4], [0.5, -1.0]]
+
+
+def hand_transition(rows, tau, centering=True):
+    """P = softmax_row(x̂ x̂ᵀ / τ), x̂ = normalised rows minus their mean, written out entry by entry."""
+    x = [np.asarray(r, dtype=np.float64) / math.sqrt(sum(v * v for v in r)) for r in rows]
+    if centering:
+        mean = sum(x) / len(x)
+        x = [r - mean for r in x]
+    n = len(x)
+    p = np.zeros((n, n))
+    for i in range(n):
+        logits = [float(x[i] @ x[j]) / tau for j in range(n)]
+        z = sum(math.exp(v) for v in logits)
+        for j in range(n):
+            p[i, j] = math.exp(logits[j]) / z
+    return p
+
+
+def hand_divergence(p, q, divergence):
+    """Mean over rows of JS(p_i, q_i) or ½[KL(m_i‖q_i) + KL(m_i‖p_i)], m_i = ½(p_i + q_i), natural log."""
+    total = 0.0
+    for i in range(p.shape[0]):
+        row = 0.0
+        for j in range(p.shape[1]):
+            m = 0.5 * (p[i, j] + q[i, j])
+            if divergence == "js":
+                row += 0.5 * p[i, j] * math.log(p[i, j] / m) + 0.5 * q[i, j] * math.log(q[i, j] / m)
+            else:
+                row += 0.5 * m * math.log(m / q[i, j]) + 0.5 * m * math.log(m / p[i, j])
+        total += row
+    return total / p.shape[0]
+
+
+def hand_structure(levels, tau, divergence, weighting="none", margin=0.0):
+    p_frozen, p_aligned = hand_transition(FROZEN, tau), hand_transition(ALIGNED, tau)
+    total = 0.0
+    for level in range(1, levels + 1):
+        d = hand_divergence(np.linalg.matrix_power(p_frozen, level), np.linalg.matrix_power(p_aligned, level), divergence)
+        weight = 1.0 if weighting == "none" else 1.0 / level
+        total += weight * max(d - margin, 0.0)
+    return total / levels
+
+
+@pytest.mark.parametrize("divergence", ["js", "authors_rkl"])
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("tau", [0.5, 0.05])
+def test_matches_hand_computation(levels, divergence, tau):
+    expected = hand_structure(levels, tau, divergence)
+    got = hf_align.structure_regularizer(
+        torch.tensor(FROZEN), torch.tensor(ALIGNED), levels=levels, tau=tau, divergence=divergence
+    )
+    assert got.dim() == 0
+    assert expected > 1e-3
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_js_is_bounded_and_the_authors_variant_is_not_js():
+    js = hf_align.structure_regularizer(torch.tensor(FROZEN), torch.tensor(ALIGNED), tau=0.05, divergence="js")
+    rkl = hf_align.structure_regularizer(torch.tensor(FROZEN), torch.tensor(ALIGNED), tau=0.05, divergence="authors_rkl")
+    assert 0 < js.item() <= math.log(2)
+    assert rkl.item() > js.item()  # KL from the mixture to a peaked row exceeds the JS of the same rows
+
+
+def test_weighting_margin_and_explicit_levels():
+    frozen, aligned = torch.tensor(FROZEN), torch.tensor(ALIGNED)
+    d1 = hand_structure(1, 0.5, "js")
+    d2 = 2 * hand_structure(2, 0.5, "js") - d1  # level-2 divergence alone
+    inverse = hf_align.structure_regularizer(frozen, aligned, levels=2, tau=0.5, weighting="inverse")
+    assert inverse.item() == pytest.approx((d1 + d2 / 2) / 2, rel=1e-4)
+    only_second = hf_align.structure_regularizer(frozen, aligned, levels=[2], tau=0.5)
+    assert only_second.item() == pytest.approx(d2, rel=1e-4)
+    margin = 0.5 * (d1 + d2)
+    expected = max(d1 - margin, 0) + max(d2 - margin, 0)
+    with_margin = hf_align.structure_regularizer(frozen, aligned, levels=2, tau=0.5, margin=margin)
+    assert with_margin.item() == pytest.approx(expected / 2, rel=1e-4)
+    assert hf_align.structure_regularizer(frozen, aligned, levels=2, tau=0.5, margin=1.0).item() == 0.0
+
+
+def test_zero_when_aligned_is_a_rotation_and_scaling_of_frozen():
+    g = torch.Generator().manual_seed(0)
+    frozen = torch.randn(32, 8, generator=g)
+    # embed in 12 dims, rotate, scale: normalised inner products are unchanged
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    aligned = 4.0 * torch.cat([frozen, torch.zeros(32, 4)], 1) @ q.float()
+    for divergence in ("js", "authors_rkl"):
+        for levels in (1, 2, 3):
+            same = hf_align.structure_regularizer(frozen, aligned, levels=levels, divergence=divergence)
+            other = hf_align.structure_regularizer(frozen, torch.randn(32, 12, generator=g), levels=levels, divergence=divergence)
+            assert same.item() == pytest.approx(0.0, abs=1e-6)
+            assert other.item() > 1e-3
+
+
+def test_without_centering_matches_hand_computation():
+    p_frozen, p_aligned = hand_transition(FROZEN, 0.5, centering=False), hand_transition(ALIGNED, 0.5, centering=False)
+    expected = hand_divergence(p_frozen, p_aligned, "js")
+    got = hf_align.structure_regularizer(torch.tensor(FROZEN), torch.tensor(ALIGNED), tau=0.5, centering=False)
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+    assert abs(expected - hand_structure(1, 0.5, "js")) > 1e-3  # centring changes the value on this batch
+
+
+def test_gradient_reaches_aligned_only_and_is_finite():
+    frozen = torch.randn(8, 5, requires_grad=True)
+    aligned = torch.randn(8, 3, requires_grad=True)
+    value = hf_align.structure_regularizer(frozen, aligned, levels=3, divergence="authors_rkl")
+    value.backward()
+    assert frozen.grad is None
+    assert torch.isfinite(aligned.grad).all() and aligned.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------- the registered regulariser
+def model_with_structure(**kwargs):
+    return AlignerModel.from_feature_dims(6, 5, method="linear", projection_dim=4, **kwargs)
+
+
+def test_registered_and_configured_through_from_encoders_keywords():
+    model = model_with_structure(structure_weight=10.0, structure_levels=3, structure_divergence="authors_rkl")
+    assert model.config.regularizers == {"structure": {"weight": 10.0, "levels": 3, "divergence": "authors_rkl"}}
+    assert isinstance(model.regularizers["structure"], StructureRegularizer)
+    assert model.regularizers["structure"].config == StructureConfig(weight=10.0, levels=3, divergence="authors_rkl")
+    with pytest.raises(ValueError, match=r"divergence must be one of \('js', 'authors_rkl'\), got 'kl'"):
+        model_with_structure(structure_divergence="kl")
+    with pytest.raises(TypeError, match=r"'structure' got unknown argument\(s\) \['lambda'\]"):
+        model_with_structure(structure_lambda=1.0)
+    with pytest.raises(ValueError, match="levels must be a positive int"):
+        model_with_structure(structure_levels=0)
+
+
+def test_term_is_half_the_sum_over_modalities_with_linear_warmup():
+    torch.manual_seed(0)
+    model = model_with_structure(structure_weight=10.0, structure_warmup_steps=4, structure_levels=2)
+    reg = model.regularizers["structure"]
+    batches = [(torch.randn(16, 6), torch.randn(16, 5)) for _ in range(6)]
+    model.train()
+    for k, (vision, text) in enumerate(batches, start=1):
+        out = model(vision_features=vision, text_features=text, return_loss=True)
+        raw = 0.5 * (
+            hf_align.structure_regularizer(vision, out.image_embeds, levels=2)
+            + hf_align.structure_regularizer(text, out.text_embeds, levels=2)
+        )
+        assert out.loss_terms["structure"].item() == pytest.approx(10.0 * min(1.0, k / 4) * raw.item(), rel=1e-5)
+        assert int(reg.steps_done) == k
+    # evaluation calls use the current weight and leave the clock alone
+    model.eval()
+    out = model(vision_features=batches[0][0], text_features=batches[0][1], return_loss=True)
+    assert int(reg.steps_done) == 6 and reg.current_weight() == 10.0
+    assert out.loss.item() == pytest.approx(sum(v.item() for v in out.loss_terms.values()), rel=1e-6)
+
+
+def test_fresh_model_reports_zero_weight_in_eval_and_no_warmup_means_full_weight():
+    assert model_with_structure(structure_weight=3.0).regularizers["structure"].current_weight() == 0.0
+    assert model_with_structure(structure_weight=3.0, structure_warmup_steps=0).regularizers["structure"].current_weight() == 3.0
+
+
+def test_warmup_clock_survives_save_and_load(tmp_path):
+    model = model_with_structure(structure_weight=2.0, structure_warmup_steps=10).train()
+    for _ in range(3):
+        model(vision_features=torch.randn(8, 6), text_features=torch.randn(8, 5), return_loss=True)
+    model.save_pretrained(tmp_path)
+    loaded = AlignerModel.from_pretrained(tmp_path, load_encoders=False)
+    assert int(loaded.regularizers["structure"].steps_done) == 3
+    assert loaded.regularizers["structure"].current_weight() == pytest.approx(2.0 * 3 / 10)
+
+
+def test_token_features_are_rejected():
+    reg = StructureRegularizer(StructureConfig())
+    tokens = torch.randn(4, 7, 6)
+    with pytest.raises(ValueError, match=r"needs pooled features.*vision_features is token features \(B, T, d\)"):
+        reg(tokens, torch.randn(4, 5), torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"needs pooled features.*frozen is token features"):
+        hf_align.structure_regularizer(tokens, torch.randn(4, 3))
+
+
+def test_bad_functional_arguments():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="frozen and aligned must hold the same samples: got 4 and 5 rows"):
+        hf_align.structure_regularizer(x, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="tau must be a finite float > 0, got 0"):
+        hf_align.structure_regularizer(x, x, tau=0)
+    with pytest.raises(ValueError, match=r"weighting must be one of \('none', 'inverse'\), got 'log'"):
+        hf_align.structure_regularizer(x, x, weighting="log")
+    with pytest.raises(ValueError, match=r"levels must be .* distinct positive ints, got \[1, 1\]"):
+        hf_align.structure_regularizer(x, x, levels=[1, 1])
+    with pytest.raises(ValueError, match="STRUCTURE needs a batch of at least 2 samples, got 1"):
+        hf_align.structure_regularizer(x[:1], x[:1])
