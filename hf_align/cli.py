@@ -7,6 +7,7 @@ Each command declares its arguments as dataclasses parsed by `transformers.HfArg
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import yaml
@@ -29,7 +30,8 @@ def parse_command_args(argument_classes, argv: list[str]):
     unknown = sorted(set(recipe) - known)
     if unknown:
         raise ValueError(f"recipe has unknown keys {unknown}; this command accepts {sorted(known)}")
-    parser.set_defaults(**recipe)
+    # Mappings in a recipe (e.g. method_kwargs) travel as the JSON strings the flags would carry.
+    parser.set_defaults(**{k: json.dumps(v) if isinstance(v, dict) else v for k, v in recipe.items()})
     return parser.parse_args_into_dataclasses(args=argv)
 
 

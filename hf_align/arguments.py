@@ -1,0 +1,97 @@
+"""Argument dataclasses shared by the CLI commands (parsed by `HfArgumentParser`, or read from a YAML recipe)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import datasets
+
+
+def parse_layer(name: str, value: str | int) -> int | str:
+    """CLI layers arrive as strings: "-1" -> -1, "auto" stays "auto"."""
+    if isinstance(value, int) or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an int hidden-state index or 'auto', got {value!r}") from None
+
+
+def parse_layer_list(name: str, value: str | None):
+    """None, "all" or a comma-separated list of ints ("0,4,-1")."""
+    if value is None or value == "all":
+        return value
+    try:
+        return [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be 'all' or comma-separated ints, got {value!r}") from None
+
+
+@dataclass
+class ModelArguments:
+    vision_model: str = field(metadata={"help": "Vision encoder: Hub id or local path of any vision AutoModel."})
+    text_model: str = field(metadata={"help": "Text encoder: Hub id or local path of any text AutoModel."})
+    method: str = field(default="linear", metadata={"help": "Aligner method (registry name)."})
+    vision_layer: str = field(default="-1", metadata={"help": "Hidden-state index to tap, or 'auto'."})
+    text_layer: str = field(default="-1", metadata={"help": "Hidden-state index to tap, or 'auto'."})
+    vision_pooling: str = field(default="auto", metadata={"help": "auto | cls | mean | tokens"})
+    text_pooling: str = field(default="auto", metadata={"help": "auto | cls | mean | tokens"})
+    method_kwargs: str = field(
+        default="{}", metadata={"help": 'JSON object of method / regulariser settings, e.g. {"projection_dim": 512}.'}
+    )
+    dtype: str | None = field(default=None, metadata={"help": "Encoder dtype, e.g. bfloat16 (default: float32)."})
+
+    def build(self):
+        from .modeling import AlignerModel
+
+        kwargs = json.loads(self.method_kwargs) if isinstance(self.method_kwargs, str) else dict(self.method_kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"method_kwargs must be a JSON object, got {self.method_kwargs!r}")
+        return AlignerModel.from_encoders(
+            self.vision_model,
+            self.text_model,
+            method=self.method,
+            vision_layer=parse_layer("vision_layer", self.vision_layer),
+            text_layer=parse_layer("text_layer", self.text_layer),
+            vision_pooling=self.vision_pooling,
+            text_pooling=self.text_pooling,
+            dtype=self.dtype,
+            **kwargs,
+        )
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(metadata={"help": "Hub dataset id, a local dataset script/folder, or a save_to_disk folder."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    split: str = field(default="train", metadata={"help": "Split to use."})
+    image_column: str = "image"
+    text_column: str = "caption"
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows (after shuffling)."})
+    shuffle_seed: int = 0
+    extraction_batch_size: int = 64
+    vision_layers: str | None = field(default=None, metadata={"help": "Layers to cache: 'all' or '0,6,-1'."})
+    text_layers: str | None = field(default=None, metadata={"help": "Layers to cache: 'all' or '0,6,-1'."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Feature cache folder (default ~/.cache/hf_align)."})
+
+    def load(self) -> datasets.Dataset:
+        return load_dataset_split(self.dataset, self.dataset_config, self.split, self.max_samples, self.shuffle_seed)
+
+
+def load_dataset_split(
+    name: str, config: str | None = None, split: str = "train", max_samples: int | None = None, seed: int = 0
+) -> datasets.Dataset:
+    """A `datasets.Dataset` from a `save_to_disk` folder or through `datasets.load_dataset`."""
+    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "state.json")):
+        data = datasets.load_from_disk(name)
+    elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
+        data = datasets.load_from_disk(name)[split]
+    else:
+        data = datasets.load_dataset(name, config, split=split)
+    if max_samples is not None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        data = data.shuffle(seed=seed).select(range(min(max_samples, len(data))))
+    return data

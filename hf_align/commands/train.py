@@ -1,0 +1,36 @@
+"""`hf-align train`: extract (or reuse) the feature cache, train an aligner on it and save it."""
+
+from __future__ import annotations
+
+import json
+
+from ..arguments import DataArguments, ModelArguments, parse_layer_list
+from ..training import AlignmentArguments
+from . import CommandSpec
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: AlignmentArguments) -> int:
+    from ..features import extract_features
+    from ..training import train
+
+    if training_args.output_dir is None:
+        raise ValueError("hf-align train needs --output_dir (where the trained aligner is saved)")
+    model = model_args.build()
+    features = extract_features(
+        model,
+        model.processor,
+        data_args.load(),
+        image_column=data_args.image_column,
+        text_column=data_args.text_column,
+        vision_layers=parse_layer_list("vision_layers", data_args.vision_layers),
+        text_layers=parse_layer_list("text_layers", data_args.text_layers),
+        batch_size=data_args.extraction_batch_size,
+        cache_dir=data_args.cache_dir,
+    )
+    result = train(model, features, training_args)
+    print(json.dumps({"global_step": result.global_step, "train_runtime_s": result.train_runtime, **result.metrics}, indent=2))
+    print(f"aligner saved to {training_args.output_dir}")
+    return 0
+
+
+COMMAND = CommandSpec("train", __doc__.split(": ", 1)[1], (ModelArguments, DataArguments, AlignmentArguments), run)
