@@ -149,7 +149,7 @@ def _candidate_layers(features: datasets.Dataset, modality: str, requested) -> l
             f"the feature cache holds no pooled {modality} layers (no {modality}_layer_<l> columns; "
             f"columns: {features.column_names}): extract it with {modality}_layers='all'"
         )
-    if requested is None:
+    if requested is None or requested == "all":
         return have
     requested = [int(layer) for layer in requested]
     missing = sorted(set(requested) - set(have))
@@ -188,8 +188,8 @@ def select_layers(
     n_samples: int = 5000,
     seed: int = 0,
     k: int | str = "rice",
-    vision_layers: list[int] | None = None,
-    text_layers: list[int] | None = None,
+    vision_layers: list[int] | str | None = None,
+    text_layers: list[int] | str | None = None,
     device: str | torch.device | None = None,
 ) -> LayerSelectionReport:
     """Score every (vision layer, text layer) pair of an all-layers feature cache by cross-modal similarity.
@@ -200,7 +200,7 @@ def select_layers(
         n_samples: pairs drawn at random (one caption per image); all of them when the cache holds fewer.
         seed: seed of that draw.
         k: neighbours for mutual k-NN: an int or a rule of the sample size (`rice` = ⌈2·n^⅓⌉, 35 for 5000).
-        vision_layers / text_layers: candidate layers (absolute indices); default: every layer the cache holds.
+        vision_layers / text_layers: candidate layers (absolute indices); default (or "all"): every cached layer.
         device: where to compute (default: CUDA when available).
 
     Returns a `LayerSelectionReport`; its `best_pair` is the layer pair to train on.
@@ -283,20 +283,12 @@ def resolve_auto_layers(model, features: datasets.Dataset, **kwargs) -> LayerSel
     return report
 
 
-def open_feature_cache(path: str) -> datasets.Dataset:
-    """Open a feature cache folder: an `extract_features` cache (`hf_align_cache.json`) or a `save_to_disk` folder."""
+def open_feature_cache(path: str, split: str = "train") -> datasets.Dataset:
+    """Open a feature cache folder: an `extract_features` cache (`hf_align_cache.json`), a `save_to_disk` folder
+    (a `DatasetDict` gives its `split`) or anything else `datasets.load_dataset` reads from a local folder."""
+    from .arguments import load_dataset_split
+
     if not os.path.isdir(path):
         raise FileNotFoundError(f"feature cache folder {path!r} does not exist")
     cache = load_cache(path)
-    if cache is not None:
-        return cache
-    try:
-        dataset = datasets.load_from_disk(path)
-    except FileNotFoundError as err:
-        raise ValueError(
-            f"{path!r} is neither an hf_align feature cache (no hf_align_cache.json) nor a datasets.save_to_disk "
-            f"folder: {err}"
-        ) from err
-    if not isinstance(dataset, datasets.Dataset):
-        raise ValueError(f"{path!r} holds a {type(dataset).__name__}; save a single datasets.Dataset split")
-    return dataset
+    return cache if cache is not None else load_dataset_split(path, split=split)
