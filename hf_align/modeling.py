@@ -93,6 +93,8 @@ class AlignerModel(PreTrainedModel):
     def _build_aligner(self) -> nn.Module:
         method_cls = get_method(self.config.method)
         method_config = method_cls.config_class.from_kwargs(self.config.method, self.config.method_config)
+        if self.config.resolved_vision_pooling == "cls" and not self.config.vision_has_cls:
+            raise ValueError("vision_pooling='cls' but this vision encoder has no CLS token; use 'mean' or 'auto'")
         wants_tokens = method_cls.input_kind == "tokens"
         for modality in ("vision", "text"):
             pooling = getattr(self.config, f"resolved_{modality}_pooling")

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny encoders saved once per session, loaded by path exactly like Hub encoders. Offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from hf_align.testing import minilm_path, save_tiny_text_encoder, save_tiny_vision_encoder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("encoders")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(encoder_dir):
+    return save_tiny_vision_encoder(str(encoder_dir / "vit"), "vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(encoder_dir):
+    return save_tiny_text_encoder(str(encoder_dir / "bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_encoders(encoder_dir):
+    """Every supported tiny vision tower kind -> its saved folder."""
+    return {kind: save_tiny_vision_encoder(str(encoder_dir / kind), kind) for kind in ("vit", "dinov2", "clip", "convnext")}
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return minilm_path()
