@@ -6,8 +6,15 @@ import math
 from typing import Any
 
 from transformers import PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 POOLINGS = ("auto", "cls", "mean", "tokens")
+# Keys a config.json may carry that transformers itself consumes (its fields, plus legacy names it still accepts).
+_TRANSFORMERS_KEYS = frozenset(PretrainedConfig().to_dict()) | {
+    "torch_dtype", "name_or_path", "_commit_hash", "num_labels", "attn_implementation", "experts_implementation",
+}  # fmt: skip
 
 
 def check_layer(name: str, value: Any) -> int | str:
@@ -21,6 +28,39 @@ def check_pooling(name: str, value: Any) -> str:
     if value not in POOLINGS:
         raise ValueError(f"{name} must be one of {POOLINGS}, got {value!r}")
     return value
+
+
+def check_positive_int(name: str, value: Any, expected: str = "a positive int") -> int:
+    """`value` must be an int >= 1 (bools, floats and strings refused: YAML and JSON turn typos into those)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """`value` must be a finite int/float within [low, high] (bounds optional, each inclusive or not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
+    return value
+
+
+def _check_optional(name: str, value: Any, kind: type | tuple[type, ...], expected: str) -> None:
+    if value is not None and not isinstance(value, kind):
+        raise ValueError(f"{name} must be {expected} or None, got {value!r}")
 
 
 class AlignerConfig(PretrainedConfig):
@@ -83,8 +123,50 @@ class AlignerConfig(PretrainedConfig):
         learnable_temperature: bool = False,
         bundled_encoders: bool = False,
         training_summary: dict | None = None,
+        hf_align_version: str | None = None,
         **kwargs,
     ):
+        for name, value in (("vision_encoder", vision_encoder), ("text_encoder", text_encoder)):
+            _check_optional(name, value, str, "a Hub id or local path (str)")
+        for name, value in (("vision_revision", vision_revision), ("text_revision", text_revision)):
+            _check_optional(name, value, str, "a revision (str)")
+        sizes = (
+            ("vision_hidden_size", vision_hidden_size), ("text_hidden_size", text_hidden_size),
+            ("vision_num_layers", vision_num_layers), ("text_num_layers", text_num_layers),
+        )  # fmt: skip
+        for name, value in sizes:
+            if value is not None:
+                check_positive_int(name, value, "a positive int or None")
+        flags = (
+            ("vision_has_cls", vision_has_cls), ("learnable_temperature", learnable_temperature),
+            ("bundled_encoders", bundled_encoders),
+        )  # fmt: skip
+        for name, value in flags:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        for name, value in (("method", method), ("similarity", similarity)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a registry name (non-empty str), got {value!r}")
+        settings = (
+            ("method_config", method_config), ("similarity_config", similarity_config),
+            ("regularizers", regularizers), ("training_summary", training_summary),
+        )  # fmt: skip
+        for name, value in settings:
+            _check_optional(name, value, dict, "a dict")
+        for name, value in (regularizers or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"regularizers[{name!r}] must be a dict of that regulariser's settings, got {value!r}")
+        unknown = sorted(set(kwargs) - _TRANSFORMERS_KEYS)
+        if unknown:
+            # A newer hf_align may have added fields: load what we understand, but say what is being ignored.
+            from . import __version__
+
+            writer = f"hf_align {hf_align_version}" if hf_align_version else "an unknown hf_align version"
+            logger.warning(
+                f"AlignerConfig got fields that hf_align {__version__} does not know: {unknown} (config written by "
+                f"{writer}); they are kept in the config but nothing here uses them"
+            )
+        self.hf_align_version = hf_align_version
         self.vision_encoder = vision_encoder
         self.text_encoder = text_encoder
         self.vision_revision = vision_revision
@@ -103,14 +185,20 @@ class AlignerConfig(PretrainedConfig):
         self.regularizers = {name: dict(kw) for name, kw in (regularizers or {}).items()}
         self.similarity = similarity
         self.similarity_config = dict(similarity_config or {})
-        t = contrastive_temperature
-        if not (isinstance(t, (int, float)) and t > 0 and math.isfinite(t)):
-            raise ValueError(f"contrastive_temperature must be a finite float > 0, got {t!r}")
-        self.contrastive_temperature = float(t)
-        self.learnable_temperature = bool(learnable_temperature)
+        check_number("contrastive_temperature", contrastive_temperature, low=0.0, low_inclusive=False)
+        self.contrastive_temperature = float(contrastive_temperature)
+        self.learnable_temperature = learnable_temperature
         self.bundled_encoders = bundled_encoders
         self.training_summary = dict(training_summary or {})
         super().__init__(**kwargs)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        """Write `config.json`, stamped with the hf_align version that wrote it (a later version can then tell which
+        fields it may not know)."""
+        from . import __version__
+
+        self.hf_align_version = __version__
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @property
     def resolved_vision_pooling(self) -> str:

@@ -49,8 +49,9 @@ def load_encoder(
         except (OSError, ValueError) as err:
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "")
             hint = " (HF_HUB_OFFLINE is set: only local paths and already-cached Hub ids resolve)" if offline else ""
+            at = f" at {modality}_revision={revision!r}" if revision else ""
             raise EncoderLoadError(
-                f"{modality}_encoder={name_or_path!r} could not be loaded as a transformers AutoModel{hint}: {err}"
+                f"{modality}_encoder={name_or_path!r}{at} could not be loaded as a transformers AutoModel{hint}: {err}"
             ) from err
     model = _tower(modality, model)
     model.requires_grad_(False)
@@ -97,6 +98,14 @@ def probe_text(model: PreTrainedModel, name_or_path: str) -> EncoderInfo:
         states = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), output_hidden_states=True)
     states = states.hidden_states
     return EncoderInfo(name_or_path, encoder_revision(model), len(states), [s.shape[-1] for s in states], True)
+
+
+def non_finite_rows(values: torch.Tensor) -> list[int]:
+    """Indices of the rows (dim 0) of `values` (B, ...) holding a NaN or an Inf; empty when all are finite."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):  # one reduction (and one device sync) in the common, healthy case
+        return []
+    return torch.nonzero(~finite.reshape(len(values), -1).all(1)).flatten().tolist()
 
 
 def _width(state: torch.Tensor) -> int:

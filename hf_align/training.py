@@ -19,9 +19,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
-from transformers import get_scheduler
+from transformers import SchedulerType, get_scheduler
 from transformers.utils import logging
 
+from .configuration import check_number, check_positive_int
+from .encoders import non_finite_rows
 from .evaluation import retrieval_metrics
 from .features import FeatureCollator, features_for
 
@@ -70,20 +72,39 @@ class AlignmentArguments:
     save_model: bool = field(default=True, metadata={"help": "save_pretrained the final aligner to output_dir."})
 
     def __post_init__(self):
-        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+        # Everything is checked here, before a cache is read or a step runs: a bad value found at step 5,000 (or a
+        # logging_steps=0 division, a save_total_limit=0 that deletes the checkpoint just written) loses work.
+        positive = (
+            "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+            "logging_steps", "save_total_limit", "init_samples",
+        )  # fmt: skip
         for name in positive:
+            check_positive_int(name, getattr(self, name))
+        for name in ("eval_steps", "save_steps", "early_stopping_patience"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name), "None or a positive int")
+        for name in ("max_steps", "warmup_steps", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        check_number("num_train_epochs", self.num_train_epochs)
+        check_number("eval_fraction", self.eval_fraction, low=0.0, high=1.0, high_inclusive=False)
+        check_number("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("max_grad_norm", self.max_grad_norm, low=0.0)
+        check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        if self.lr_scheduler_type not in {s.value for s in SchedulerType}:
+            raise ValueError(
+                f"lr_scheduler_type must be a transformers scheduler name {sorted(s.value for s in SchedulerType)}, "
+                f"got {self.lr_scheduler_type!r}"
+            )
         if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
             raise ValueError(f"mixed_precision must be no, bf16, fp16 or auto, got {self.mixed_precision!r}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("give num_train_epochs > 0 or max_steps > 0")
-        if self.metric_for_best_model != "eval_loss" and not self.metric_for_best_model.startswith("eval_"):
+        if not isinstance(self.metric_for_best_model, str) or not self.metric_for_best_model.startswith("eval_"):
             raise ValueError(f"metric_for_best_model must start with 'eval_', got {self.metric_for_best_model!r}")
 
     @property
@@ -120,6 +141,8 @@ class BatchSource:
             columns = view.with_format("torch", columns=["vision_features", "text_features"])[:]
             self.vision = columns["vision_features"].float()
             self.text = columns["text_features"].float()
+            # Checked once here (cheap, in memory) so a bad row stops the run before step 0, not at step 5,000.
+            _check_finite_rows({"vision_features": self.vision, "text_features": self.text}, torch.arange(len(view)))
         else:
             self.numpy_view = view.with_format("numpy", columns=["vision_features", "text_features"])
 
@@ -130,7 +153,21 @@ class BatchSource:
         if not self.tokens:
             return {"vision_features": self.vision[indices], "text_features": self.text[indices], "return_loss": True}
         rows = self.numpy_view[indices.tolist()]
-        return self.collate({k: list(v) for k, v in rows.items()})
+        batch = self.collate({k: list(v) for k, v in rows.items()})
+        _check_finite_rows({k: batch[k] for k in ("vision_features", "text_features")}, indices)
+        return batch
+
+
+def _check_finite_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
+    """Refuse NaN/Inf features (one such row makes the whole batch's InfoNCE NaN), naming the cache rows."""
+    for name, values in columns.items():
+        bad = non_finite_rows(values)
+        if bad:
+            cache_rows = rows[bad].tolist()
+            raise ValueError(
+                f"the feature cache holds NaN or Inf in {name} of {len(bad)} row(s), e.g. rows {cache_rows[:10]}; "
+                "re-extract them or drop them (features.filter / features.select) before training"
+            )
 
 
 def split_by_image(view: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +192,12 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
     selection on the cache. Methods with a data-dependent start (`init_from_data`) get up to `args.init_samples`
     training pairs before the first step; training-free methods stop there. The best weights on the validation split
     (by `metric_for_best_model`) are restored at the end and, with `output_dir`, saved with `save_pretrained`.
+
+    A run killed at any point (even while writing a checkpoint) and restarted with
+    `resume_from_checkpoint="latest"` continues from the last complete checkpoint and ends with exactly the weights of
+    an uninterrupted run: the batch order, the RNG state (dropout), the optimiser, the scheduler, the gradient scaler
+    and the best weights so far are all restored. Non-finite features are refused before the first step; a non-finite
+    loss raises `FloatingPointError` naming the step and batch, leaving the checkpoints written before it intact.
     """
     args = args or AlignmentArguments()
     if not isinstance(features, datasets.Dataset):
@@ -172,6 +215,8 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         log_with=args.report_to or None,
         project_dir=args.output_dir,
     )
+    if accelerator.is_main_process:
+        _remove_partial_checkpoints(args.output_dir)
     view = features_for(model, features)
     train_rows, eval_rows = split_by_image(view, args.eval_fraction, args.seed)
     source = BatchSource(view)
@@ -197,7 +242,9 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         best_state = None
         if resume_dir is not None:
-            state, best_state = _load_checkpoint(resume_dir, accelerator.unwrap_model(model), optimizer, scheduler)
+            state, best_state = _load_checkpoint(
+                resume_dir, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
+            )
             logger.info(f"resumed from {resume_dir} at step {state['global_step']}")
         if args.report_to:
             accelerator.init_trackers("hf_align", config=asdict(args))
@@ -361,6 +408,16 @@ def _latest_checkpoint(output_dir: str | None) -> str | None:
     return max(steps)[1] if steps else None
 
 
+def _remove_partial_checkpoints(output_dir: str | None) -> None:
+    """Delete the `checkpoint-<step>.tmp` folders of a run killed while saving (never read: only renamed ones are)."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return
+    for name in sorted(os.listdir(output_dir)):
+        if name.startswith(CHECKPOINT_PREFIX) and name.endswith(".tmp"):
+            logger.warning(f"removing {os.path.join(output_dir, name)}: an unfinished checkpoint of an interrupted run")
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
 def _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best_state) -> None:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -377,6 +434,7 @@ def _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,  # fp16 loss scale
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         },
         os.path.join(tmp, "optimizer.pt"),
@@ -393,11 +451,13 @@ def _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best
         shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
 
 
-def _load_checkpoint(path, model, optimizer, scheduler) -> tuple[dict, dict | None]:
+def _load_checkpoint(path, model, optimizer, scheduler, scaler=None) -> tuple[dict, dict | None]:
     model.load_state_dict(load_file(os.path.join(path, "aligner.safetensors"), device=str(model.logit_scale.device)), strict=False)
     extra = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
+    if scaler is not None and extra.get("scaler"):
+        scaler.load_state_dict(extra["scaler"])
     torch.set_rng_state(extra["rng"]["torch"])
     if extra["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
