@@ -411,6 +411,13 @@ class AlignerModel(PreTrainedModel):
             terms[name] = regularizer(vision_features, text_features, image_embeds, text_embeds)
         return terms
 
+    def segment(self, images, class_names, templates=None, **kwargs):
+        """Zero-shot segmentation: an (H, W) int64 label map per image, at the image's size (label c = class_names[c]);
+        one image in, one map out. Protocol and options (`background`, `batch_size`): `hf_align.segmentation`."""
+        from .segmentation import segment_images
+
+        return segment_images(self, self.processor, images, class_names, templates, **kwargs)
+
     # ------------------------------------------------------------------ save / load
     def aligner_state_dict(self) -> dict[str, torch.Tensor]:
         """The checkpoint's content: every tensor of the model except the frozen encoders'."""

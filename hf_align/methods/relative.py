@@ -1,0 +1,102 @@
+"""`relative`: global relative representations with learnable paired anchors (METHODS.md §3).
+
+An image is described by its similarities to K vision anchors `A_v` (K, d_v), a text by its similarities to K text
+anchors `A_t` (K, d_t): `r_v(x) = softmax(cos(x, A_v) / τ_r)` (or the plain cosines, `relative_mode="cosine"`).
+Image–text similarity is the cosine of the two relative vectors, trained with the model's InfoNCE. Only the anchors
+(and τ_r) train: there is no projection layer. The anchors start as K training pairs (`init_from_data`, our choice);
+a model that never saw data starts from random anchors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..relative import pick_anchor_pairs, relative_representation
+from . import register_method
+from .base import AlignerMethod, MethodConfig
+
+RELATIVE_MODES = ("softmax", "cosine")
+
+
+@dataclass
+class RelativeConfig(MethodConfig):
+    """num_anchors: K paired anchors (the embedding width). relative_mode: `softmax` (over anchors, temperature
+    `anchor_temperature`) or `cosine` (plain cosines). learn_anchor_temperature: train τ_r (softmax mode only)."""
+
+    num_anchors: int = 512
+    relative_mode: str = "softmax"
+    anchor_temperature: float = 0.1
+    learn_anchor_temperature: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.num_anchors, int) or isinstance(self.num_anchors, bool) or self.num_anchors < 1:
+            raise ValueError(f"relative: num_anchors must be a positive int, got {self.num_anchors!r}")
+        if self.relative_mode not in RELATIVE_MODES:
+            raise ValueError(f"relative: relative_mode must be one of {RELATIVE_MODES}, got {self.relative_mode!r}")
+        t = self.anchor_temperature
+        if not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+            raise ValueError(f"relative: anchor_temperature must be a finite number > 0, got {t!r}")
+
+
+@register_method("relative")
+class RelativeAligner(AlignerMethod):
+    config_class = RelativeConfig
+
+    def __init__(self, config: RelativeConfig, vision_dim: int, text_dim: int):
+        super().__init__(config, vision_dim, text_dim)
+        self.embed_dim = config.num_anchors
+        self.vision_anchors = nn.Parameter(torch.empty(config.num_anchors, vision_dim))
+        self.text_anchors = nn.Parameter(torch.empty(config.num_anchors, text_dim))
+        learn = config.learn_anchor_temperature and config.relative_mode == "softmax"
+        self.log_anchor_temperature = nn.Parameter(torch.empty(()), requires_grad=learn)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.init functions leave parameters loaded from a checkpoint alone (transformers guards them).
+        nn.init.normal_(self.vision_anchors)
+        nn.init.normal_(self.text_anchors)
+        nn.init.constant_(self.log_anchor_temperature, math.log(self.config.anchor_temperature))
+
+    @torch.no_grad()
+    def init_from_data(self, vision_features, text_features, seed=0, vision_mask=None, text_mask=None) -> None:
+        """Start the anchors at `num_anchors` training pairs drawn with `seed`."""
+        for name, features in (("vision", vision_features), ("text", text_features)):
+            if features.dim() != 2:
+                raise ValueError(f"relative takes pooled (N, d) {name} features, got shape {tuple(features.shape)}")
+        if vision_features.shape[0] != text_features.shape[0]:
+            raise ValueError(
+                f"relative anchors are pairs: got {vision_features.shape[0]} images and {text_features.shape[0]} texts"
+            )
+        index = pick_anchor_pairs(vision_features.shape[0], self.config.num_anchors, seed, "relative").to(
+            vision_features.device
+        )
+        self.vision_anchors.copy_(vision_features[index].to(self.vision_anchors))
+        self.text_anchors.copy_(text_features[index].to(self.text_anchors))
+
+    @property
+    def anchor_temperature(self) -> torch.Tensor:
+        return self.log_anchor_temperature.exp()
+
+    def relative(self, features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """(..., d) features -> (..., K) relative vectors (softmax or plain cosines, per `relative_mode`)."""
+        similarities = relative_representation(features, anchors)
+        if self.config.relative_mode == "softmax":
+            return torch.softmax(similarities / self.anchor_temperature, dim=-1)
+        return similarities
+
+    def embed_image(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.relative(features, self.vision_anchors)
+
+    def embed_text(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.relative(features, self.text_anchors)
+
+    def embed_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, P, d_v) patch tokens -> (B, P, K) per-patch relative vectors (segmentation)."""
+        return self.relative(tokens, self.vision_anchors)
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"anchor_temperature": float(self.anchor_temperature.detach())}

@@ -1,0 +1,190 @@
+"""`token_relative`: token-level relative representations with learnable anchors and cross-attention pooling
+("PAL", seed 000; METHODS.md §3).
+
+Per modality, K anchors (`A_v` (K, d_v), `A_t` (K, d_t)) drawn from N(0, 1) and L2-normalised are the only trained
+parameters. Every token t of a sample (image: CLS + patches; text: every non-padding token) gets its relative vector
+`R[t, k] = cos(z_t, a_k)`. Cross-attention pooling (CAP) gives one K-dim profile per sample, one softmax over the
+tokens per anchor:
+
+    α[t, k] = softmax_t(R[t, k] / τ_p)      (padding masked out)
+    p[k]    = Σ_t α[t, k] R[t, k]            h = p / ‖p‖
+
+and image–text similarity is `h_v · h_t` (the model normalises and scores by cosine), trained with InfoNCE.
+`pooling="mean"` replaces CAP by the mean of `R` over the real tokens (the paper's ablation).
+
+Late interaction (for each word the best-matching patch, `max_p cos(R_v[p], R_t[w])`, averaged over the words)
+cannot be written as a dot product of one vector per sample, so it is an evaluation-time score on a trained model:
+`late_interaction_scores(...)`; it is not a `pooling` choice (asking for one raises an error that says so).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..relative import relative_representation
+from . import register_method
+from .base import AlignerMethod, MethodConfig
+
+POOLINGS = ("cap", "mean")
+
+
+@dataclass
+class TokenRelativeConfig(MethodConfig):
+    """num_anchors: K anchors per modality (the embedding width; PAL uses 512). pool_temperature: τ_p of the
+    cross-attention pooling (PAL: 0.03, swept 0.02–0.10). pooling: `cap` (cross-attention pooling) or `mean`."""
+
+    num_anchors: int = 512
+    pool_temperature: float = 0.03
+    pooling: str = "cap"
+
+    def __post_init__(self):
+        if not isinstance(self.num_anchors, int) or isinstance(self.num_anchors, bool) or self.num_anchors < 1:
+            raise ValueError(f"token_relative: num_anchors must be a positive int, got {self.num_anchors!r}")
+        t = self.pool_temperature
+        if not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+            raise ValueError(f"token_relative: pool_temperature must be a finite number > 0, got {t!r}")
+        if self.pooling == "late_interaction":
+            raise ValueError(
+                "token_relative: late interaction scores image-text pairs token by token and has no single embedding "
+                "per sample, so it is not a pooling: train with pooling='cap' (or 'mean') and score a trained model "
+                "with hf_align.methods.token_relative.late_interaction_scores(model, ...)"
+            )
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"token_relative: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+
+
+def cross_attention_pool(relative: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """CAP: (B, T, K) token relative vectors + (B, T) mask -> (B, K) profiles `p` (not normalised).
+
+    One softmax over the real tokens per anchor: `α[:, k] = softmax_t(R[:, k] / τ)`, `p[k] = Σ_t α[t, k] R[t, k]`.
+    """
+    logits = relative / temperature
+    if mask is not None:
+        logits = logits.masked_fill(~mask.bool()[..., None], float("-inf"))
+    weights = torch.softmax(logits, dim=1)
+    return (weights * relative).sum(dim=1)
+
+
+def mean_pool(relative: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, K) + (B, T) mask -> (B, K) mean over the real tokens."""
+    if mask is None:
+        return relative.mean(dim=1)
+    weights = mask.to(relative.dtype)[..., None]
+    return (relative * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def _check_tokens(modality: str, tokens: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if tokens.dim() != 3:
+        raise ValueError(
+            f"token_relative needs {modality} token features (B, T, d); got shape {tuple(tokens.shape)}. Use "
+            f"{modality}_pooling='tokens' and a feature cache with token columns"
+        )
+    if mask is not None:
+        if tuple(mask.shape) != tuple(tokens.shape[:2]):
+            raise ValueError(f"{modality} mask has shape {tuple(mask.shape)}, expected {tuple(tokens.shape[:2])}")
+        empty = ~mask.bool().any(dim=1)
+        if empty.any():
+            raise ValueError(
+                f"{modality} sample(s) {empty.nonzero().flatten().tolist()[:8]} have no real token (all-padding mask)"
+            )
+
+
+@register_method("token_relative")
+class TokenRelativeAligner(AlignerMethod):
+    config_class = TokenRelativeConfig
+    input_kind = "tokens"
+
+    def __init__(self, config: TokenRelativeConfig, vision_dim: int, text_dim: int):
+        super().__init__(config, vision_dim, text_dim)
+        self.embed_dim = config.num_anchors
+        self.vision_anchors = nn.Parameter(torch.empty(config.num_anchors, vision_dim))
+        self.text_anchors = nn.Parameter(torch.empty(config.num_anchors, text_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for anchors in (self.vision_anchors, self.text_anchors):
+            # nn.init.normal_ is a no-op on parameters loaded from a checkpoint (transformers guards it): so is this.
+            if getattr(anchors, "_is_hf_initialized", False) or anchors.is_meta:
+                continue
+            nn.init.normal_(anchors)
+            with torch.no_grad():
+                anchors.copy_(F.normalize(anchors, dim=-1))
+
+    # ------------------------------------------------------------------ token relative vectors
+    def token_relative(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:
+        """(B, T, d) tokens -> (B, T, K) `R[t, k] = cos(z_t, a_k)` against this modality's anchors."""
+        anchors = self.vision_anchors if modality == "vision" else self.text_anchors
+        return relative_representation(tokens, anchors)
+
+    def pool(self, relative: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.config.pooling == "cap":
+            return cross_attention_pool(relative, mask, self.config.pool_temperature)
+        return mean_pool(relative, mask)
+
+    def embed_image(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        _check_tokens("vision", features, mask)
+        return self.pool(self.token_relative(features, "vision"), mask)
+
+    def embed_text(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        _check_tokens("text", features, mask)
+        return self.pool(self.token_relative(features, "text"), mask)
+
+    def embed_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, P, d_v) patch tokens -> (B, P, K) `S_pa = cos(patch, image anchors)`, not renormalised (segmentation)."""
+        return self.token_relative(tokens, "vision")
+
+    @torch.no_grad()
+    def late_interaction_scores(
+        self,
+        vision_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        vision_mask: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        image_chunk: int = 64,
+    ) -> torch.Tensor:
+        """(Bi, Bt) late-interaction similarity: per word, the best patch by cosine of token relative vectors,
+        averaged over the caption's real words. Padding tokens never count (masked patches never win a max)."""
+        _check_tokens("vision", vision_tokens, vision_mask)
+        _check_tokens("text", text_tokens, text_mask)
+        text_rel = F.normalize(self.token_relative(text_tokens, "text"), dim=-1)  # (Bt, W, K)
+        if text_mask is None:
+            text_mask = torch.ones(text_rel.shape[:2], dtype=torch.bool, device=text_rel.device)
+        words = text_mask.to(text_rel.dtype)
+        scores = []
+        for start in range(0, vision_tokens.shape[0], image_chunk):
+            vision_rel = F.normalize(self.token_relative(vision_tokens[start : start + image_chunk], "vision"), dim=-1)
+            pairs = torch.einsum("ipk,jwk->ijwp", vision_rel, text_rel)  # (bi, Bt, W, P)
+            if vision_mask is not None:
+                keep = vision_mask[start : start + image_chunk].bool()[:, None, None, :]
+                pairs = pairs.masked_fill(~keep, float("-inf"))
+            best = pairs.amax(dim=-1).masked_fill(words[None] == 0, 0.0)  # (bi, Bt, W)
+            scores.append(best.sum(-1) / words.sum(-1)[None])
+        return torch.cat(scores)
+
+
+@torch.no_grad()
+def late_interaction_scores(
+    model,
+    vision_features: torch.Tensor,
+    text_features: torch.Tensor,
+    vision_mask: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Late-interaction (n_images, n_texts) scores of a trained `token_relative` `AlignerModel` on token features.
+
+    Same inputs as `model.get_image_features(vision_features=..., vision_mask=...)` / `get_text_features`; usable with
+    `hf_align.retrieval_metrics` in place of `model.similarity(image_embeds, text_embeds)`.
+    """
+    aligner = model.aligner
+    if not isinstance(aligner, TokenRelativeAligner):
+        raise ValueError(
+            f"late interaction scores need a token_relative aligner, this model's method is {model.config.method!r}"
+        )
+    vision_features, vision_mask = model._check_features("vision", vision_features, vision_mask)
+    text_features, text_mask = model._check_features("text", text_features, text_mask)
+    return aligner.late_interaction_scores(vision_features, text_features, vision_mask, text_mask)
