@@ -13,8 +13,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
+from . import lora
 from .configuration import AlignerConfig, check_layer, check_pooling, resolve_layer_index
-from .encoders import EncoderInfo, load_encoder, pool_text, pool_vision, probe_text, probe_vision
+from .encoders import EncoderInfo, load_encoder, non_finite_rows, pool_text, pool_vision, probe_text, probe_vision
 from .losses import symmetric_infonce
 from .methods import build_method_config, get_method
 from .modelcard import upload_aligner, write_model_card
@@ -27,6 +28,7 @@ logger = logging.get_logger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learnable temperature
 ENCODER_PREFIXES = ("vision_model.", "text_model.")
 BUNDLE_SUBFOLDERS = {"vision": "vision_encoder", "text": "text_encoder"}
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -126,6 +128,7 @@ class AlignerModel(PreTrainedModel):
         vision_revision: str | None = None,
         text_revision: str | None = None,
         dtype: torch.dtype | str | None = None,
+        encoder_lora=None,
         **kwargs,
     ) -> "AlignerModel":
         """Stack a new (untrained) aligner on two encoders given as Hub ids, local paths or loaded models.
@@ -137,12 +140,15 @@ class AlignerModel(PreTrainedModel):
             vision_pooling / text_pooling: `auto`, `cls`, `mean` or `tokens`; token methods default to `tokens`.
             vision_revision / text_revision: Hub revision to load (the resolved commit is recorded either way).
             dtype: dtype the encoders are loaded in (e.g. `torch.bfloat16` on a GPU).
+            encoder_lora: a `peft.LoraConfig` for both encoders, or `{"vision": LoraConfig, "text": LoraConfig}`:
+                LoRA adapters on the encoders' last blocks, trained with the aligner on raw inputs (`hf_align.lora`).
             **kwargs: `similarity`, `similarity_config`, `temperature`, `learnable_temperature`, the method's own
                 settings (e.g. `projection_dim=512`) and `<regulariser>_<field>` settings (e.g. `structure_weight=10`).
         """
         check_layer("vision_layer", vision_layer)
         check_layer("text_layer", text_layer)
         settings = _aligner_settings(method, vision_pooling, text_pooling, kwargs)  # validated before any loading
+        lora_configs = lora.split_encoder_lora(encoder_lora) if encoder_lora is not None else {}
         vision = load_encoder("vision", vision_encoder, vision_revision, dtype)
         text = load_encoder("text", text_encoder, text_revision, dtype)
         vision_info = probe_vision(vision, _source_name(vision_encoder, vision))
@@ -165,6 +171,8 @@ class AlignerModel(PreTrainedModel):
         model.processor = _try_load_processor(
             vision_info.name_or_path, text_info.name_or_path, config.vision_revision, config.text_revision
         )
+        if lora_configs:
+            model.add_encoder_lora(**lora_configs)
         return model.eval()  # like from_pretrained: inference mode until a training loop says otherwise
 
     @classmethod
@@ -250,7 +258,12 @@ class AlignerModel(PreTrainedModel):
         if self.has_encoders:
             self.vision_model.eval()
             self.text_model.eval()
+            lora.set_lora_train_mode(self, mode)
         return self
+
+    def add_encoder_lora(self, vision=None, text=None) -> None:
+        """Put a trainable LoRA adapter (a `peft.LoraConfig`) on the vision and/or text encoder; see `hf_align.lora`."""
+        lora.add_encoder_lora(self, vision=vision, text=text)
 
     # ------------------------------------------------------------------ encoders
     def encode_vision(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -313,9 +326,11 @@ class AlignerModel(PreTrainedModel):
         Give either `pixel_values` (B, C, H, W) or `vision_features` from the tapped layer: (B, d_v) pooled, or
         (B, T, d_v) tokens with `vision_mask` (B, T).
         """
+        source = None
         if vision_features is None and pixel_values is not None:
             vision_features, vision_mask = self.encode_vision(pixel_values)
-        features, mask = self._check_features("vision", vision_features, vision_mask)
+            source = f"the vision encoder's output for `pixel_values` (vision_layer={self.config.vision_layer})"
+        features, mask = self._check_features("vision", vision_features, vision_mask, source)
         return F.normalize(self.aligner.embed_image(features, mask), dim=-1)
 
     def get_text_features(
@@ -332,13 +347,18 @@ class AlignerModel(PreTrainedModel):
         Give either tokenised `input_ids` (B, T) (+ `attention_mask`, `token_type_ids`) or `text_features` from the
         tapped layer: (B, d_t) pooled, or (B, T, d_t) tokens with `text_mask` (B, T).
         """
+        source = None
         if text_features is None and input_ids is not None:
             text_features, text_mask = self.encode_text(input_ids, attention_mask, token_type_ids)
-        features, mask = self._check_features("text", text_features, text_mask)
+            source = f"the text encoder's output for `input_ids` (text_layer={self.config.text_layer})"
+        features, mask = self._check_features("text", text_features, text_mask, source)
         return F.normalize(self.aligner.embed_text(features, mask), dim=-1)
 
-    def _check_features(self, modality, features, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Validate tapped-layer features against what the aligner was built for; move them to its device/dtype."""
+    def _check_features(self, modality, features, mask, source=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate tapped-layer features against what the aligner was built for; move them to its device/dtype.
+
+        `source` names where the features came from in errors (default: the `<modality>_features` argument).
+        """
         if features is None:
             raw_name = "pixel_values" if modality == "vision" else "input_ids"
             raise ValueError(f"give either `{raw_name}` or `{modality}_features`; got neither")
@@ -350,6 +370,13 @@ class AlignerModel(PreTrainedModel):
             raise ValueError(
                 f"{modality}_features must have shape {shape} for method {self.config.method!r} at "
                 f"{modality}_layer={getattr(self.config, f'{modality}_layer')}, got {tuple(features.shape)}"
+            )
+        bad = non_finite_rows(features)
+        if bad:
+            # One NaN row turns every score of its batch (and the InfoNCE loss) into NaN: refuse it by name.
+            raise ValueError(
+                f"{source or f'`{modality}_features`'} holds NaN or Inf in {len(bad)} of {len(features)} rows "
+                f"(rows {bad[:10]}); remove those samples or fix the encoder's dtype (fp16 overflows past 65504)"
             )
         if tokens and mask is None:
             mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
@@ -439,7 +466,8 @@ class AlignerModel(PreTrainedModel):
         if bundle_encoders:
             self._require_encoders("bundle_encoders=True")
             for modality, subfolder in BUNDLE_SUBFOLDERS.items():
-                getattr(self, f"{modality}_model").save_pretrained(os.path.join(save_directory, subfolder))
+                lora.save_base_encoder(getattr(self, f"{modality}_model"), os.path.join(save_directory, subfolder))
+        lora.save_encoder_lora(self, save_directory)
         was_bundled = self.config.bundled_encoders
         self.config.bundled_encoders = bundle_encoders or was_bundled
         try:
@@ -498,12 +526,36 @@ class AlignerModel(PreTrainedModel):
 
         `load_encoders=False` gives an aligner-only model that works on precomputed features; `vision_model` /
         `text_model` reuse encoders the caller already has in memory.
+
+        Weights load from safetensors only (a pickle `pytorch_model.bin` is refused: unpickling can run code), and an
+        aligner whose checkpoint lacks or adds weights relative to its config is refused rather than half
+        initialised at random. See SECURITY.md.
         """
-        kwargs.setdefault("use_safetensors", True)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(
+                "use_safetensors=False is not supported: hf_align loads aligner weights from safetensors only, since "
+                "unpickling a pytorch_model.bin can run arbitrary code"
+            )
+        kwargs["use_safetensors"] = True
+        return_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except OSError as err:
+            pickle_file = _pickle_checkpoint(pretrained_model_name_or_path, kwargs)
+            if pickle_file is None:
+                raise
+            raise OSError(
+                f"{os.fspath(pretrained_model_name_or_path)!r} holds only a pickle checkpoint ({pickle_file}) and no "
+                "model.safetensors; hf_align refuses pickle weights because loading them can run arbitrary code. If "
+                "you trust its author, convert it: safetensors.torch.save_file(torch.load(path, weights_only=True), "
+                "'model.safetensors')"
+            ) from err
+        _check_loading_info(pretrained_model_name_or_path, info)
         model.logit_scale.requires_grad_(model.config.learnable_temperature)
         if not load_encoders:
-            return model
+            return (model, info) if return_info else model
         config = model.config
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         revision = kwargs.get("revision")
@@ -517,11 +569,49 @@ class AlignerModel(PreTrainedModel):
                 source = getattr(config, f"{modality}_encoder")
                 encoders[modality] = load_encoder(modality, source, getattr(config, f"{modality}_revision"), dtype)
         model.attach_encoders(encoders["vision"].to(model.device), encoders["text"].to(model.device))
+        lora.load_encoder_lora(model, pretrained_model_name_or_path, revision=revision)
         try:
             model.processor = AlignerProcessor.from_pretrained(pretrained_model_name_or_path, revision=revision)
         except (OSError, ValueError, TypeError) as err:
             logger.warning(f"no processor found with the aligner at {pretrained_model_name_or_path!r}: {err}")
-        return model
+        return (model, info) if return_info else model
+
+
+def _check_loading_info(path, info: dict) -> None:
+    """Refuse a checkpoint that does not fill the aligner its config describes (transformers only warns)."""
+    problems = {
+        "missing from the checkpoint (would be random)": info.get("missing_keys"),
+        "in the checkpoint but not in the model": info.get("unexpected_keys"),
+        "of another shape than the config gives": info.get("mismatched_keys"),
+    }
+    found = {what: sorted(map(str, keys))[:10] for what, keys in problems.items() if keys}
+    if found:
+        details = "; ".join(f"{what}: {keys}" for what, keys in found.items())
+        raise ValueError(
+            f"the aligner weights at {os.fspath(path)!r} do not match its config.json (method, method_config or "
+            f"layer widths differ from what the weights were trained with): {details}"
+        )
+
+
+def _pickle_checkpoint(path, kwargs: dict) -> str | None:
+    """The pickle weight file a repo or folder holds (for the refusal message), or None."""
+    subfolder = kwargs.get("subfolder") or ""
+    if os.path.isdir(path):
+        found = [f for f in PICKLE_WEIGHTS if os.path.isfile(os.path.join(path, subfolder, f))]
+        return found[0] if found else None
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for filename in PICKLE_WEIGHTS:
+        name = f"{subfolder}/{filename}" if subfolder else filename
+        if isinstance(huggingface_hub.try_to_load_from_cache(str(path), name, revision=kwargs.get("revision")), str):
+            return name
+        try:
+            if huggingface_hub.file_exists(str(path), name, revision=kwargs.get("revision"), token=kwargs.get("token")):
+                return name
+        except (HfHubHTTPError, OSError, ValueError):  # offline or no such repo: only the original error remains
+            continue
+    return None
 
 
 def _source_name(given: str | PreTrainedModel, model: PreTrainedModel) -> str:
@@ -554,7 +644,8 @@ def _load_bundled(modality: str, repo: str | os.PathLike, revision: str | None, 
     from transformers import AutoModel
 
     subfolder = BUNDLE_SUBFOLDERS[modality]
-    kwargs = {"subfolder": subfolder, "revision": revision}
+    # Bundled encoders come from the aligner's own repo, so the aligner's rule holds for them: safetensors only.
+    kwargs = {"subfolder": subfolder, "revision": revision, "use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     return load_encoder(modality, AutoModel.from_pretrained(str(repo), **kwargs))
