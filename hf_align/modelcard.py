@@ -265,7 +265,7 @@ def eval_results(model) -> list[EvalResult]:
     for run in model.config.training_summary.get("evaluations", []):
         dataset = run.get("dataset", {})
         name = dataset.get("name") or dataset.get("id") or "unnamed dataset"
-        for metric, value in run["metrics"].items():
+        for metric, value in ordered_metrics(run["metrics"]):
             results.append(
                 EvalResult(
                     task_type=run["task"],
@@ -281,6 +281,25 @@ def eval_results(model) -> list[EvalResult]:
                 )
             )
     return results
+
+
+def ordered_metrics(metrics: Mapping[str, float]) -> list[tuple[str, float]]:
+    """Metrics in reading order (loss, top-k, per-class recall, R@k by k and direction), whatever the dict order:
+    config.json stores nested keys sorted, so a reloaded record must not depend on insertion order."""
+
+    def rank(key: str) -> tuple:
+        name = key.removeprefix("eval_")
+        if name == "loss":
+            return 0, 0, 0, name
+        top = re.fullmatch(r"top(\d+)", name)
+        if top:
+            return 1, int(top.group(1)), 0, name
+        recall = re.fullmatch(r"(image_to_text|text_to_image|mean)_R@(\d+)", name)
+        if recall:
+            return 3, int(recall.group(2)), ("image_to_text", "text_to_image", "mean").index(recall.group(1)), name
+        return 2, 0, 0, name
+
+    return sorted(metrics.items(), key=lambda item: rank(item[0]))
 
 
 def metric_display_name(key: str) -> str:
@@ -361,7 +380,7 @@ def generate_model_card(model, model_id: str | None = None, tags: Sequence[str] 
         train_datasets=[_dataset_view(d) for d in summary.get("train_datasets", [])],
         training=_training_rows(summary),
         hyperparameters=[(k, _fmt(v)) for k, v in sorted(summary.get("training_args", {}).items())],
-        final_eval=[(metric_display_name(k.removeprefix("eval_")), _fmt(v)) for k, v in summary.get("final_eval", {}).items()],
+        final_eval=[(metric_display_name(k.removeprefix("eval_")), _fmt(v)) for k, v in ordered_metrics(summary.get("final_eval", {}))],
         training_logs=_log_rows(summary.get("training_logs", [])),
         versions=library_versions(),
     )
@@ -494,7 +513,7 @@ def _layer_selection_text(selection: Mapping | None) -> str:
     metric = _SELECTION_METRICS.get(selection["metric"], selection["metric"])
     vision_layers, text_layers = selection["vision_layers"], selection["text_layers"]
     best = (selection["best_vision_layer"], selection["best_text_layer"])
-    sample = f"{selection['n_samples']} training pairs (seed {selection['seed']}"
+    sample = f"{selection['n_samples']} cached pairs (seed {selection['seed']}"
     sample += f", k = {selection['k']})" if selection.get("k") is not None else ")"
     lines = [
         f"The layers were chosen by `hf_align.select_layers`: vision layer **{best[0]}** and text layer "
@@ -522,7 +541,7 @@ def _evaluation_view(run: Mapping) -> dict[str, Any]:
         "task_name": TASK_NAMES[run["task"]],
         "dataset": label,
         "details": "; ".join(details),
-        "metrics": [(metric_display_name(k), _fmt(v)) for k, v in run["metrics"].items()],
+        "metrics": [(metric_display_name(k), _fmt(v)) for k, v in ordered_metrics(run["metrics"])],
     }
 
 

@@ -30,6 +30,7 @@ _IGNORED_ARGUMENTS = frozenset(
         "output_dir", "logging_dir", "run_name", "report_to", "hub_token", "hub_model_id", "push_to_hub",
         "disable_tqdm", "logging_steps", "logging_strategy", "logging_first_step", "save_strategy", "save_steps",
         "save_total_limit", "overwrite_output_dir", "use_cpu", "dataloader_num_workers", "local_rank",
+        "do_train", "do_eval", "do_predict",  # derived from the strategies
     }
 )  # fmt: skip
 

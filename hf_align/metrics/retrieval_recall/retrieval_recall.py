@@ -58,12 +58,13 @@ class RetrievalRecall(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, ks=(1, 5, 10)):
-        scores = torch.tensor(predictions, dtype=torch.float32)
-        if scores.dim() != 2:
+        lengths = sorted({len(row) for row in predictions})
+        if len(lengths) != 1:
             raise ValueError(
                 "predictions must be one row of scores per image, all rows as long as the number of texts; "
-                f"got rows of lengths {sorted({len(row) for row in predictions})}"
+                f"got rows of lengths {lengths}"
             )
+        scores = torch.tensor(predictions, dtype=torch.float32)
         return retrieval_metrics(scores, text_owners(references, scores.shape[1]), ks)
 
 

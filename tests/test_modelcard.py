@@ -1,0 +1,164 @@
+"""The model card save_pretrained writes: valid YAML that round-trips through huggingface_hub, both encoders as
+base models, a model-index equal to what was evaluated, and a body built from the training record."""
+
+import os
+
+import datasets
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+import hf_align
+from hf_align.modelcard import (
+    TASK_RETRIEVAL,
+    TASK_ZERO_SHOT,
+    card_data,
+    describe_dataset,
+    generate_model_card,
+    record_evaluation,
+    record_training_dataset,
+)
+from hf_align.testing import digits_dataset, make_paired_task, save_tiny_text_encoder, save_tiny_vision_encoder
+
+VISION_ID, TEXT_ID = "facebook/dinov2-small", "sentence-transformers/all-MiniLM-L6-v2"
+VISION_SHA, TEXT_SHA = "e" * 40, "c" * 40
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A model on two tiny local encoders, evaluated zero-shot and on retrieval, then described as Hub encoders."""
+    root = tmp_path_factory.mktemp("encoders")
+    vision = save_tiny_vision_encoder(str(root / "vit"), "vit")
+    text = save_tiny_text_encoder(str(root / "bert"))
+    model = hf_align.AlignerModel.from_encoders(vision, text, projection_dim=8)
+    data = digits_dataset(24)
+    zero_shot = hf_align.evaluate_zero_shot(
+        model, model.processor, data, templates=["a digit {}"], dataset_name="sklearn/digits", dataset_split="test"
+    )
+    retrieval = hf_align.evaluate_retrieval(model, model.processor, data, dataset_name="sklearn/digits", dataset_split="test")
+    # What from_encoders records for Hub encoders (id + resolved commit); the card only reads the config.
+    model.config.update(
+        {"vision_encoder": VISION_ID, "vision_revision": VISION_SHA, "text_encoder": TEXT_ID, "text_revision": TEXT_SHA}
+    )
+    return model, zero_shot, retrieval
+
+
+@pytest.fixture(scope="module")
+def saved_card(evaluated, tmp_path_factory):
+    model, _, _ = evaluated
+    folder = tmp_path_factory.mktemp("saved")
+    model.save_pretrained(folder)
+    return folder, ModelCard.load(folder / "README.md")
+
+
+def test_card_lists_both_encoders_as_base_models(saved_card):
+    _, card = saved_card
+    assert card.data.base_model == [VISION_ID, TEXT_ID]
+    assert card.data.base_model_relation == "adapter"
+    assert card.data.library_name == "hf_align"
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert f"`{VISION_SHA}`" in card.text and f"`{TEXT_SHA}`" in card.text
+
+
+def test_model_index_equals_the_evaluations(evaluated, saved_card):
+    _, zero_shot, retrieval = evaluated
+    _, card = saved_card
+    expected = {(TASK_ZERO_SHOT, k): v for k, v in zero_shot.items()}
+    expected.update({(TASK_RETRIEVAL, k): v for k, v in retrieval.items()})
+    got = {}
+    for result in card.data.eval_results:
+        assert (result.dataset_type, result.dataset_name, result.dataset_split) == ("sklearn/digits",) * 2 + ("test",)
+        got[(result.task_type, result.metric_type)] = result.metric_value
+    assert got == expected  # exact: the YAML carries the floats as evaluated
+    assert len(expected) == 3 + 9  # top1, top5, per-class recall; R@1/5/10 both ways + mean
+
+
+def test_card_yaml_round_trips(saved_card):
+    folder, card = saved_card
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    header = yaml.safe_load(text.split("---\n")[1])
+    name, results = model_index_to_eval_results(header["model-index"])
+    assert name == os.fspath(folder)  # the usage snippet and model-index name the folder save_pretrained wrote
+    reparsed = ModelCard(text)
+    assert reparsed.data.to_dict() == card.data.to_dict()
+    assert [(r.metric_type, r.metric_value) for r in results] == [(r.metric_type, r.metric_value) for r in card.data.eval_results]
+
+
+def test_card_body_reports_evaluations_and_setup(saved_card):
+    folder, card = saved_card
+    body = card.text
+    assert "### Zero-shot image classification: sklearn/digits (test)" in body
+    assert "10 classes, 1 prompt template per class; 24 samples" in body
+    assert "### Image-text retrieval: sklearn/digits (test)" in body
+    assert "24 captions of 24 images" in body
+    assert "| Layer (hidden-state index) | -1 | -1 |" in body
+    assert "- **Aligner method:** `linear` with `projection_dim=8`" in body
+    assert f'AlignerModel.from_pretrained("{folder}")' in body
+    assert "no training record is available" in body
+
+
+def test_reevaluation_replaces_and_new_split_adds(evaluated):
+    model, _, _ = evaluated
+    before = len(model.config.training_summary["evaluations"])
+    record_evaluation(model, TASK_RETRIEVAL, {"mean_R@1": 1.5}, dataset_name="sklearn/digits", dataset_split="test")
+    assert len(model.config.training_summary["evaluations"]) == before
+    record_evaluation(model, TASK_RETRIEVAL, {"mean_R@1": 2.5}, dataset_name="sklearn/digits", dataset_split="validation")
+    runs = model.config.training_summary["evaluations"]
+    assert len(runs) == before + 1
+    assert [r["metrics"] for r in runs[-2:]] == [{"mean_R@1": 1.5}, {"mean_R@1": 2.5}]
+
+
+def test_local_encoders_are_not_base_models(tmp_path):
+    model = hf_align.AlignerModel.from_encoders(
+        save_tiny_vision_encoder(str(tmp_path / "vit"), "vit"), save_tiny_text_encoder(str(tmp_path / "bert")), projection_dim=4
+    )
+    data = card_data(model)
+    assert data.base_model is None and data.eval_results is None
+    assert f"`{tmp_path / 'vit'}` (local folder)" in generate_model_card(model).text
+
+
+def test_training_record_and_layer_selection_in_card(tmp_path):
+    task = make_paired_task(n=300, vision_dim=16, text_dim=12, n_vision_layers=3, n_text_layers=2, shared_layers=(1, 0))
+    model = hf_align.AlignerModel.from_feature_dims(16, 12, projection_dim=8)
+    model.config.update({"vision_layer": "auto", "text_layer": "auto"})
+    args = hf_align.AlignmentArguments(per_device_train_batch_size=64, max_steps=3, eval_fraction=0.2, logging_steps=1)
+    hf_align.train(model, task.to_features(), args)
+    record_training_dataset(model, name="org/pairs", split="train", num_rows=300)
+    model.save_pretrained(tmp_path / "out")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.datasets == ["org/pairs"]
+    body = card.text
+    # the synthetic task plants the shared latent in vision layer 1 / text layer 0: selection finds and explains it
+    assert "vision layer **1** and text layer **0** give the highest mutual k-NN alignment" in body
+    assert "| Vision layer \\ text layer | 0 | 1 |" in body
+    assert "| [org/pairs](https://huggingface.co/datasets/org/pairs) | train | 300 |" in body
+    assert "| Training pairs | 240 |" in body and "| Validation pairs | 60 |" in body
+    assert "| Optimiser steps | 3 |" in body
+    assert f"| Hardware | cpu ({os.cpu_count()} cores) |" in body
+    assert "| `max_steps` | `3` |" in body and "| `eval_fraction` | `0.2` |" in body
+    # the record travels in config.json: the reloaded model writes the same card
+    reloaded = hf_align.AlignerModel.from_pretrained(tmp_path / "out", load_encoders=False)
+    assert generate_model_card(reloaded, os.fspath(tmp_path / "out")).content == card.content
+
+
+def test_describe_dataset_reads_hub_origin():
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    info = datasets.DatasetInfo(
+        dataset_name="flickr30k", download_checksums={f"hf://datasets/nlphuji/flickr30k@{revision}/test.parquet": {}}
+    )
+    dataset = datasets.Dataset.from_dict({"caption": ["a", "b", "c"]}, info=info, split="test")
+    assert describe_dataset(dataset) == {
+        "name": "flickr30k", "split": "test", "id": "nlphuji/flickr30k", "revision": revision, "num_rows": 3
+    }  # fmt: skip
+    assert describe_dataset(dataset, name="Flickr30k (Karpathy)", split="test[:2]")["name"] == "Flickr30k (Karpathy)"
+
+
+def test_bad_records_rejected(evaluated):
+    model, _, _ = evaluated
+    with pytest.raises(ValueError, match=r"task must be one of \['image-segmentation', .*got 'retrieval'"):
+        record_evaluation(model, "retrieval", {"mean_R@1": 1.0})
+    with pytest.raises(ValueError, match=r"metric 'top1' must be a number, got 'high'"):
+        record_evaluation(model, TASK_ZERO_SHOT, {"top1": "high"})
+    with pytest.raises(ValueError, match="record_training_dataset needs a name"):
+        record_training_dataset(model)
