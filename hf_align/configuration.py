@@ -93,6 +93,8 @@ class AlignerConfig(PretrainedConfig):
         learnable_temperature (`bool`): train `logit_scale = ln(1/τ)` (clamped at ln 100) as CLIP does.
         bundled_encoders (`bool`): the encoders were saved inside the aligner folder (`vision_encoder/`,
             `text_encoder/`) for fully offline use.
+        encoder_lora (`list[str]`): encoders ("vision", "text") carrying a LoRA adapter, saved beside the aligner
+            weights in `<modality>_encoder_lora/` (`hf_align.lora`).
         training_summary (`dict`): what the last training run recorded (data sizes, layer selection, timings); used by
             the model card.
     """
@@ -122,6 +124,7 @@ class AlignerConfig(PretrainedConfig):
         contrastive_temperature: float = 0.05,
         learnable_temperature: bool = False,
         bundled_encoders: bool = False,
+        encoder_lora: list | None = None,
         training_summary: dict | None = None,
         hf_align_version: str | None = None,
         **kwargs,
@@ -156,6 +159,10 @@ class AlignerConfig(PretrainedConfig):
         for name, value in (regularizers or {}).items():
             if not isinstance(value, dict):
                 raise ValueError(f"regularizers[{name!r}] must be a dict of that regulariser's settings, got {value!r}")
+        if encoder_lora is not None and (
+            not isinstance(encoder_lora, list) or not set(encoder_lora) <= {"vision", "text"}
+        ):
+            raise ValueError(f"encoder_lora must be a list of 'vision' and/or 'text', got {encoder_lora!r}")
         unknown = sorted(set(kwargs) - _TRANSFORMERS_KEYS)
         if unknown:
             # A newer hf_align may have added fields: load what we understand, but say what is being ignored.
@@ -189,6 +196,7 @@ class AlignerConfig(PretrainedConfig):
         self.contrastive_temperature = float(contrastive_temperature)
         self.learnable_temperature = learnable_temperature
         self.bundled_encoders = bundled_encoders
+        self.encoder_lora = list(encoder_lora or [])
         self.training_summary = dict(training_summary or {})
         super().__init__(**kwargs)
 
