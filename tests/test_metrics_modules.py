@@ -59,6 +59,31 @@ def test_zero_shot_accuracy_hand_checked(accuracy):
     assert out == pytest.approx({"top1": 50.0, "top2": 75.0, "mean_per_class_recall": 50.0})
 
 
+def test_segmentation_miou_hand_checked():
+    miou = hf_align.metrics.load("segmentation_miou")
+    # classes sky, road, car + a "background" prompt (3) that is predicted but never a reference class
+    predictions = [[[0, 1, 1], [2, 3, 1]], [[1, 1]]]
+    references = [[[0, 0, 1], [2, 2, 255]], [[1, 1]]]
+    out = miou.compute(
+        predictions=predictions, references=references, num_labels=4, class_names=["sky", "road", "car", "bg"], num_scored=3
+    )
+    # confusion over the 7 scored pixels (rows = reference): sky -> sky 1, road 1; road -> road 3; car -> car 1, bg 1
+    # IoU sky 1/(1+2-1) = 50, road 3/(4+3-3) = 75, car 1/(1+2-1) = 50; pixel accuracy 5/7
+    assert out["per_class_iou"] == pytest.approx({"sky": 50.0, "road": 75.0, "car": 50.0})
+    assert out["mIoU"] == pytest.approx(175 / 3)
+    assert out["pixel_accuracy"] == pytest.approx(500 / 7)
+
+
+def test_segmentation_shapes_and_labels_checked():
+    miou = hf_align.metrics.load("segmentation_miou")
+    with pytest.raises(ValueError, match=r"image 0: prediction of shape \(1, 2\) and reference of shape \(2, 1\) differ"):
+        miou.compute(predictions=[[[0, 1]]], references=[[[0], [1]]], num_labels=2)
+    with pytest.raises(ValueError, match=r"num_labels must be a positive int \(the number of classes\), got 0"):
+        miou.compute(predictions=[[[0]]], references=[[[0]]], num_labels=0)
+    with pytest.raises(ValueError, match=r"mask labels \[5\] are outside the 2 classes"):
+        miou.compute(predictions=[[[0]]], references=[[[5]]], num_labels=2)
+
+
 def test_module_numbers_equal_the_recorded_evaluation(recall):
     """The number evaluate_retrieval records for the card is the number the shipped module computes."""
     task = make_paired_task(n=60, vision_dim=12, text_dim=10, seed=3)
