@@ -15,16 +15,14 @@ from transformers import AutoModel
 
 from hf_align import AlignerModel
 from hf_align.lora import base_encoder_state_dict, encoder_lora_parameters, resolve_lora_config
-from hf_align.testing import save_tiny_text_encoder, save_tiny_vision_encoder
 
 BOTH = ["q_proj", "v_proj", "query", "value"]  # attention projections of the ViT and of BERT
 CAPTIONS = ["a cat", "a dog on a beach", "a big red car", "two trees"]
 
 
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoders")
-    return save_tiny_vision_encoder(str(root / "vit"), "vit"), save_tiny_text_encoder(str(root / "bert"))
+def encoders(tiny_vit, tiny_bert):
+    return tiny_vit, tiny_bert
 
 
 @pytest.fixture(scope="module")

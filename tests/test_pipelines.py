@@ -16,7 +16,6 @@ from hf_align.pipelines import (
     AlignerZeroShotImageClassificationPipeline,
     register_pipelines,
 )
-from hf_align.testing import save_tiny_text_encoder, save_tiny_vision_encoder
 
 # Small settings so every method builds in milliseconds; a method missing here runs with its defaults.
 SMALL_SETTINGS = {
@@ -33,9 +32,8 @@ TEMPLATE = "a photo of {}."
 
 
 @pytest.fixture(scope="module")
-def encoders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("encoders")
-    return save_tiny_vision_encoder(str(root / "vit"), "vit"), save_tiny_text_encoder(str(root / "bert"))
+def encoders(tiny_vit, tiny_bert):
+    return tiny_vit, tiny_bert
 
 
 @pytest.fixture(scope="module")
