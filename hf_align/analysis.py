@@ -8,6 +8,8 @@ same width) and to an aligner's embeddings (after alignment). See METHODS.md §5
 * `gaussian_w2`: W2 between Gaussians fitted to each set (closed form; the Fréchet distance behind FID).
 * `sample_w2`: exact W2 between the two empirical measures (uniform weights), by linear programming.
 * `alignment_uniformity`: Wang & Isola's alignment (matched pairs) and uniformity (each set) losses.
+* `geometry_report`: all of the above for one pair of sets, plus matched-vs-random pair similarities (what
+  `hf-align analyze` writes, before and after alignment).
 
 Computation is in float64 numpy; nothing here needs a GPU.
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["alignment_uniformity", "gaussian_w2", "modality_gap", "sample_w2"]
+__all__ = ["alignment_uniformity", "gaussian_w2", "geometry_report", "modality_gap", "pair_similarities", "sample_w2"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -204,3 +206,66 @@ def _uniformity(x: np.ndarray, t: float, block: int = 2048) -> float:
     values = np.concatenate(pieces)
     peak = values.max()
     return float(peak + np.log(np.exp(values - peak).mean()))
+
+
+def pair_similarities(
+    image_embeds: Any, text_embeds: Any, score_pairs=None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of the matched pairs (row i with row i) and of random pairs (row i with a random other row).
+
+    `score_pairs(x, y) -> (n,)` scores matched rows of two torch tensors (a similarity head's `score_pairs`); default
+    cosine. Random pairs pair each image with the text of a random permutation that moves every row (a cyclic
+    shift of a shuffled order), so no random pair is a matched one.
+    """
+    import torch
+
+    x, y = _pair(image_embeds, text_embeds, ("image_embeds", "text_embeds"), same_n=True)
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError("pair_similarities needs at least 2 pairs")
+    order = np.random.default_rng(seed).permutation(n)
+    partner = np.empty(n, dtype=np.int64)
+    partner[order] = np.roll(order, 1)  # a derangement: partner[i] != i
+    if score_pairs is None:
+        xn, yn = _normalise_rows(x), _normalise_rows(y)
+        return (xn * yn).sum(1), (xn * yn[partner]).sum(1)
+    tx, ty = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    with torch.no_grad():
+        matched = score_pairs(tx, ty).double().cpu().numpy()
+        shuffled = score_pairs(tx, ty[torch.as_tensor(partner)]).double().cpu().numpy()
+    return matched, shuffled
+
+
+def geometry_report(
+    image_embeds: Any,
+    text_embeds: Any,
+    score_pairs=None,
+    max_samples: int | None = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every geometry measure of this module for one set of matched pairs, as a JSON-ready dict.
+
+    Distances (`gaussian_w2`, `sample_w2`) are computed on L2-normalised rows, like the modality gap, so raw
+    features (arbitrary scale) and aligned embeddings (unit norm) are on the same footing. `sample_w2` uses at most
+    `max_samples` rows per set (exact OT is O(n³)). `pair_similarity` summarises `pair_similarities` (scored with
+    `score_pairs`, default cosine): the mean and std of matched and random pairs, and the fraction of images whose
+    matched text beats its random partner.
+    """
+    x, y = _pair(image_embeds, text_embeds, ("image_embeds", "text_embeds"), same_n=True)
+    matched, shuffled = pair_similarities(x, y, score_pairs, seed)
+    return {
+        "n_pairs": int(x.shape[0]),
+        "dim": int(x.shape[1]),
+        "modality_gap": modality_gap(x, y),
+        "gaussian_w2": gaussian_w2(x, y, normalize=True),
+        "sample_w2": sample_w2(x, y, normalize=True, max_samples=max_samples, seed=seed),
+        "sample_w2_rows": int(min(x.shape[0], max_samples or x.shape[0])),
+        **alignment_uniformity(x, y),
+        "pair_similarity": {
+            "matched_mean": float(matched.mean()),
+            "matched_std": float(matched.std()),
+            "random_mean": float(shuffled.mean()),
+            "random_std": float(shuffled.std()),
+            "matched_beats_random": float((matched > shuffled).mean()),
+        },
+    }

@@ -129,10 +129,11 @@ def check_similarity(name: str, method: Any = None, similarity_config: dict | No
         )
     if getattr(cls, "input_kind", "pooled") == "tokens" and not method_gives_tokens(method):
         pooled = sorted(n for n, c in SIMILARITIES.items() if getattr(c, "input_kind", "pooled") == "pooled")
+        reads = "reads token features but pools them" if getattr(method, "input_kind", "pooled") == "tokens" else "embeds"
         raise ValueError(
-            f"similarity {name!r} compares *sets of token embeddings* (B, T, D), but method {method_name!r} embeds "
-            f"each image and each text as one pooled vector (B, D) (input_kind="
-            f"{getattr(method, 'input_kind', 'pooled')!r}), so there is no token set to transport. Choose a pooled "
+            f"similarity {name!r} compares *sets of token embeddings* (B, T, D), but method {method_name!r} {reads} "
+            "into one vector per image and per text (B, D) before scoring, so there is no token set to transport. "
+            f"Choose a pooled "
             f"similarity ({', '.join(pooled)}), or a method that outputs aligned token sets (outputs_token_sets=True). "
             f"To compare token sets outside a model, call {cls.__name__}(dim)(image_tokens, text_tokens, "
             "image_mask, text_mask) directly."
