@@ -32,6 +32,9 @@ def parse_command_args(argument_classes, argv: list[str]):
         raise ValueError(f"recipe has unknown keys {unknown}; this command accepts {sorted(known)}")
     # Mappings in a recipe (e.g. method_kwargs) travel as the JSON strings the flags would carry.
     parser.set_defaults(**{k: json.dumps(v) if isinstance(v, dict) else v for k, v in recipe.items()})
+    for action in parser._actions:  # a value from the recipe satisfies a required flag
+        if action.dest in recipe:
+            action.required = False
     return parser.parse_args_into_dataclasses(args=argv)
 
 
