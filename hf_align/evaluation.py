@@ -32,6 +32,9 @@ def retrieval_metrics(
     favour). Returns `image_to_text_R@k`, `text_to_image_R@k` and their mean `mean_R@k` for each k.
     """
     scores = torch.as_tensor(logits_per_image).float()
+    if scores.dim() != 2:
+        raise ValueError(f"logits_per_image must be a (n_images, n_texts) matrix, got shape {tuple(scores.shape)}")
+    _check_scores("logits_per_image", scores, ks)
     owner = torch.as_tensor(text_image_index, dtype=torch.long, device=scores.device)
     n_images, n_texts = scores.shape
     if owner.shape != (n_texts,):
@@ -67,6 +70,11 @@ def zero_shot_metrics(
     labels = torch.as_tensor(labels, dtype=torch.long, device=logits.device)
     if logits.dim() != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"need (n, C) logits and (n,) labels, got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(
+            f"zero-shot metrics need at least one sample and one class, got logits of shape {tuple(logits.shape)}"
+        )
+    _check_scores("logits", logits, ks)
     n_classes = logits.shape[1]
     if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"labels must lie in [0, {n_classes}) for {n_classes} classes, got [{labels.min()}, {labels.max()}]")
@@ -78,6 +86,17 @@ def zero_shot_metrics(
     recalls = [(predicted[labels == c] == c).float().mean() for c in range(n_classes) if (labels == c).any()]
     metrics["mean_per_class_recall"] = 100.0 * torch.stack(recalls).mean().item()
     return metrics
+
+
+def _check_scores(name: str, scores: torch.Tensor, ks: Sequence[int]) -> None:
+    # A NaN compares False with everything, so it would rank first and report a perfect recall: refuse it.
+    nan = torch.isnan(scores)
+    if bool(nan.any()):
+        rows = torch.nonzero(nan.any(1)).flatten().tolist()
+        raise ValueError(f"{name} holds NaN scores in {len(rows)} row(s), e.g. rows {rows[:10]}")
+    bad_ks = [k for k in ks if not isinstance(k, int) or isinstance(k, bool) or k < 1]
+    if bad_ks:
+        raise ValueError(f"ks must be positive ints, got {list(ks)}")
 
 
 # ---------------------------------------------------------------------------------------------- embedding helpers
