@@ -68,8 +68,20 @@ def _tower(modality: str, model: PreTrainedModel) -> PreTrainedModel:
 
 
 def encoder_revision(model: PreTrainedModel) -> str | None:
-    """Commit hash the encoder was loaded at (set by transformers for Hub downloads), `None` for local folders."""
-    return getattr(model.config, "_commit_hash", None)
+    """Commit hash the encoder was loaded at, `None` for local folders.
+
+    transformers 4 kept it in `config._commit_hash`; transformers 5 no longer does, so it is read off the Hub cache the
+    weights came from (`refs/main` -> `snapshots/<commit>/config.json`).
+    """
+    commit = getattr(model.config, "_commit_hash", None)
+    name = getattr(model, "name_or_path", None) or ""
+    if commit or not name or os.path.isdir(name):
+        return commit
+    from huggingface_hub import try_to_load_from_cache
+    from transformers.utils.hub import extract_commit_hash
+
+    cached = try_to_load_from_cache(name, "config.json")
+    return extract_commit_hash(cached, None) if isinstance(cached, str) else None
 
 
 def image_size_of(config: PretrainedConfig) -> int:
