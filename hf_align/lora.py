@@ -3,7 +3,7 @@
 ```python
 from peft import LoraConfig
 
-# one config for both encoders: suffixes name the attention projections of the ViT ("q_proj", ...) and BERT ("query", ...)
+# one config for both encoders: the suffixes name the attention projections of ViT ("q_proj") and BERT ("query")
 lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj", "query", "value"], layers_to_transform=[-2, -1])
 model = AlignerModel.from_encoders(vision_id, text_id, method="linear", encoder_lora=lora)
 # or one encoder, on a model you already have:
@@ -80,7 +80,9 @@ def add_encoder_lora(model, vision: LoraConfig | None = None, text: LoraConfig |
     Every config is resolved against its encoder before any encoder is touched, so an error leaves `model` unchanged.
     """
     if not model.has_encoders:
-        raise ValueError("add_encoder_lora needs the encoders attached (this model was loaded with load_encoders=False?)")
+        raise ValueError(
+            "add_encoder_lora needs the encoders attached (this model was loaded with load_encoders=False?)"
+        )
     requested = {modality: config for modality, config in (("vision", vision), ("text", text)) if config is not None}
     if not requested:
         raise ValueError("add_encoder_lora needs a LoraConfig for `vision`, `text` or both; got neither")
@@ -91,7 +93,11 @@ def add_encoder_lora(model, vision: LoraConfig | None = None, text: LoraConfig |
         if isinstance(encoder, PeftModel):
             raise ValueError(f"the {modality} encoder already has a LoRA adapter")
         resolved[modality] = resolve_lora_config(
-            config, encoder, modality, model.config.absolute_layer(modality), getattr(model.config, f"{modality}_num_layers")
+            config,
+            encoder,
+            modality,
+            model.config.absolute_layer(modality),
+            getattr(model.config, f"{modality}_num_layers"),
         )
     for modality, config in resolved.items():
         setattr(model, f"{modality}_model", get_peft_model(getattr(model, f"{modality}_model"), config))
@@ -135,8 +141,8 @@ def resolve_lora_config(
                 names.append(full)
     if not names:
         raise ValueError(
-            f"{modality} LoraConfig target_modules={_as_listed(config.target_modules)!r} matches nothing in blocks {chosen} of the "
-            f"{modality} encoder; the linear layers of one block are {_linear_names(blocks[0])}"
+            f"{modality} LoraConfig target_modules={_as_listed(config.target_modules)!r} matches nothing in blocks "
+            f"{chosen} of the {modality} encoder; the linear layers of one block are {_linear_names(blocks[0])}"
         )
     return dataclasses.replace(config, target_modules=names, layers_to_transform=None, layers_pattern=None)
 
@@ -185,7 +191,9 @@ def lora_encoders(model) -> dict[str, PeftModel]:
 
 def encoder_lora_parameters(model) -> list[nn.Parameter]:
     """Every LoRA tensor of the encoders (frozen after `from_pretrained`; set `requires_grad` to train further)."""
-    return [p for encoder in lora_encoders(model).values() for name, p in encoder.named_parameters() if ".lora_" in name]
+    return [
+        p for encoder in lora_encoders(model).values() for name, p in encoder.named_parameters() if ".lora_" in name
+    ]
 
 
 def set_lora_train_mode(model, mode: bool) -> None:

@@ -53,7 +53,7 @@ def _require_aligner(model, task: str) -> None:
 
 
 class AlignerZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipeline):
-    """Zero-shot image classification that embeds each label set once (task `"hf-align-zero-shot-image-classification"`).
+    """Zero-shot classification embedding each label set once (task `"hf-align-zero-shot-image-classification"`).
 
     Call it like the stock pipeline: `classifier(image_or_images, candidate_labels=[...], hypothesis_template=...)`,
     optionally `tokenizer_kwargs={...}`. Each result is a list of `{"score", "label"}` sorted by score, scores being
@@ -83,7 +83,12 @@ class AlignerZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         return preprocess_params, forward_params, postprocess_params
 
     def preprocess(
-        self, image, candidate_labels=None, hypothesis_template="This is a photo of {}.", timeout=None, tokenizer_kwargs=None
+        self,
+        image,
+        candidate_labels=None,
+        hypothesis_template="This is a photo of {}.",
+        timeout=None,
+        tokenizer_kwargs=None,
     ):
         if (
             not isinstance(candidate_labels, (list, tuple))
@@ -151,7 +156,9 @@ class AlignerImageTextRetrievalPipeline(Pipeline):
         self.gallery_items: list = []
         self.gallery_embeds: torch.Tensor | None = None
 
-    def set_gallery(self, images: Sequence | None = None, texts: Sequence[str] | None = None, batch_size: int = 32, timeout=None):
+    def set_gallery(
+        self, images: Sequence | None = None, texts: Sequence[str] | None = None, batch_size: int = 32, timeout=None
+    ):
         """Embed a gallery of images *or* texts once; returns the pipeline, so calls chain.
 
         Args:
@@ -228,7 +235,9 @@ def register_pipelines() -> None:
         (RETRIEVAL_TASK, AlignerImageTextRetrievalPipeline),
     ):
         if PIPELINE_REGISTRY.supported_tasks.get(task, {}).get("impl") is not pipeline_class:
-            PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=pipeline_class, pt_model=AlignerModel, type="multimodal")
+            PIPELINE_REGISTRY.register_pipeline(
+                task, pipeline_class=pipeline_class, pt_model=AlignerModel, type="multimodal"
+            )
 
 
 __all__ = [

@@ -4,7 +4,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from hf_align.testing import minilm_path, save_tiny_text_encoder, save_tiny_vision_encoder  # noqa: E402
 
@@ -33,3 +35,10 @@ def tiny_vision_encoders(encoder_dir):
 @pytest.fixture(scope="session")
 def minilm():
     return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def random_images():
+    """Four 32×32 RGB PIL images of uniform noise (seed 0), the tiny encoders' input size."""
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]

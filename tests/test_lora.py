@@ -5,11 +5,9 @@ aligner, bundling. Tiny random encoders: a 2-block ViT (`layers.N.attention.q_pr
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
-from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModel
 
@@ -22,13 +20,8 @@ CAPTIONS = ["a cat", "a dog on a beach", "a big red car", "two trees"]
 
 @pytest.fixture(scope="module")
 def encoders(tiny_vit, tiny_bert):
+    """(vision folder, text folder) of the session's tiny encoders."""
     return tiny_vit, tiny_bert
-
-
-@pytest.fixture(scope="module")
-def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +43,17 @@ def assert_base_weights_unchanged(model, encoders):
             assert torch.equal(current[name], tensor), f"{modality} base weight {name} changed"
 
 
-def test_lora_aligner_trains_end_to_end_and_round_trips(encoders, images, tmp_path):
+def test_lora_aligner_trains_end_to_end_and_round_trips(encoders, random_images, tmp_path):
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=BOTH, layers_to_transform=[-1])
     model = AlignerModel.from_encoders(*encoders, method="linear", projection_dim=16, encoder_lora=config)
     assert isinstance(model.vision_model, PeftModel) and isinstance(model.text_model, PeftModel)
     assert model.config.encoder_lora == ["text", "vision"]
     # -1 = the last block (the tap is the last hidden state), resolved to full module names per encoder.
-    assert model.vision_model.peft_config["default"].target_modules == {"layers.1.attention.q_proj", "layers.1.attention.v_proj"}
+    assert model.vision_model.peft_config["default"].target_modules == {
+        "layers.1.attention.q_proj",
+        "layers.1.attention.v_proj",
+    }
     assert model.text_model.peft_config["default"].target_modules == {
         "encoder.layer.1.attention.self.query",
         "encoder.layer.1.attention.self.value",
@@ -66,7 +62,7 @@ def test_lora_aligner_trains_end_to_end_and_round_trips(encoders, images, tmp_pa
     assert all(name.startswith("aligner.") or ".lora_" in name for name in trainable)
     assert sum(".lora_" in name for name in trainable) == 8  # A and B of 2 layers in 2 encoders
 
-    inputs = model.processor(images=images, text=CAPTIONS)
+    inputs = model.processor(images=random_images, text=CAPTIONS)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []
@@ -83,10 +79,13 @@ def test_lora_aligner_trains_end_to_end_and_round_trips(encoders, images, tmp_pa
     assert_base_weights_unchanged(model, encoders)
 
     with torch.no_grad():
-        image_embeds = model.get_image_features(**model.processor(images=images))
+        image_embeds = model.get_image_features(**model.processor(images=random_images))
         text_embeds = model.get_text_features(**model.processor(text=CAPTIONS))
     model.save_pretrained(tmp_path)
-    assert not any(n.startswith(("vision_model.", "text_model.")) or "lora" in n for n in tensor_names(tmp_path / "model.safetensors"))
+    assert not any(
+        n.startswith(("vision_model.", "text_model.")) or "lora" in n
+        for n in tensor_names(tmp_path / "model.safetensors")
+    )
     vision_adapter = tmp_path / "vision_encoder_lora"
     assert sorted(os.listdir(vision_adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert tensor_names(vision_adapter / "adapter_model.safetensors") == {
@@ -100,15 +99,17 @@ def test_lora_aligner_trains_end_to_end_and_round_trips(encoders, images, tmp_pa
     loaded = AlignerModel.from_pretrained(tmp_path)
     assert isinstance(loaded.vision_model, PeftModel) and isinstance(loaded.text_model, PeftModel)
     with torch.no_grad():
-        assert torch.equal(loaded.get_image_features(**model.processor(images=images)), image_embeds)
+        assert torch.equal(loaded.get_image_features(**model.processor(images=random_images)), image_embeds)
         assert torch.equal(loaded.get_text_features(**model.processor(text=CAPTIONS)), text_embeds)
     assert len(encoder_lora_parameters(loaded)) == 8
     assert not any(p.requires_grad for p in encoder_lora_parameters(loaded))  # loaded frozen, as PEFT does
     assert_base_weights_unchanged(loaded, encoders)
 
     # The adapter folder is plain PEFT: it loads onto a fresh encoder and gives the same tapped features.
-    pixel_values = model.processor(images=images)["pixel_values"]
-    peft_vit = PeftModel.from_pretrained(AutoModel.from_pretrained(encoders[0]), str(tmp_path), subfolder="vision_encoder_lora")
+    pixel_values = model.processor(images=random_images)["pixel_values"]
+    peft_vit = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(encoders[0]), str(tmp_path), subfolder="vision_encoder_lora"
+    )
     with torch.no_grad():
         cls_tokens = peft_vit(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1][:, 0]
         assert torch.equal(cls_tokens, loaded.encode_vision(pixel_values)[0])
@@ -121,7 +122,7 @@ def test_lora_aligner_trains_end_to_end_and_round_trips(encoders, images, tmp_pa
         assert names and not any("lora" in n or "base_layer" in n for n in names)
     rebuilt = AlignerModel.from_pretrained(bundle)
     with torch.no_grad():
-        assert torch.equal(rebuilt.get_image_features(**model.processor(images=images)), image_embeds)
+        assert torch.equal(rebuilt.get_image_features(**model.processor(images=random_images)), image_embeds)
 
 
 def test_lora_dropout_follows_train_mode_inside_frozen_encoders(encoders):
@@ -161,8 +162,12 @@ def test_layers_resolve_relative_to_the_tapped_layer(plain_model):
     }
     # A regex is matched against the full module names.
     regex = LoraConfig(target_modules=r".*\.(fc1|fc2)")
-    assert resolve_lora_config(regex, vit, "vision", 2, 3).target_modules == {f"layers.{b}.mlp.fc{i}" for b in (0, 1) for i in (1, 2)}
-    with pytest.raises(ValueError, match=r"no default for model_type 'vit'.*\['fc1', 'fc2', 'k_proj', 'o_proj', 'q_proj', 'v_proj'\]"):
+    assert resolve_lora_config(regex, vit, "vision", 2, 3).target_modules == {
+        f"layers.{b}.mlp.fc{i}" for b in (0, 1) for i in (1, 2)
+    }
+    with pytest.raises(
+        ValueError, match=r"no default for model_type 'vit'.*\['fc1', 'fc2', 'k_proj', 'o_proj', 'q_proj', 'v_proj'\]"
+    ):
         resolve_lora_config(LoraConfig(), vit, "vision", 2, 3)
     with pytest.raises(ValueError, match=r"target_modules=\['query'\] matches nothing in blocks \[1\]"):
         resolve_lora_config(LoraConfig(target_modules=["query"], layers_to_transform=[-1]), vit, "vision", 2, 3)

@@ -1,10 +1,8 @@
 """Pipelines on saved aligners: the stock zero-shot task for every registered method, hf_align's cached zero-shot task
 and gallery retrieval. Tiny random encoders (a 2-block ViT and a 2-block BERT with MiniLM's tokenizer), offline."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import pipeline
 
 from hf_align import AlignerModel
@@ -33,13 +31,8 @@ TEMPLATE = "a photo of {}."
 
 @pytest.fixture(scope="module")
 def encoders(tiny_vit, tiny_bert):
+    """(vision folder, text folder) of the session's tiny encoders."""
     return tiny_vit, tiny_bert
-
-
-@pytest.fixture(scope="module")
-def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
 
 
 def build_aligner(encoders, method: str) -> AlignerModel:
@@ -79,22 +72,22 @@ def reference_scores(model: AlignerModel, image) -> tuple[torch.Tensor, torch.Te
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_stock_zero_shot_pipeline_matches_model_for_every_method(method, encoders, images, tmp_path):
+def test_stock_zero_shot_pipeline_matches_model_for_every_method(method, encoders, random_images, tmp_path):
     model = build_aligner(encoders, method)
     model.save_pretrained(tmp_path)
     classifier = pipeline("zero-shot-image-classification", model=str(tmp_path))
     assert isinstance(classifier.model, AlignerModel)
 
-    result = classifier(images[0], candidate_labels=LABELS, hypothesis_template=TEMPLATE)
+    result = classifier(random_images[0], candidate_labels=LABELS, hypothesis_template=TEMPLATE)
     assert [r["score"] for r in result] == sorted((r["score"] for r in result), reverse=True)
-    batched, alone = reference_scores(model, images[0])
+    batched, alone = reference_scores(model, random_images[0])
     assert batched.max() - batched.min() > 1e-3, "degenerate scores would make the comparison vacuous"
     # The padded batch scores like each prompt alone: attention masks reach the (token) methods.
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(by_label(result), batched, atol=1e-6, rtol=0)
 
 
-def test_cached_zero_shot_pipeline_runs_text_tower_once_per_label_set(linear_dir, images):
+def test_cached_zero_shot_pipeline_runs_text_tower_once_per_label_set(linear_dir, random_images):
     register_pipelines()
     stock = pipeline("zero-shot-image-classification", model=linear_dir)
     classifier = pipeline(task=ZERO_SHOT_TASK, model=linear_dir, label_cache_size=2)
@@ -103,92 +96,101 @@ def test_cached_zero_shot_pipeline_runs_text_tower_once_per_label_set(linear_dir
     classifier.model.text_model.register_forward_hook(lambda *args: text_calls.append(1))
     classifier.model.vision_model.register_forward_hook(lambda *args: vision_calls.append(1))
 
-    first = [classifier(image, candidate_labels=LABELS, hypothesis_template=TEMPLATE) for image in images]
+    first = [classifier(image, candidate_labels=LABELS, hypothesis_template=TEMPLATE) for image in random_images]
     assert (len(text_calls), len(vision_calls)) == (1, 4)
-    for image, result in zip(images, first):
+    for image, result in zip(random_images, first):
         assert result == stock(image, candidate_labels=LABELS, hypothesis_template=TEMPLATE)  # identical floats
 
     # Batched through the DataLoader: still no text forward, same scores (up to batched-matmul rounding).
-    batched = classifier(images, candidate_labels=LABELS, hypothesis_template=TEMPLATE, batch_size=3)
+    batched = classifier(random_images, candidate_labels=LABELS, hypothesis_template=TEMPLATE, batch_size=3)
     assert len(text_calls) == 1 and len(vision_calls) == 4 + 2
     for one, other in zip(batched, first):
         torch.testing.assert_close(by_label(one), by_label(other), atol=1e-6, rtol=0)
 
     # Labels, template and tokenizer settings each key the cache; the LRU keeps the 2 most recent sets.
-    classifier(images[0], candidate_labels=LABELS[:2], hypothesis_template=TEMPLATE)
-    classifier(images[0], candidate_labels=LABELS, hypothesis_template="{}")
+    classifier(random_images[0], candidate_labels=LABELS[:2], hypothesis_template=TEMPLATE)
+    classifier(random_images[0], candidate_labels=LABELS, hypothesis_template="{}")
     assert len(text_calls) == 3
-    classifier(images[0], candidate_labels=LABELS, hypothesis_template=TEMPLATE)  # evicted by the two above
+    classifier(random_images[0], candidate_labels=LABELS, hypothesis_template=TEMPLATE)  # evicted by the two above
     assert len(text_calls) == 4
     truncated = classifier(
-        images[0], candidate_labels=LABELS, hypothesis_template=TEMPLATE, tokenizer_kwargs={"max_length": 4, "truncation": True}
+        random_images[0],
+        candidate_labels=LABELS,
+        hypothesis_template=TEMPLATE,
+        tokenizer_kwargs={"max_length": 4, "truncation": True},
     )
     assert len(text_calls) == 5
     assert truncated != first[0]
     classifier.clear_label_cache()
-    classifier(images[0], candidate_labels=LABELS, hypothesis_template=TEMPLATE)
+    classifier(random_images[0], candidate_labels=LABELS, hypothesis_template=TEMPLATE)
     assert len(text_calls) == 6
 
 
-def test_cached_zero_shot_pipeline_dtype(linear_dir, images):
+def test_cached_zero_shot_pipeline_dtype(linear_dir, random_images):
     register_pipelines()
-    full = pipeline(ZERO_SHOT_TASK, model=linear_dir)(images[0], candidate_labels=LABELS)
+    full = pipeline(ZERO_SHOT_TASK, model=linear_dir)(random_images[0], candidate_labels=LABELS)
     half = pipeline(ZERO_SHOT_TASK, model=linear_dir, dtype=torch.bfloat16)
     assert half.model.dtype == torch.bfloat16 and next(half.model.vision_model.parameters()).dtype == torch.bfloat16
-    torch.testing.assert_close(by_label(half(images[0], candidate_labels=LABELS)), by_label(full), atol=3e-2, rtol=0)
+    torch.testing.assert_close(
+        by_label(half(random_images[0], candidate_labels=LABELS)), by_label(full), atol=3e-2, rtol=0
+    )
 
 
-def test_zero_shot_pipeline_errors(linear_dir, images, encoders):
+def test_zero_shot_pipeline_errors(linear_dir, random_images):
     register_pipelines()
     classifier = pipeline(ZERO_SHOT_TASK, model=linear_dir)
     for bad in ([], "cat", ["cat", 3]):
         with pytest.raises(ValueError, match="candidate_labels must be a non-empty list of strings"):
-            classifier(images[0], candidate_labels=bad)
+            classifier(random_images[0], candidate_labels=bad)
     with pytest.raises(ValueError, match="label_cache_size must be a positive int, got 0"):
         pipeline(ZERO_SHOT_TASK, model=linear_dir, label_cache_size=0)
     with pytest.raises(TypeError, match="needs an hf_align AlignerModel, got ViTModel"):
         AlignerZeroShotImageClassificationPipeline(
-            model=classifier.model.vision_model, tokenizer=classifier.tokenizer, image_processor=classifier.image_processor
+            model=classifier.model.vision_model,
+            tokenizer=classifier.tokenizer,
+            image_processor=classifier.image_processor,
         )
     bare = AlignerModel.from_pretrained(linear_dir, load_encoders=False)
     with pytest.raises(ValueError, match="has none attached"):
-        AlignerImageTextRetrievalPipeline(model=bare, tokenizer=classifier.tokenizer, image_processor=classifier.image_processor)
+        AlignerImageTextRetrievalPipeline(
+            model=bare, tokenizer=classifier.tokenizer, image_processor=classifier.image_processor
+        )
 
 
 @torch.no_grad()
-def test_retrieval_pipeline_top_k_both_directions(linear_dir, images):
+def test_retrieval_pipeline_top_k_both_directions(linear_dir, random_images):
     register_pipelines()
     retriever = pipeline(RETRIEVAL_TASK, model=linear_dir)
     assert isinstance(retriever, AlignerImageTextRetrievalPipeline)
     model, processor = retriever.model, retriever.model.processor
-    image_embeds = model.get_image_features(**processor(images=images))
+    image_embeds = model.get_image_features(**processor(images=random_images))
     text_embeds = torch.cat([model.get_text_features(**processor(text=[label])) for label in LABELS])
     scores = model.similarity(image_embeds, text_embeds)  # (4 images, 3 texts)
 
     with pytest.raises(ValueError, match="no gallery yet"):
         retriever("a cat")
-    assert retriever.set_gallery(images=images, batch_size=3) is retriever
+    assert retriever.set_gallery(images=random_images, batch_size=3) is retriever
     torch.testing.assert_close(retriever.gallery_embeds, image_embeds, atol=1e-6, rtol=0)
     results = retriever(LABELS, top_k=2, batch_size=2)
     for column, result in enumerate(results):
         values, index = scores[:, column].topk(2)
         assert [r["index"] for r in result] == index.tolist()
-        assert [r["image"] for r in result] == [images[i] for i in index.tolist()]
+        assert [r["image"] for r in result] == [random_images[i] for i in index.tolist()]
         torch.testing.assert_close(torch.tensor([r["score"] for r in result]), values, atol=1e-5, rtol=0)
-    assert len(retriever("a cat", top_k=10)) == len(images)  # top_k larger than the gallery
+    assert len(retriever("a cat", top_k=10)) == len(random_images)  # top_k larger than the gallery
     with pytest.raises(ValueError, match="queries must be text"):
-        retriever(images[0])
+        retriever(random_images[0])
 
     retriever.set_gallery(texts=LABELS)
-    result = retriever(images[1], top_k=3)
+    result = retriever(random_images[1], top_k=3)
     assert [r["text"] for r in result] == [LABELS[i] for i in scores[1].topk(3).indices.tolist()]
     torch.testing.assert_close(torch.tensor([r["score"] for r in result]), scores[1].topk(3).values, atol=1e-5, rtol=0)
 
     with pytest.raises(ValueError, match="exactly one of `images` or `texts`"):
-        retriever.set_gallery(images=images, texts=LABELS)
+        retriever.set_gallery(images=random_images, texts=LABELS)
     with pytest.raises(ValueError, match="empty gallery of texts"):
         retriever.set_gallery(texts=[])
     with pytest.raises(ValueError, match=r"texts must all be strings, got \['int'\]"):
         retriever.set_gallery(texts=["cat", 1])
     with pytest.raises(ValueError, match="top_k must be a positive int, got 0"):
-        retriever(images[0], top_k=0)
+        retriever(random_images[0], top_k=0)

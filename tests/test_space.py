@@ -30,10 +30,9 @@ def app():
 
 
 @pytest.fixture(scope="module")
-def query_image(tmp_path_factory):
-    rng = np.random.default_rng(0)
+def query_image(random_images, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("query") / "query.png")
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    random_images[0].save(path)
     return path
 
 
@@ -61,12 +60,12 @@ def confidences(label_output: dict) -> dict[str, float]:
 
 def test_space_classification_returns_the_model_scores(served, query_image):
     demo, client = served
-    result = client.predict(
-        gradio_client.handle_file(query_image), ", ".join(LABELS), TEMPLATE, api_name="/classify"
-    )
+    result = client.predict(gradio_client.handle_file(query_image), ", ".join(LABELS), TEMPLATE, api_name="/classify")
     model = demo.model
     with torch.no_grad():
-        inputs = model.processor(images=[Image.open(query_image).convert("RGB")], text=[TEMPLATE.format(l) for l in LABELS])
+        inputs = model.processor(
+            images=[Image.open(query_image).convert("RGB")], text=[TEMPLATE.format(l) for l in LABELS]
+        )
         expected = model(**inputs).logits_per_image[0].softmax(-1)
     got = confidences(result)
     torch.testing.assert_close(torch.tensor([got[label] for label in LABELS]), expected, atol=1e-6, rtol=0)
@@ -98,7 +97,9 @@ def test_space_segmentation_tab(served, query_image, app, tiny_vit, tiny_bert, t
     )
     image = Image.open(query_image).convert("RGB")
     label_map = demo.model.segment(image, ["cat", "dog"], templates=[TEMPLATE], background="background")
-    assert np.array_equal(np.asarray(Image.open(overlay_path).convert("RGB")), np.asarray(overlay_segmentation(image, label_map)))
+    assert np.array_equal(
+        np.asarray(Image.open(overlay_path).convert("RGB")), np.asarray(overlay_segmentation(image, label_map))
+    )
     shares = torch.bincount(label_map.flatten(), minlength=3).double() / label_map.numel()
     assert confidences(areas) == pytest.approx(dict(zip(["cat", "dog", "background"], shares.tolist())), abs=1e-6)
 

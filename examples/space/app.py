@@ -67,7 +67,11 @@ class AlignerDemo:
         self.model_name = model
         self.classifier = pipeline(ZERO_SHOT_TASK, model=model)
         self.model = self.classifier.model
-        shared = {"model": self.model, "tokenizer": self.classifier.tokenizer, "image_processor": self.classifier.image_processor}
+        shared = {
+            "model": self.model,
+            "tokenizer": self.classifier.tokenizer,
+            "image_processor": self.classifier.image_processor,
+        }
         self.image_search = pipeline(RETRIEVAL_TASK, **shared).set_gallery(images=gallery_images)
         self.caption_search = pipeline(RETRIEVAL_TASK, **shared).set_gallery(texts=gallery_captions)
         self.is_token_method = self.model.aligner.input_kind == "tokens"
@@ -110,9 +114,9 @@ class AlignerDemo:
         if self.is_token_method:
             return f"Method `{method}` is a token method: every patch is scored against the labels."
         return (
-            f"**Method `{method}` is not a token method**: it was trained on pooled features, so each patch is embedded "
-            "as if it were a whole image (a MaskCLIP-style baseline) and the maps are coarse. Token methods such as "
-            "`token_relative` are trained for segmentation."
+            f"**Method `{method}` is not a token method**: it was trained on pooled features, so each patch is "
+            "embedded as if it were a whole image (a MaskCLIP-style baseline) and the maps are coarse. Token methods "
+            "such as `token_relative` are trained for segmentation."
         )
 
     def build(self) -> gr.Blocks:
@@ -158,15 +162,22 @@ class AlignerDemo:
                         overlay = gr.Image(type="pil", label="Label map", format="png")
                         areas = gr.Label(label="Share of the image")
                 segment.click(
-                    self.segment, [seg_image, seg_labels, seg_template, background], [overlay, areas], api_name="segment"
+                    self.segment,
+                    [seg_image, seg_labels, seg_template, background],
+                    [overlay, areas],
+                    api_name="segment",
                 )
         return demo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.environ.get(MODEL_ENV), help=f"aligner Hub id or folder (env {MODEL_ENV})")
-    parser.add_argument("--gallery", default=os.environ.get(GALLERY_ENV), help=f"folder of gallery images (env {GALLERY_ENV})")
+    parser.add_argument(
+        "--model", default=os.environ.get(MODEL_ENV), help=f"aligner Hub id or folder (env {MODEL_ENV})"
+    )
+    parser.add_argument(
+        "--gallery", default=os.environ.get(GALLERY_ENV), help=f"folder of gallery images (env {GALLERY_ENV})"
+    )
     parser.add_argument("--host", default="0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
