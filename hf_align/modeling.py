@@ -543,15 +543,8 @@ class AlignerModel(PreTrainedModel):
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
             )
         except OSError as err:
-            pickle_file = _pickle_checkpoint(pretrained_model_name_or_path, kwargs)
-            if pickle_file is None:
-                raise
-            raise OSError(
-                f"{os.fspath(pretrained_model_name_or_path)!r} holds only a pickle checkpoint ({pickle_file}) and no "
-                "model.safetensors; hf_align refuses pickle weights because loading them can run arbitrary code. If "
-                "you trust its author, convert it: safetensors.torch.save_file(torch.load(path, weights_only=True), "
-                "'model.safetensors')"
-            ) from err
+            _raise_if_pickle_only(pretrained_model_name_or_path, kwargs, err)
+            raise
         _check_loading_info(pretrained_model_name_or_path, info)
         model.logit_scale.requires_grad_(model.config.learnable_temperature)
         if not load_encoders:
@@ -584,7 +577,7 @@ def _check_loading_info(path, info: dict) -> None:
         "in the checkpoint but not in the model": info.get("unexpected_keys"),
         "of another shape than the config gives": info.get("mismatched_keys"),
     }
-    found = {what: sorted(map(str, keys))[:10] for what, keys in problems.items() if keys}
+    found = {what: sorted(map(_describe_key, keys))[:10] for what, keys in problems.items() if keys}
     if found:
         details = "; ".join(f"{what}: {keys}" for what, keys in found.items())
         raise ValueError(
@@ -593,12 +586,30 @@ def _check_loading_info(path, info: dict) -> None:
         )
 
 
+def _describe_key(key) -> str:
+    # mismatched keys come as (name, checkpoint shape, model shape)
+    if isinstance(key, tuple) and len(key) == 3:
+        return f"{key[0]} (checkpoint {tuple(key[1])}, config {tuple(key[2])})"
+    return str(key)
+
+
+def _raise_if_pickle_only(path, kwargs: dict, err: OSError) -> None:
+    """After transformers found no safetensors weights: say so in our words when the repo holds pickle ones."""
+    pickle_file = _pickle_checkpoint(path, kwargs)
+    if pickle_file is not None:
+        raise OSError(
+            f"{os.fspath(path)!r} holds only a pickle checkpoint ({pickle_file}) and no model.safetensors; hf_align "
+            "refuses pickle weights because loading them can run arbitrary code. If you trust its author, convert it: "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')"
+        ) from err
+
+
 def _pickle_checkpoint(path, kwargs: dict) -> str | None:
     """The pickle weight file a repo or folder holds (for the refusal message), or None."""
     subfolder = kwargs.get("subfolder") or ""
     if os.path.isdir(path):
         found = [f for f in PICKLE_WEIGHTS if os.path.isfile(os.path.join(path, subfolder, f))]
-        return found[0] if found else None
+        return (f"{subfolder}/{found[0]}" if subfolder else found[0]) if found else None
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -648,7 +659,11 @@ def _load_bundled(modality: str, repo: str | os.PathLike, revision: str | None, 
     kwargs = {"subfolder": subfolder, "revision": revision, "use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return load_encoder(modality, AutoModel.from_pretrained(str(repo), **kwargs))
+    try:
+        return load_encoder(modality, AutoModel.from_pretrained(str(repo), **kwargs))
+    except OSError as err:
+        _raise_if_pickle_only(repo, kwargs, err)
+        raise
 
 
 def _aligner_settings(method: str, vision_pooling: str, text_pooling: str, kwargs: dict) -> dict:
