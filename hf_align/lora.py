@@ -24,7 +24,13 @@ How hf_align reads a `LoraConfig` (everything else is PEFT's usual meaning):
 
 The encoder becomes a `peft.PeftModel`: base weights stay frozen, the LoRA weights train with the aligner (their
 dropout follows `model.train()` while the encoders themselves stay in eval mode). Training must run on raw inputs
-(`pixel_values`, `input_ids`, ...), not on a feature cache, since the features now change as the adapter trains.
+(`pixel_values`, `input_ids`, ...), not on a feature cache, since the features now change as the adapter trains;
+`ImageTextCollator` makes such batches from image–caption rows for `transformers.Trainer`:
+
+```python
+trainer = Trainer(model=model, args=TrainingArguments(..., remove_unused_columns=False), train_dataset=pairs,
+                  data_collator=ImageTextCollator(model.processor, image_column="image", text_column="caption"))
+```
 
 Saving (`AlignerModel.save_pretrained`) writes each adapter beside the aligner weights as `vision_encoder_lora/` /
 `text_encoder_lora/` (`adapter_model.safetensors` + `adapter_config.json`); `config.encoder_lora` lists them and
@@ -50,6 +56,31 @@ from torch import nn
 MODALITIES = ("vision", "text")
 LORA_SUBFOLDERS = {"vision": "vision_encoder_lora", "text": "text_encoder_lora"}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class ImageTextCollator:
+    """Batches raw image–caption rows (one caption per image, pair i matching pair i) for end-to-end training.
+
+    Returns the processor's `pixel_values` (B, C, H, W), `input_ids` / `attention_mask` (B, T) (+ `token_type_ids`)
+    and `return_loss=True`, so `AlignerModel.forward` runs both encoders and returns the InfoNCE loss.
+    """
+
+    def __init__(self, processor, image_column: str = "image", text_column: str = "caption"):
+        self.processor = processor
+        self.image_column = image_column
+        self.text_column = text_column
+
+    def __call__(self, rows: list[dict]) -> dict:
+        for argument, column in (("image_column", self.image_column), ("text_column", self.text_column)):
+            if column not in rows[0]:
+                raise ValueError(f"{argument}={column!r} is not in the batch rows, which have {sorted(rows[0])}")
+        texts = [row[self.text_column] for row in rows]
+        not_text = sorted({type(t).__name__ for t in texts if not isinstance(t, str)})
+        if not_text:
+            raise ValueError(f"{self.text_column!r} must hold one caption string per image, got {not_text}")
+        batch = dict(self.processor(images=[row[self.image_column] for row in rows], text=texts))
+        batch["return_loss"] = True
+        return batch
 
 
 def split_encoder_lora(encoder_lora) -> dict[str, LoraConfig]:
@@ -258,6 +289,7 @@ def save_base_encoder(encoder: nn.Module, directory: str | os.PathLike) -> None:
 
 __all__ = [
     "LORA_SUBFOLDERS",
+    "ImageTextCollator",
     "add_encoder_lora",
     "base_encoder_state_dict",
     "encoder_lora_parameters",

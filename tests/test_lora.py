@@ -9,10 +9,11 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
-from transformers import AutoModel
+from transformers import AutoModel, Trainer, TrainingArguments
 
 from hf_align import AlignerModel
-from hf_align.lora import base_encoder_state_dict, encoder_lora_parameters, resolve_lora_config
+from hf_align.lora import ImageTextCollator, base_encoder_state_dict, encoder_lora_parameters, resolve_lora_config
+from hf_align.testing import digits_dataset
 
 BOTH = ["q_proj", "v_proj", "query", "value"]  # attention projections of the ViT and of BERT
 CAPTIONS = ["a cat", "a dog on a beach", "a big red car", "two trees"]
@@ -199,3 +200,31 @@ def test_encoder_lora_argument_errors(encoders, plain_model, tmp_path):
         aligner_only.save_pretrained(tmp_path / "again")
     with pytest.raises(ValueError, match="encoder_lora must be a list of 'vision' and/or 'text', got 'vision'"):
         type(model.config)(encoder_lora="vision")
+
+
+def test_trainer_trains_lora_end_to_end_on_raw_pairs(encoders, tmp_path):
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, target_modules=BOTH, layers_to_transform=[-1])
+    model = AlignerModel.from_encoders(*encoders, method="linear", projection_dim=16, encoder_lora=lora)
+    head_before = model.aligner.vision_head.weight.detach().clone()
+    pairs = digits_dataset(8)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        remove_unused_columns=False, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=pairs, data_collator=ImageTextCollator(model.processor))
+    assert trainer.train().global_step == 2
+    assert all(p.abs().max() > 0 for name, p in model.named_parameters() if ".lora_B." in name)
+    assert not torch.equal(model.aligner.vision_head.weight, head_before)
+    assert_base_weights_unchanged(model, encoders)
+
+    collate = ImageTextCollator(model.processor)
+    batch = collate([pairs[0], pairs[1]])
+    assert batch["return_loss"] is True and batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["input_ids"].shape[0] == 2 and batch["attention_mask"].shape == batch["input_ids"].shape
+    with pytest.raises(
+        ValueError, match=r"text_column='text' is not in the batch rows, which have \['caption', 'image', 'label'\]"
+    ):
+        ImageTextCollator(model.processor, text_column="text")([pairs[0]])
+    with pytest.raises(ValueError, match=r"'caption' must hold one caption string per image, got \['list'\]"):
+        collate([{"image": pairs[0]["image"], "caption": ["a", "b"]}])
