@@ -13,6 +13,7 @@ The YAML header carries `base_model` (both encoders, when they are Hub ids), `da
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import re
@@ -352,8 +353,11 @@ def card_data(model, model_id: str | None = None, tags: Sequence[str] = ()) -> M
 
 
 # ---------------------------------------------------------------------------------------------- rendering
-def generate_model_card(model, model_id: str | None = None, tags: Sequence[str] = ()) -> ModelCard:
-    """The full card of `model`; `model_id` (repo id or folder) is what the usage snippet loads."""
+def generate_model_card(
+    model, model_id: str | None = None, tags: Sequence[str] = (), bundled: bool | None = None
+) -> ModelCard:
+    """The full card of `model`; `model_id` (repo id or folder) is what the usage snippet loads. `bundled` says whether
+    the encoders are saved alongside (default: what the model's config says)."""
     config = model.config
     summary = config.training_summary
     model_id = model_id or default_model_name(config)
@@ -373,7 +377,7 @@ def generate_model_card(model, model_id: str | None = None, tags: Sequence[str] 
         learnable_temperature=config.learnable_temperature,
         embed_dim=getattr(model.aligner, "embed_dim", None),
         num_parameters=f"{_aligner_parameter_count(model):,}",
-        bundled=config.bundled_encoders,
+        bundled=config.bundled_encoders if bundled is None else bundled,
         train_pairs=summary.get("train_pairs"),
         layer_selection=_layer_selection_text(summary.get("layer_selection")),
         evaluations=[_evaluation_view(run) for run in summary.get("evaluations", [])],
@@ -416,8 +420,11 @@ def upload_aligner(
     from . import __version__
 
     folder = os.fspath(folder)
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
         raise ValueError(f"folder={folder!r} holds no config.json: save the aligner there with save_pretrained first")
+    with open(config_path, encoding="utf-8") as handle:
+        bundled = bool(json.load(handle).get("bundled_encoders", False))
     api = HfApi(library_name="hf_align", library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):
@@ -427,7 +434,7 @@ def upload_aligner(
         for path in _uploaded_files(folder)
         if path != "README.md"
     ]
-    card = str(generate_model_card(model, repo_id, tags)).encode("utf-8")
+    card = str(generate_model_card(model, repo_id, tags, bundled)).encode("utf-8")
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     return api.create_commit(
         repo_id,

@@ -294,6 +294,21 @@ def test_save_pretrained_push_to_hub_pushes_the_finished_folder(stand_in_hub, ev
     check_uploaded_aligner(stand_in_hub.repos["me/saved"], "me/saved", metrics)
 
 
+def test_push_with_bundled_encoders_uploads_their_folders(stand_in_hub, evaluated_model):
+    model, metrics = evaluated_model
+    model.push_to_hub("me/bundled", bundle_encoders=True)
+    files = stand_in_hub.repos["me/bundled"]
+    check_uploaded_aligner(files, "me/bundled", metrics)
+    assert {"vision_encoder/config.json", "vision_encoder/model.safetensors", "text_encoder/model.safetensors"} <= set(files)
+    assert json.loads(files["config.json"])["bundled_encoders"] is True
+    # transformers 5 saves under the checkpoint's original key names: compare the tensors, not the names
+    uploaded = load_safetensors(files["vision_encoder/model.safetensors"]).values()
+    own = model.vision_model.state_dict().values()
+    assert sorted(t.double().sum().item() for t in uploaded) == pytest.approx(sorted(t.double().sum().item() for t in own))
+    assert "bundled under `vision_encoder/` and `text_encoder/`" in files["README.md"].decode()
+    assert model.config.bundled_encoders is False  # the in-memory model is unchanged
+
+
 def test_cli_push_needs_a_saved_folder(tmp_path):
     with pytest.raises(ValueError, match=r"model_dir='.*missing' is not a folder; give the output_dir of a saved aligner"):
         cli_main(["push", "--model_dir", str(tmp_path / "missing"), "--repo_id", "me/x"])
