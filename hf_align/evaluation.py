@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .features import FeatureCollator, features_for
 from .modelcard import TASK_RETRIEVAL, TASK_ZERO_SHOT, record_evaluation
+from .retrieval import check_ks, check_text_image_index, chunked_retrieval_metrics, recall_metrics
 from .templates import DEFAULT_TEMPLATES
 
 
@@ -35,14 +36,10 @@ def retrieval_metrics(
     if scores.dim() != 2:
         raise ValueError(f"logits_per_image must be a (n_images, n_texts) matrix, got shape {tuple(scores.shape)}")
     _check_scores("logits_per_image", scores, ks)
-    owner = torch.as_tensor(text_image_index, dtype=torch.long, device=scores.device)
     n_images, n_texts = scores.shape
-    if owner.shape != (n_texts,):
-        raise ValueError(f"text_image_index must have shape ({n_texts},) (one image per text), got {tuple(owner.shape)}")
     if n_texts == 0 or n_images == 0:
         raise ValueError(f"retrieval needs at least one image and one text, got scores of shape {tuple(scores.shape)}")
-    if owner.min() < 0 or owner.max() >= n_images:
-        raise ValueError(f"text_image_index values must lie in [0, {n_images}), got [{owner.min()}, {owner.max()}]")
+    owner = check_text_image_index(text_image_index, n_images, n_texts, scores.device)
     texts = torch.arange(n_texts, device=scores.device)
     # text -> image: rank of the text's own image in its column
     positive = scores[owner, texts]
@@ -52,14 +49,7 @@ def retrieval_metrics(
     best_positive = best_positive.scatter_reduce(0, owner, positive, reduce="amax")
     has_caption = torch.isfinite(best_positive)
     image_rank = (scores > best_positive[:, None]).sum(1)[has_caption]
-    metrics = {}
-    for k in ks:
-        i2t = 100.0 * (image_rank < k).float().mean().item()
-        t2i = 100.0 * (text_rank < k).float().mean().item()
-        metrics[f"image_to_text_R@{k}"] = i2t
-        metrics[f"text_to_image_R@{k}"] = t2i
-        metrics[f"mean_R@{k}"] = (i2t + t2i) / 2
-    return metrics
+    return recall_metrics(image_rank, text_rank, ks)
 
 
 def zero_shot_metrics(
@@ -94,9 +84,7 @@ def _check_scores(name: str, scores: torch.Tensor, ks: Sequence[int]) -> None:
     if bool(nan.any()):
         rows = torch.nonzero(nan.any(1)).flatten().tolist()
         raise ValueError(f"{name} holds NaN scores in {len(rows)} row(s), e.g. rows {rows[:10]}")
-    bad_ks = [k for k in ks if not isinstance(k, int) or isinstance(k, bool) or k < 1]
-    if bad_ks:
-        raise ValueError(f"ks must be positive ints, got {list(ks)}")
+    check_ks(ks)
 
 
 # ---------------------------------------------------------------------------------------------- embedding helpers
@@ -248,8 +236,8 @@ def evaluate_retrieval(
         )
         text_embeds = embed_texts(model, processor, captions)
         owner = torch.tensor(owner)
-    scores = model.similarity(image_embeds, text_embeds)
-    metrics = retrieval_metrics(scores, owner.to(scores.device))
+    # In blocks: the full (n_images, n_texts) score matrix of a large test set would not fit in memory.
+    metrics = chunked_retrieval_metrics(image_embeds, text_embeds, owner.to(image_embeds.device), similarity=model.similarity)
     record_evaluation(
         model, TASK_RETRIEVAL, metrics, dataset, dataset_name, dataset_split, num_samples=len(image_embeds),
         details=f"{len(text_embeds)} captions of {len(image_embeds)} images, every image against every caption",
