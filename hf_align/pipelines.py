@@ -124,7 +124,9 @@ class AlignerZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
             self._label_cache.move_to_end(label_set)
             return cached
         labels, template, tokenizer_json = label_set
-        tokenizer_kwargs = {"padding": True, **json.loads(tokenizer_json)}
+        # Some tokenizers (SigLIP's) return no attention mask unless asked; without one the padding of the shorter
+        # prompts would be pooled as if it were text.
+        tokenizer_kwargs = {"padding": True, "return_attention_mask": True, **json.loads(tokenizer_json)}
         tokens = self.tokenizer([template.format(label) for label in labels], return_tensors="pt", **tokenizer_kwargs)
         tokens = tokens.to(self.device)
         cached = self.model.encode_text(tokens["input_ids"], tokens.get("attention_mask"), tokens.get("token_type_ids"))
@@ -208,7 +210,7 @@ class AlignerImageTextRetrievalPipeline(Pipeline):
         if self.gallery_modality == "image":
             if not isinstance(query, str):
                 raise ValueError(f"the gallery holds images, so queries must be text (str), got {type(query).__name__}")
-            return self.tokenizer([query], return_tensors="pt", padding=True, truncation=True)
+            return self.tokenizer([query], return_tensors="pt", truncation=True, return_attention_mask=True)
         return self.image_processor(images=[load_image(query, timeout=timeout)], return_tensors="pt").to(self.dtype)
 
     def _forward(self, model_inputs):

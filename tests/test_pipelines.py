@@ -126,6 +126,15 @@ def test_cached_zero_shot_pipeline_runs_text_tower_once_per_label_set(linear_dir
     assert len(text_calls) == 6
 
 
+def test_cached_zero_shot_pipeline_masks_padding_when_the_tokenizer_gives_no_mask(linear_dir, random_images):
+    register_pipelines()
+    expected = pipeline(ZERO_SHOT_TASK, model=linear_dir)(random_images[0], candidate_labels=LABELS)
+    classifier = pipeline(ZERO_SHOT_TASK, model=linear_dir)
+    classifier.tokenizer.model_input_names = ["input_ids"]  # like SigLIP's tokenizer: no attention mask by default
+    assert "attention_mask" not in classifier.tokenizer(LABELS, padding=True)
+    assert classifier(random_images[0], candidate_labels=LABELS) == expected
+
+
 def test_cached_zero_shot_pipeline_dtype(linear_dir, random_images):
     register_pipelines()
     full = pipeline(ZERO_SHOT_TASK, model=linear_dir)(random_images[0], candidate_labels=LABELS)
