@@ -126,11 +126,16 @@ def sample_w2(
         a, b: (n_a, d) and (n_b, d) sets of equal width.
         normalize: L2-normalise rows first.
         max_samples: random subset of at most this many rows per set (reproducible with `seed`); `None` uses all
-            rows. W2 on a subsample is a (biased upwards) estimate of the population distance.
+            rows. Sets of equal size keep the same row indices (matched pairs stay matched). W2 on a subsample is a
+            (biased upwards) estimate of the population distance.
     """
     a, b = _pair(a, b)
     rng = np.random.default_rng(seed)
-    a, b = _subsample(a, max_samples, rng), _subsample(b, max_samples, rng)
+    if a.shape[0] == b.shape[0] and max_samples is not None and a.shape[0] > max_samples:
+        keep = np.sort(rng.choice(a.shape[0], size=max_samples, replace=False))  # same rows: pairs stay pairs
+        a, b = a[keep], b[keep]
+    else:
+        a, b = _subsample(a, max_samples, rng), _subsample(b, max_samples, rng)
     if normalize:
         a, b = _normalise_rows(a), _normalise_rows(b)
     cost = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T

@@ -140,3 +140,60 @@ def test_alignment_uniformity_needs_matched_pairs():
         alignment_uniformity(np.ones((3, 2)), np.ones((4, 2)))
     with pytest.raises(ValueError, match="alpha and t"):
         alignment_uniformity(np.ones((3, 2)), np.ones((3, 2)), t=0)
+
+
+# ---------------------------------------------------------------------------------------------- report and CLI
+def test_geometry_report_and_pair_similarities():
+    from hf_align.analysis import geometry_report, pair_similarities
+
+    x = _rng(10).normal(size=(60, 4))
+    matched, shuffled = pair_similarities(x, x)
+    assert np.allclose(matched, 1.0) and (shuffled < 1.0 - 1e-9).all()  # random pairs never repeat a matched pair
+    report = geometry_report(x, x, max_samples=30)
+    assert report["modality_gap"] == pytest.approx(0.0, abs=1e-12)
+    assert report["sample_w2"] == pytest.approx(0.0, abs=1e-6)
+    assert report["alignment"] == pytest.approx(0.0, abs=1e-12)
+    assert report["pair_similarity"]["matched_beats_random"] == 1.0
+    assert report["sample_w2_rows"] == 30
+    json_ready = __import__("json").dumps(report)
+    assert "gaussian_w2" in json_ready
+
+
+def test_analyze_command_before_and_after(tmp_path):
+    import json
+
+    from hf_align import AlignerModel
+    from hf_align.cli import main
+    from hf_align.features import features_from_tensors
+    from hf_align.testing import make_paired_task
+
+    task = make_paired_task(n=200, vision_dim=24, text_dim=24, seed=0)
+    features_from_tensors(task.vision, task.text).save_to_disk(str(tmp_path / "cache"))
+    model = AlignerModel.from_feature_dims(24, 24, method="linear", projection_dim=8, similarity="bilinear")
+    model.save_pretrained(str(tmp_path / "aligner"))
+    out = tmp_path / "report"
+    assert main(["analyze", "--features", str(tmp_path / "cache"), "--model", str(tmp_path / "aligner"),
+                 "--output_dir", str(out), "--max_samples", "100"]) == 0  # fmt: skip
+    report = json.loads((out / "analysis.json").read_text())
+    before, after = report["stages"]["before"], report["stages"]["after"]
+    assert before["applicable"] and before["dim"] == 24 and before["vision_layer"] == 2
+    assert after["applicable"] and after["dim"] == 8 and after["similarity"] == "bilinear"
+    assert report["n_rows_analysed"] == 100
+    for stage in ("before", "after"):
+        assert (out / f"projection_{stage}.png").stat().st_size > 0
+        assert (out / f"similarity_hist_{stage}.png").stat().st_size > 0
+        assert 0 <= report["stages"][stage]["modality_gap"] <= 2
+
+
+def test_analyze_before_is_not_applicable_for_different_widths(tmp_path):
+    from hf_align.commands.analyze import analyze
+    from hf_align.features import features_from_tensors
+    from hf_align.testing import make_paired_task
+
+    task = make_paired_task(n=80, vision_dim=16, text_dim=12, seed=0)
+    report = analyze(features_from_tensors(task.vision, task.text), str(tmp_path), plots=False)
+    assert report["stages"]["before"]["applicable"] is False
+    assert "different widths (vision 16, text 12)" in report["stages"]["before"]["reason"]
+    assert report["stages"]["after"] == {"applicable": False, "reason": "no aligner given (--model)"}
+    with pytest.raises(ValueError, match="not in the cache"):
+        analyze(features_from_tensors(task.vision, task.text), str(tmp_path), vision_layer=7, plots=False)
