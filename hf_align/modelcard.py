@@ -237,7 +237,9 @@ def record_training_dataset(model, dataset=None, name: str | None = None, split:
     """Note the source dataset the aligner was trained on (the feature cache itself no longer knows its name)."""
     info = describe_dataset(dataset, name, split, num_rows)
     if "name" not in info and "id" not in info:
-        raise ValueError("record_training_dataset needs a name: pass name=... or a datasets.Dataset loaded from the Hub")
+        raise ValueError(
+            "record_training_dataset needs a name: pass name=... or a datasets.Dataset loaded from the Hub"
+        )
     summary = dict(model.config.training_summary)
     same = (info.get("id") or info.get("name"), info.get("split"))
     kept = [d for d in summary.get("train_datasets", []) if (d.get("id") or d.get("name"), d.get("split")) != same]
@@ -361,6 +363,7 @@ def generate_model_card(
     config = model.config
     summary = config.training_summary
     model_id = model_id or default_model_name(config)
+    final_eval = ordered_metrics(summary.get("final_eval", {}))
     return ModelCard.from_template(
         card_data(model, model_id, tags),
         template_str=TEMPLATE,
@@ -384,7 +387,7 @@ def generate_model_card(
         train_datasets=[_dataset_view(d) for d in summary.get("train_datasets", [])],
         training=_training_rows(summary),
         hyperparameters=[(k, _fmt(v)) for k, v in sorted(summary.get("training_args", {}).items())],
-        final_eval=[(metric_display_name(k.removeprefix("eval_")), _fmt(v)) for k, v in ordered_metrics(summary.get("final_eval", {}))],
+        final_eval=[(metric_display_name(k.removeprefix("eval_")), _fmt(v)) for k, v in final_eval],
         training_logs=_log_rows(summary.get("training_logs", [])),
         versions=library_versions(),
     )
@@ -585,10 +588,8 @@ def _log_rows(logs: Sequence[Mapping]) -> list[dict[str, Any]]:
     if len(logs) > _MAX_LOG_ROWS:
         step = len(logs) / _MAX_LOG_ROWS
         logs = [logs[int(i * step)] for i in range(_MAX_LOG_ROWS - 1)] + [logs[-1]]
-    return [
-        {k: _fmt(row.get(k)) if row.get(k) is not None else "-" for k in ("epoch", "step", "training_loss", "validation_loss")}
-        for row in logs
-    ]
+    columns = ("epoch", "step", "training_loss", "validation_loss")
+    return [{k: _fmt(row[k]) if row.get(k) is not None else "-" for k in columns} for row in logs]
 
 
 def _settings(values: Mapping) -> str:

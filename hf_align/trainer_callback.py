@@ -68,8 +68,9 @@ class CardDataCallback(TrainerCallback):
                     )
                 _init_from_data(aligner_model, dataset, self.init_samples, args.seed)
         # A summary recorded before this run (an earlier fit, evaluations of the old weights) no longer describes it.
-        kept = {k: v for k, v in aligner_model.config.training_summary.items() if k in ("layer_selection", "train_datasets")}
-        aligner_model.config.training_summary = kept
+        summary = aligner_model.config.training_summary
+        kept = ("layer_selection", "train_datasets")
+        aligner_model.config.training_summary = {k: summary[k] for k in kept if k in summary}
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

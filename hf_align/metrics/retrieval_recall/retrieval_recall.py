@@ -5,6 +5,7 @@ import evaluate
 import torch
 
 from hf_align.evaluation import retrieval_metrics
+from hf_align.metrics import metric_info
 
 _DESCRIPTION = """
 Recall@k of cross-modal retrieval in both directions, in percent, for any number of captions per image.
@@ -30,32 +31,16 @@ Examples:
     {'image_to_text_R@1': 50.0, 'text_to_image_R@1': 100.0, 'mean_R@1': 75.0}
 """
 
-_CITATION = """
-@inproceedings{radford2021clip,
-  title={Learning Transferable Visual Models From Natural Language Supervision},
-  author={Radford, Alec and Kim, Jong Wook and Hallacy, Chris and others},
-  booktitle={ICML},
-  year={2021}
-}
-"""
-
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class RetrievalRecall(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            module_type="metric",
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {
-                    "predictions": datasets.Sequence(datasets.Value("float32")),
-                    "references": datasets.Sequence(datasets.Value("int64")),
-                }
-            ),
-            reference_urls=["https://arxiv.org/abs/2103.00020"],
-        )
+        features = {
+            "predictions": datasets.Sequence(datasets.Value("float32")),
+            "references": datasets.Sequence(datasets.Value("int64")),
+        }
+        clip_paper = "https://arxiv.org/abs/2103.00020"
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, datasets.Features(features), urls=[clip_paper])
 
     def _compute(self, predictions, references, ks=(1, 5, 10)):
         lengths = sorted({len(row) for row in predictions})
@@ -76,7 +61,9 @@ def text_owners(references, n_texts: int) -> torch.Tensor:
             if not 0 <= text < n_texts:
                 raise ValueError(f"references[{image}] names text {text}, outside [0, {n_texts}) (the score columns)")
             if owner[text] >= 0:
-                raise ValueError(f"text {text} is listed under images {int(owner[text])} and {image}; each text describes one image")
+                raise ValueError(
+                    f"text {text} is listed under images {int(owner[text])} and {image}; each text describes one image"
+                )
             owner[text] = image
     orphans = torch.nonzero(owner < 0).flatten().tolist()
     if orphans:

@@ -5,6 +5,7 @@ import datasets
 import evaluate
 import torch
 
+from hf_align.metrics import metric_info
 from hf_align.segmentation import confusion_matrix
 from hf_align.segmentation import segmentation_metrics
 
@@ -49,14 +50,8 @@ _CITATION = """
 class SegmentationMiou(evaluate.Metric):
     def _info(self):
         label_map = datasets.Sequence(datasets.Sequence(datasets.Value("int64")))
-        return evaluate.MetricInfo(
-            module_type="metric",
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": label_map, "references": label_map}),
-            reference_urls=["https://arxiv.org/abs/2605.16834"],
-        )
+        features = datasets.Features({"predictions": label_map, "references": label_map})
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, features, _CITATION, ["https://arxiv.org/abs/2605.16834"])
 
     def _compute(self, predictions, references, num_labels, ignore_index=255, class_names=None, num_scored=None):
         if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1:

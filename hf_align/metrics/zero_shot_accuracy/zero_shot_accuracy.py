@@ -6,6 +6,7 @@ import evaluate
 import torch
 
 from hf_align.evaluation import zero_shot_metrics
+from hf_align.metrics import metric_info
 
 _DESCRIPTION = """
 Top-k accuracy and mean per-class recall (balanced accuracy of the top-1 prediction), in percent, of class scores
@@ -27,32 +28,18 @@ Examples:
     {'top1': 66.66666865348816, 'mean_per_class_recall': 75.0}
 """
 
-_CITATION = """
-@inproceedings{radford2021clip,
-  title={Learning Transferable Visual Models From Natural Language Supervision},
-  author={Radford, Alec and Kim, Jong Wook and Hallacy, Chris and others},
-  booktitle={ICML},
-  year={2021}
-}
-"""
-
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ZeroShotAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            module_type="metric",
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
-            ),
-            reference_urls=["https://arxiv.org/abs/2103.00020"],
-        )
+        features = {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+        clip_paper = "https://arxiv.org/abs/2103.00020"
+        return metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION, datasets.Features(features), urls=[clip_paper])
 
     def _compute(self, predictions, references, ks=(1, 5)):
         lengths = sorted({len(row) for row in predictions})
         if len(lengths) != 1:
-            raise ValueError(f"predictions must give every image a score for each of the C classes; got rows of lengths {lengths}")
+            raise ValueError(
+                f"predictions must give every image a score for each of the C classes; got rows of lengths {lengths}"
+            )
         return zero_shot_metrics(torch.tensor(predictions, dtype=torch.float32), references, ks)
