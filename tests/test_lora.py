@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
-from transformers import AutoModel, Trainer, TrainingArguments
+from transformers import AutoModel, Trainer, TrainingArguments, pipeline
 
 from hf_align import AlignerModel
 from hf_align.lora import ImageTextCollator, base_encoder_state_dict, encoder_lora_parameters, resolve_lora_config
@@ -114,6 +114,15 @@ def test_lora_aligner_trains_end_to_end_and_round_trips(encoders, random_images,
     with torch.no_grad():
         cls_tokens = peft_vit(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1][:, 0]
         assert torch.equal(cls_tokens, loaded.encode_vision(pixel_values)[0])
+
+    # The stock transformers pipeline loads the folder with its adapters and scores as the trained model does.
+    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path))
+    assert isinstance(classifier.model.vision_model, PeftModel)
+    result = {r["label"]: r["score"] for r in classifier(random_images[0], candidate_labels=CAPTIONS)}
+    with torch.no_grad():
+        prompts = [f"This is a photo of {c}." for c in CAPTIONS]  # the pipeline's default hypothesis template
+        expected = model(**model.processor(images=random_images[:1], text=prompts)).logits_per_image[0].softmax(-1)
+    torch.testing.assert_close(torch.tensor([result[c] for c in CAPTIONS]), expected, atol=1e-6, rtol=0)
 
     # Bundled: the encoder folders hold base weights only (original names), the adapters sit beside them.
     bundle = tmp_path / "bundle"
