@@ -243,13 +243,13 @@ def _segment_batch(model, image_processor, images, class_embeds, sizes, input_si
 
 
 def _check_segmenter(model, processor):
-    if processor is None:
-        raise ValueError("segmentation needs the model's AlignerProcessor (processor=None and model.processor is None)")
     if not getattr(model, "has_encoders", False):
         raise ValueError(
             "segmenting images needs the vision encoder: this AlignerModel has none attached (load_encoders=False?); "
             "use hf_align.segmentation.segment_tokens on precomputed token features instead"
         )
+    if processor is None:
+        raise ValueError("segmentation needs the model's AlignerProcessor (processor=None and model.processor is None)")
 
 
 @torch.no_grad()

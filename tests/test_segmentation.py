@@ -1,0 +1,224 @@
+"""Zero-shot segmentation: metrics against a hand-computed confusion matrix, planted per-patch classes on the synthetic
+token task, the image path (every tiny vision tower kind, `AlignerModel.segment`, overlay), and bad input. CPU, offline.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import hf_align
+from hf_align import AlignerModel
+from hf_align.segmentation import (
+    class_profiles,
+    confusion_matrix,
+    evaluate_segmentation,
+    overlay_segmentation,
+    palette,
+    patch_grid,
+    segment_tokens,
+    segmentation_logits,
+    segmentation_metrics,
+)
+from hf_align.testing import make_paired_task
+from test_token_relative import fit
+
+LAYER = 2
+CLASSES = ["cat", "dog", "car"]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_miou_matches_a_hand_computed_confusion_matrix():
+    target = torch.tensor([[0, 0, 1], [1, 2, 255]])
+    prediction = torch.tensor([[0, 1, 1], [1, 0, 2]])
+    # (gt, pred) over the 5 labelled pixels: (0,0) (0,1) (1,1) (1,1) (2,0); the ignored pixel never counts
+    expected = torch.tensor([[1, 1, 0], [0, 2, 0], [1, 0, 0]])
+    confusion = confusion_matrix(prediction, target, num_classes=3)
+    assert torch.equal(confusion, expected)
+    metrics = segmentation_metrics(confusion, CLASSES)
+    # IoU = TP / (gt + pred - TP): cat 1/(2+2-1), dog 2/(2+3-2), car 0/(1+0-0)
+    assert metrics["per_class_iou"] == pytest.approx({"cat": 100 / 3, "dog": 200 / 3, "car": 0.0})
+    assert metrics["mIoU"] == pytest.approx(100 / 3)
+    assert metrics["pixel_accuracy"] == pytest.approx(60.0)
+    # a class neither labelled nor predicted is skipped, not averaged in as 0
+    four = segmentation_metrics(confusion_matrix(prediction, target, num_classes=4), CLASSES + ["bird"])
+    assert four["mIoU"] == pytest.approx(100 / 3) and "bird" not in four["per_class_iou"]
+    # a class predicted but absent from the ground truth scores 0 (mmseg's convention)
+    predicted_bird = prediction.clone()
+    predicted_bird[0, 0] = 3
+    five = segmentation_metrics(confusion_matrix(predicted_bird, target, num_classes=4), CLASSES + ["bird"])
+    assert five["per_class_iou"]["bird"] == 0.0
+    assert five["mIoU"] == pytest.approx((0 / 3 + 200 / 3 + 0 + 0) / 4)
+    # only the first num_scored classes enter the mean (a background prompt is not a class of the masks)
+    scored = segmentation_metrics(confusion_matrix(predicted_bird, target, num_classes=4), CLASSES, num_scored=3)
+    assert scored["mIoU"] == pytest.approx((0 / 3 + 200 / 3 + 0) / 3) and scored["pixel_accuracy"] == pytest.approx(40.0)
+
+
+def test_metric_errors():
+    with pytest.raises(ValueError, match=r"mask labels \[7\] are outside the 3 classes \[0, 3\) and are not ignore_index=255"):
+        confusion_matrix(torch.zeros(2, 2), torch.tensor([[0, 7], [1, 255]]), num_classes=3)
+    with pytest.raises(ValueError, match=r"no labelled pixel to score"):
+        segmentation_metrics(confusion_matrix(torch.zeros(4), torch.full((4,), 255), num_classes=3))
+    with pytest.raises(ValueError, match=r"predictions and targets differ in size: 4 vs 6 pixels"):
+        confusion_matrix(torch.zeros(4), torch.zeros(6), num_classes=3)
+
+
+def test_patch_grid():
+    assert patch_grid(257, 1) == (16, 16)
+    assert patch_grid(16, 0) == (4, 4)
+    with pytest.raises(ValueError, match=r"cannot lay 15 vision tokens \(0 prefix token\(s\) dropped, 15 left\) on a square"):
+        patch_grid(15, 0)
+
+
+# ---------------------------------------------------------------------------------------------- synthetic tokens
+@pytest.fixture(scope="module")
+def planted():
+    """token_relative trained on the synthetic token task; class profiles from the training captions of each class."""
+    task = make_paired_task(n=1000, tokens=True, seed=0)
+    train_part, held_out = task.split(500)
+    model = fit(AlignerModel.from_feature_dims(64, 48, method="token_relative", num_anchors=64), train_part)
+    with torch.no_grad():
+        texts = model.get_text_features(text_features=train_part.text_tokens[LAYER], text_mask=train_part.text_mask)
+    n_classes = task.centers.shape[0]
+    profiles = F.normalize(torch.stack([texts[train_part.labels == c].mean(0) for c in range(n_classes)]), dim=-1)
+    return model, profiles, held_out
+
+
+def test_segmentation_of_planted_patch_classes(planted):
+    model, profiles, held_out = planted
+    # each held-out image: 16 patches (no CLS) on a 4x4 grid, about half planted with another cluster
+    with torch.no_grad():
+        maps = segment_tokens(model, held_out.vision_tokens[LAYER], profiles, num_prefix_tokens=0)
+    assert maps.shape == (500, 4, 4) and maps.dtype == torch.long
+    truth = held_out.patch_labels.view(-1, 4, 4)
+    metrics = segmentation_metrics(confusion_matrix(maps, truth, num_classes=10))
+    # measured 97 % (CAP); chance is ~10 %
+    assert metrics["mIoU"] > 85.0, metrics
+    # the same anchors untrained (random directions) are far worse: the score comes from training
+    untrained = AlignerModel.from_feature_dims(64, 48, method="token_relative", num_anchors=64)
+    with torch.no_grad():
+        texts = untrained.get_text_features(text_features=held_out.text_tokens[LAYER], text_mask=held_out.text_mask)
+        random_profiles = F.normalize(torch.stack([texts[held_out.labels == c].mean(0) for c in range(10)]), dim=-1)
+        random_maps = segment_tokens(untrained, held_out.vision_tokens[LAYER], random_profiles, num_prefix_tokens=0)
+    assert segmentation_metrics(confusion_matrix(random_maps, truth, 10))["mIoU"] < metrics["mIoU"] - 30
+
+
+def test_scores_are_patch_anchor_cosines_times_class_profiles(planted):
+    model, profiles, held_out = planted
+    tokens = held_out.vision_tokens[LAYER][:3]
+    with torch.no_grad():
+        logits = segmentation_logits(model, tokens, profiles, num_prefix_tokens=0)  # (3, C, 4, 4)
+        s_pa = hf_align.relative_representation(tokens, model.aligner.vision_anchors)  # (3, 16, K), not renormalised
+    expected = (s_pa @ profiles.t()).transpose(1, 2).reshape(3, 10, 4, 4)
+    torch.testing.assert_close(logits, expected)
+    # a leading CLS token is dropped by default (the config says the encoder has one)
+    with_cls = torch.cat([torch.randn(3, 1, 64), tokens], dim=1)
+    torch.testing.assert_close(segmentation_logits(model, with_cls, profiles), expected)
+    # bilinear upsampling (half-pixel centres): 4 -> 12 puts patch (k, j)'s centre exactly on pixel (3k+1, 3j+1)
+    big = segmentation_logits(model, tokens, profiles, output_size=(12, 12), num_prefix_tokens=0)
+    torch.testing.assert_close(big[:, :, 1::3, 1::3], logits)
+    assert torch.equal(segment_tokens(model, tokens, profiles, output_size=(12, 12), num_prefix_tokens=0), big.argmax(1))
+    with pytest.raises(ValueError, match=r"cannot lay 17 vision tokens"):
+        segment_tokens(model, with_cls, profiles, num_prefix_tokens=0)
+
+
+# ---------------------------------------------------------------------------------------------- images
+def random_images(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+@pytest.fixture(scope="module")
+def vit_model(tiny_vit, tiny_bert):
+    return AlignerModel.from_encoders(tiny_vit, tiny_bert, method="token_relative", num_anchors=16)
+
+
+@pytest.mark.parametrize("kind", ["vit", "dinov2", "clip", "convnext"])
+def test_segment_gives_one_label_map_per_image_at_its_size(kind, tiny_vision_encoders, tiny_bert):
+    model = AlignerModel.from_encoders(tiny_vision_encoders[kind], tiny_bert, method="token_relative", num_anchors=16)
+    images = random_images([(40, 50), (32, 32), (17, 61)])
+    maps = model.segment(images, CLASSES, templates=["a photo of a {}."])
+    assert [tuple(m.shape) for m in maps] == [(40, 50), (32, 32), (17, 61)]
+    assert all(m.dtype == torch.long and m.min() >= 0 and m.max() < 3 for m in maps)
+    single = model.segment(images[0], CLASSES, templates=["a photo of a {}."])
+    assert torch.equal(single, maps[0])
+
+
+def test_segment_equals_the_token_path(vit_model):
+    """Images already at the encoder's 32x32 input: segment() == segment_tokens on the tapped layer's tokens."""
+    model = vit_model
+    images = random_images([(32, 32), (32, 32)], seed=1)
+    templates = ["a photo of a {}.", "a {}."]
+    profiles = class_profiles(model, model.processor, CLASSES, templates)
+    with torch.no_grad():
+        pixel_values = model.processor(images=images)["pixel_values"]
+        tokens = model.vision_hidden_states(pixel_values)[model.config.absolute_layer("vision")]
+        expected = segment_tokens(model, tokens, profiles, output_size=(32, 32))  # 17 tokens: CLS + 4x4 patches
+    maps = model.segment(images, CLASSES, templates=templates)
+    assert torch.equal(torch.stack(maps), expected)
+    # a background prompt is one more class, label len(CLASSES)
+    with_background = class_profiles(model, model.processor, CLASSES, templates, background="background")
+    assert with_background.shape == (4, 16)
+
+
+def test_evaluate_segmentation_agrees_with_segment(vit_model):
+    import datasets
+
+    model = vit_model
+    images = random_images([(40, 50), (24, 24), (33, 20)], seed=2)
+    rng = np.random.default_rng(3)
+    masks = [rng.integers(0, 3, (img.size[1], img.size[0])).astype(np.uint8) for img in images]
+    masks[0][:5] = 255  # ignored pixels
+    dataset = datasets.Dataset.from_dict({"image": images, "mask": [Image.fromarray(m) for m in masks]})
+    metrics = evaluate_segmentation(model, None, dataset, CLASSES, templates=["a {}."], batch_size=2)
+    maps = model.segment(images, CLASSES, templates=["a {}."])
+    confusion = sum(confusion_matrix(p, torch.as_tensor(m).long(), 3) for p, m in zip(maps, masks))
+    expected = segmentation_metrics(confusion, CLASSES)
+    assert metrics["mIoU"] == pytest.approx(expected["mIoU"])
+    assert metrics["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"])
+    assert metrics["num_images"] == 3 and set(metrics["per_class_iou"]) <= set(CLASSES)
+    assert hf_align.evaluate_segmentation is evaluate_segmentation
+    # with a background prompt: its pixels count as wrong, it gets no IoU of its own
+    background = evaluate_segmentation(model, None, dataset, CLASSES, templates=["a {}."], background="background")
+    assert "background" not in background["per_class_iou"]
+
+
+def test_overlay(vit_model):
+    image = random_images([(20, 30)], seed=4)[0]
+    labels = torch.zeros(20, 30, dtype=torch.long)
+    labels[:, 15:] = 2
+    labels[0, 0] = 255
+    colours = palette(3)
+    assert colours.tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]  # the VOC colour map
+    full = np.asarray(overlay_segmentation(image, labels, alpha=1.0))
+    assert full.shape == (20, 30, 3)
+    assert (full[5, 20] == colours[2]).all() and (full[5, 5] == colours[0]).all()
+    assert (full[0, 0] == np.asarray(image)[0, 0]).all()  # ignored pixel left as it was
+    assert (np.asarray(overlay_segmentation(image, labels, alpha=0.0)) == np.asarray(image)).all()
+    with pytest.raises(ValueError, match=r"label_map of shape \(10, 10\) does not match the image's \(H, W\) \(20, 30\)"):
+        overlay_segmentation(image, torch.zeros(10, 10, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_bad_input(vit_model, tmp_path):
+    import datasets
+
+    model = vit_model
+    images = random_images([(40, 50), (24, 24)])
+    wrong = datasets.Dataset.from_dict(
+        {"image": images, "mask": [Image.fromarray(np.zeros((40, 50), np.uint8)), Image.fromarray(np.zeros((20, 24), np.uint8))]}
+    )
+    with pytest.raises(ValueError, match=r"row 1: mask of shape \(20, 24\) does not match its image of size \(24, 24\)"):
+        evaluate_segmentation(model, None, wrong, CLASSES, templates=["a {}."])
+    with pytest.raises(ValueError, match=r"mask_column='segmentation' is not a column of the dataset"):
+        evaluate_segmentation(model, None, wrong, CLASSES, mask_column="segmentation")
+    labels_out_of_range = datasets.Dataset.from_dict({"image": images[:1], "mask": [Image.fromarray(np.full((40, 50), 9, np.uint8))]})
+    with pytest.raises(ValueError, match=r"mask labels \[9\] are outside the 3 classes"):
+        evaluate_segmentation(model, None, labels_out_of_range, CLASSES, templates=["a {}."])
+    model.save_pretrained(tmp_path)
+    aligner_only = AlignerModel.from_pretrained(tmp_path, load_encoders=False)
+    with pytest.raises(ValueError, match=r"segmenting images needs the vision encoder: this AlignerModel has none"):
+        aligner_only.segment(images, CLASSES)
+    with pytest.raises(ValueError, match=r"vision_tokens must be \(B, T, d\) token features, got shape \(4, 32\)"):
+        segment_tokens(model, torch.zeros(4, 32), torch.zeros(3, 16))
