@@ -189,7 +189,8 @@ def evaluate_zero_shot(
     n_templates = len(templates or DEFAULT_TEMPLATES)
     record_evaluation(
         model, TASK_ZERO_SHOT, metrics, dataset, dataset_name, dataset_split, num_samples=len(labels),
-        details=f"{len(class_names)} classes, {n_templates} prompt template{'s' if n_templates > 1 else ''} per class",
+        details=f"{len(labels)} images, {len(class_names)} classes, {n_templates} prompt template"
+        f"{'s' if n_templates > 1 else ''} per class",
     )  # fmt: skip
     return metrics
 

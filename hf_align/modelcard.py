@@ -135,7 +135,7 @@ classifier("photo.jpg", candidate_labels=["cat", "dog"])
 |---|---|
 {% for name, value in hyperparameters %}| `{{ name }}` | `{{ value }}` |
 {% endfor %}{% endif %}{% if final_eval %}
-### Validation metrics (held-out part of the training pairs, best checkpoint)
+### Validation metrics (held-out training pairs, final weights)
 
 | Metric | Value |
 |---|---|
@@ -544,13 +544,11 @@ def _evaluation_view(run: Mapping) -> dict[str, Any]:
     label = dataset.get("name") or dataset.get("id") or "unnamed dataset"
     if dataset.get("split"):
         label += f" ({dataset['split']})"
-    details = [run["details"]] if run.get("details") else []
-    if dataset.get("num_rows"):
-        details.append(f"{dataset['num_rows']} samples")
+    details = run.get("details") or (f"{dataset['num_rows']} samples" if dataset.get("num_rows") else "")
     return {
         "task_name": TASK_NAMES[run["task"]],
         "dataset": label,
-        "details": "; ".join(details),
+        "details": details,
         "metrics": [(metric_display_name(k), _fmt(v)) for k, v in ordered_metrics(run["metrics"])],
     }
 

@@ -89,7 +89,7 @@ def test_card_body_reports_evaluations_and_setup(saved_card):
     folder, card = saved_card
     body = card.text
     assert "### Zero-shot image classification: sklearn/digits (test)" in body
-    assert "10 classes, 1 prompt template per class; 24 samples" in body
+    assert "24 images, 10 classes, 1 prompt template per class" in body
     assert "### Image-text retrieval: sklearn/digits (test)" in body
     assert "24 captions of 24 images" in body
     assert "| Layer (hidden-state index) | -1 | -1 |" in body
