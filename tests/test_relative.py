@@ -13,7 +13,6 @@ import torch
 import hf_align
 from hf_align import AlignerModel
 from hf_align.evaluation import evaluate_retrieval, retrieval_metrics
-from hf_align.features import features_from_tensors
 from hf_align.relative import relative_representation
 from hf_align.testing import make_paired_task
 from hf_align.training import AlignmentArguments, train
@@ -25,10 +24,6 @@ R2 = 1 / math.sqrt(2)
 @pytest.fixture(scope="module")
 def task():
     return make_paired_task(n=1200, seed=0)
-
-
-def pooled_cache(task):
-    return features_from_tensors({LAYER: task.vision[LAYER]}, {LAYER: task.text[LAYER]})
 
 
 def held_out_recall(model, task) -> dict:
@@ -84,7 +79,7 @@ def test_asif_anchors_equal_to_all_pairs_retrieve_themselves(task):
     # A high power makes each relative vector peak at its own anchor (with the authors' p = 8 the many
     # near-duplicate anchors of a cluster blur that peak: ~58 % self-retrieval on this clustered task).
     model = AlignerModel.from_feature_dims(64, 48, method="asif", num_anchors=600, topk=50, power=100.0)
-    train(model, pooled_cache(train_part), AlignmentArguments(eval_fraction=0.0, save_model=False, init_samples=600))
+    train(model, train_part.to_features(), AlignmentArguments(eval_fraction=0.0, save_model=False, init_samples=600))
     # every pair is an anchor: image i and caption i both peak at anchor i
     own = held_out_recall(model, train_part)
     assert own["image_to_text_R@1"] == 100.0 and own["text_to_image_R@1"] == 100.0
@@ -98,7 +93,7 @@ def test_asif_train_only_initialises_and_round_trips(task, tmp_path):
     train_part, held_out = task.split(600)
     model = AlignerModel.from_feature_dims(64, 48, method="asif", num_anchors=256, topk=64)
     assert not any(p.requires_grad for p in model.aligner.parameters())
-    result = train(model, pooled_cache(train_part), AlignmentArguments(eval_fraction=0.0, save_model=False))
+    result = train(model, train_part.to_features(), AlignmentArguments(eval_fraction=0.0, save_model=False))
     assert result.global_step == 0  # training-free: init_from_data only
     # the anchors are training pairs, stored as buffers that travel with the checkpoint
     anchor_rows = model.aligner.vision_anchors
@@ -155,7 +150,7 @@ def test_relative_trains_only_anchors_and_beats_chance(task, tmp_path):
     args = AlignmentArguments(
         num_train_epochs=30, per_device_train_batch_size=200, learning_rate=1e-2, eval_fraction=0.0, save_model=False
     )
-    train(model, pooled_cache(train_part), args)
+    train(model, train_part.to_features(), args)
     recall = held_out_recall(model, held_out)
     # chance R@1 on 600 held-out pairs is 0.17 %
     assert recall["mean_R@1"] > 25.0, recall
@@ -167,8 +162,7 @@ def test_relative_trains_only_anchors_and_beats_chance(task, tmp_path):
     torch.testing.assert_close(reloaded.aligner.anchor_temperature, model.aligner.anchor_temperature)
     torch.testing.assert_close(held_out_recall(reloaded, held_out), recall)
     # evaluate_retrieval on a feature cache agrees with scoring the tensors directly
-    cache = features_from_tensors({LAYER: held_out.vision[LAYER]}, {LAYER: held_out.text[LAYER]})
-    assert evaluate_retrieval(reloaded, None, cache)["mean_R@1"] == pytest.approx(recall["mean_R@1"])
+    assert evaluate_retrieval(reloaded, None, held_out.to_features())["mean_R@1"] == pytest.approx(recall["mean_R@1"])
 
 
 def test_relative_bad_input(task):

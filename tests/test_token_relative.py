@@ -129,16 +129,6 @@ def token_task():
     return make_paired_task(n=1000, tokens=True, seed=0)
 
 
-def token_cache(task):
-    return features_from_tensors(
-        {LAYER: task.vision[LAYER]},
-        {LAYER: task.text[LAYER]},
-        {LAYER: task.vision_tokens[LAYER]},
-        {LAYER: task.text_tokens[LAYER]},
-        task.text_mask,
-    )
-
-
 def fit(model, task, epochs=40, batch_size=100, lr=1e-2, seed=0):
     """InfoNCE on the model's own forward, straight from tensors (the library's train() reads token caches row by row
     from Arrow, too slow for a unit test on a busy CPU; its token path is checked below on a few steps)."""
@@ -168,7 +158,7 @@ def fit(model, task, epochs=40, batch_size=100, lr=1e-2, seed=0):
 def test_token_relative_learns_the_synthetic_task_far_above_chance(token_task):
     train_part, held_out = token_task.split(500)
     model = fit(AlignerModel.from_feature_dims(64, 48, method="token_relative", num_anchors=64), train_part)
-    recall = evaluate_retrieval(model, None, token_cache(held_out))
+    recall = evaluate_retrieval(model, None, held_out.to_features())
     # 500 held-out pairs: chance R@1 = 0.2 %, chance R@10 = 2 %
     assert recall["mean_R@1"] > 8.0, recall
     assert recall["mean_R@10"] > 35.0, recall
@@ -184,7 +174,7 @@ def test_library_train_runs_on_a_token_cache(token_task):
     model = AlignerModel.from_feature_dims(64, 48, method="token_relative", num_anchors=16)
     before = model.aligner.vision_anchors.detach().clone()
     args = AlignmentArguments(max_steps=3, per_device_train_batch_size=64, eval_fraction=0.2, save_model=False)
-    result = train(model, token_cache(train_part), args)
+    result = train(model, train_part.to_features(), args)
     assert result.global_step == 3 and math.isfinite(result.training_loss)
     assert "eval_mean_R@1" in result.metrics
     assert not torch.equal(before, model.aligner.vision_anchors)
