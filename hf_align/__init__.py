@@ -28,6 +28,10 @@ AutoModel.register(AlignerConfig, AlignerModel)
 AutoModelForZeroShotImageClassification.register(AlignerConfig, AlignerModel)
 AutoProcessor.register(AlignerConfig, AlignerProcessor)
 
+from .pipelines import register_pipelines  # noqa: E402  (needs the Auto classes registered above)
+
+register_pipelines()
+
 # public name -> module (inside hf_align) that defines it
 _LAZY = {
     "extract_features": "features",
@@ -48,6 +52,7 @@ _LAZY = {
     "sinkhorn": "ot",
     "relative_representation": "relative",
     "evaluate_segmentation": "segmentation",
+    "ImageTextCollator": "lora",
 }
 
 
@@ -68,6 +73,7 @@ __all__ = [
     "AlignerOutput",
     "AlignerProcessor",
     "register_method",
+    "register_pipelines",
     "symmetric_infonce",
     *_LAZY,
 ]

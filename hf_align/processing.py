@@ -26,6 +26,10 @@ class AlignerProcessor(ProcessorMixin):
     ) -> "AlignerProcessor":
         image_processor = AutoImageProcessor.from_pretrained(vision_encoder, revision=vision_revision)
         tokenizer = AutoTokenizer.from_pretrained(text_encoder, revision=text_revision)
+        # Masked mean pooling needs the padding mask; some tokenizers (SigLIP's) do not return it by default, and the
+        # stock pipeline would then pool padding as if it were text.
+        if "attention_mask" not in tokenizer.model_input_names:
+            tokenizer.model_input_names = [*tokenizer.model_input_names, "attention_mask"]
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
     def __call__(self, images=None, text=None, return_tensors: str = "pt", padding=True, truncation=True, **kwargs):

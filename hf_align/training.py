@@ -204,6 +204,13 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         raise TypeError(f"features must be a datasets.Dataset feature cache, got {type(features).__name__}")
     if len(features) == 0:
         raise ValueError("features is empty: nothing to train on")
+    if getattr(model, "has_encoders", False) and any(
+        p.requires_grad for name in ("vision_model", "text_model") for p in getattr(model, name).parameters()
+    ):
+        raise ValueError(
+            "this model has trainable encoder parameters (LoRA), but train() works on cached encoder features, which "
+            "cannot train them; train on raw inputs with transformers.Trainer and hf_align.ImageTextCollator"
+        )
     if "auto" in (model.config.vision_layer, model.config.text_layer):
         from .layer_selection import resolve_auto_layers
 
