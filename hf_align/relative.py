@@ -37,15 +37,30 @@ def relative_representation(x: torch.Tensor, anchors: torch.Tensor, normalize: b
     return x @ anchors.t()
 
 
-def pick_anchor_pairs(n_pairs: int, num_anchors: int, seed: int = 0, method: str = "") -> torch.Tensor:
-    """Indices of `num_anchors` distinct training pairs, drawn at random with `seed` (sorted, for readable anchors)."""
+def pick_anchor_pairs(
+    vision_features: torch.Tensor, text_features: torch.Tensor, num_anchors: int, seed: int = 0, method: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num_anchors` distinct training pairs drawn at random with `seed`: (K, d_v) images and their (K, d_t) texts.
+
+    `vision_features` (N, d_v) and `text_features` (N, d_t) are pooled features of N pairs (row i of each is pair
+    i); `method` names the caller in errors.
+    """
+    owner = method or "this method"
+    for name, features in (("vision", vision_features), ("text", text_features)):
+        if features.dim() != 2:
+            raise ValueError(f"{owner} takes pooled (N, d) {name} features, got shape {tuple(features.shape)}")
+    n_pairs = vision_features.shape[0]
+    if text_features.shape[0] != n_pairs:
+        raise ValueError(f"{owner} anchors are pairs: got {n_pairs} images and {text_features.shape[0]} texts")
     if num_anchors > n_pairs:
         raise ValueError(
-            f"{method or 'this method'} wants num_anchors={num_anchors} paired anchors but init_from_data got only "
-            f"{n_pairs} training pairs: lower num_anchors or give more pairs (AlignmentArguments.init_samples)"
+            f"{owner} wants num_anchors={num_anchors} paired anchors but init_from_data got only {n_pairs} training "
+            "pairs: lower num_anchors or give more pairs (AlignmentArguments.init_samples)"
         )
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_pairs, generator=generator)[:num_anchors].sort().values
+    index = torch.randperm(n_pairs, generator=generator)[:num_anchors].sort().values  # sorted: readable anchors
+    index = index.to(vision_features.device)
+    return vision_features[index], text_features[index]
 
 
 __all__ = ["pick_anchor_pairs", "relative_representation"]

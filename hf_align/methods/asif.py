@@ -58,18 +58,8 @@ class ASIFAligner(AlignerMethod):
 
     @torch.no_grad()
     def init_from_data(self, vision_features, text_features, seed=0, vision_mask=None, text_mask=None) -> None:
-        """Use `num_anchors` of the given training pairs (drawn with `seed`) as the anchors."""
-        for name, features in (("vision", vision_features), ("text", text_features)):
-            if features.dim() != 2:
-                raise ValueError(f"asif takes pooled (N, d) {name} features, got shape {tuple(features.shape)}")
-        if vision_features.shape[0] != text_features.shape[0]:
-            raise ValueError(
-                f"asif anchors are pairs: got {vision_features.shape[0]} images and {text_features.shape[0]} texts"
-            )
-        index = pick_anchor_pairs(vision_features.shape[0], self.config.num_anchors, seed, "asif").to(
-            vision_features.device
-        )
-        self.set_anchors(vision_features[index], text_features[index])
+        """Use `num_anchors` of the given (N, d) training pairs (drawn with `seed`) as the anchors."""
+        self.set_anchors(*pick_anchor_pairs(vision_features, text_features, self.config.num_anchors, seed, "asif"))
 
     @torch.no_grad()
     def set_anchors(self, vision_anchors: torch.Tensor, text_anchors: torch.Tensor) -> None:

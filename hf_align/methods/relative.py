@@ -63,19 +63,10 @@ class RelativeAligner(AlignerMethod):
 
     @torch.no_grad()
     def init_from_data(self, vision_features, text_features, seed=0, vision_mask=None, text_mask=None) -> None:
-        """Start the anchors at `num_anchors` training pairs drawn with `seed`."""
-        for name, features in (("vision", vision_features), ("text", text_features)):
-            if features.dim() != 2:
-                raise ValueError(f"relative takes pooled (N, d) {name} features, got shape {tuple(features.shape)}")
-        if vision_features.shape[0] != text_features.shape[0]:
-            raise ValueError(
-                f"relative anchors are pairs: got {vision_features.shape[0]} images and {text_features.shape[0]} texts"
-            )
-        index = pick_anchor_pairs(vision_features.shape[0], self.config.num_anchors, seed, "relative").to(
-            vision_features.device
-        )
-        self.vision_anchors.copy_(vision_features[index].to(self.vision_anchors))
-        self.text_anchors.copy_(text_features[index].to(self.text_anchors))
+        """Start the anchors at `num_anchors` of the given (N, d) training pairs, drawn with `seed`."""
+        vision, text = pick_anchor_pairs(vision_features, text_features, self.config.num_anchors, seed, "relative")
+        self.vision_anchors.copy_(vision.to(self.vision_anchors))
+        self.text_anchors.copy_(text.to(self.text_anchors))
 
     @property
     def anchor_temperature(self) -> torch.Tensor:
