@@ -26,12 +26,14 @@ def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    """True inside a torch.distributed group of several processes (the codebook method uses it too)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _global_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     """`logsumexp` over `dim` of the tensor formed by concatenating every process's `x` along `dim`."""
-    if not _distributed() or torch.distributed.get_world_size() == 1:
+    if not _distributed():
         return torch.logsumexp(x, dim=dim, keepdim=True)
     dist = torch.distributed
     peak = x.amax(dim=dim, keepdim=True)
@@ -43,7 +45,7 @@ def _global_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _global_count(n: int, device: torch.device) -> int:
-    if not _distributed() or torch.distributed.get_world_size() == 1:
+    if not _distributed():
         return n
     count = torch.tensor([n], device=device, dtype=torch.long)
     torch.distributed.all_reduce(count)

@@ -15,8 +15,9 @@ The model adds the instance-level InfoNCE; `extra_loss` returns `{"codebook": β
 checkpoint (it is a trained parameter and training can resume from it), the teacher is not. The teacher is a plain
 dict of tensors outside the module tree (no parameters, no buffers, nothing in `state_dict`), created from the
 student on the first training step and after every (re-)initialisation, so `save_pretrained` / `from_pretrained`
-round-trip the inference weights exactly and loading never has to materialise a teacher. Resuming training from a
-checkpoint restarts the teacher from the loaded student.
+round-trip the inference weights exactly and loading never has to materialise a teacher. A training checkpoint that
+stores `training_state()` next to the weights resumes exactly (`load_training_state`); one that does not restarts
+the teacher from the loaded student.
 
 **Codebook initialisation** (`init_from_data`): seeded, batched k-means in the joint space on *pairs*. Each training
 pair is one point `[ẑ_v, ẑ_t] / √2` (both projected with the current heads, normalised); code k is
@@ -25,7 +26,9 @@ in the projected space, so they must be computed there; and before training the 
 overlap (random heads: the image and text clouds are nearly orthogonal), so k-means on the union of both clouds gives
 image-only and text-only codes, and on one modality gives codes the other modality never prefers. Clustering pairs
 makes image i and text i prefer the *same* code from the first step, so the swapped-prediction targets agree from the
-start (measured in the PR notes: pair init vs union init).
+start. Measured on `make_paired_task(n=2000, seed=0)` (10 clusters), D = 512: the share of pairs whose image and
+text pick the same code at step 0 is 0.91 / 0.63 / 0.49 for K = 8 / 32 / 256 with this init, 0.00 with k-means on
+the union of both clouds, ≤ 0.05 with k-means on the image embeddings alone, ≤ 0.25 with random codes.
 
 **Diagnostics** (`diagnostics()`): perplexity of the student's hard code assignments over the last window of
 `usage_window` steps (both modalities), the number of dead codes (no assignment in that window), the fraction of
@@ -33,8 +36,9 @@ pairs whose image and text pick the same code, and how many codes were re-seeded
 the end of every window (when `reseed_dead_codes`) from random recent pair embeddings `normalise(ẑ_v + ẑ_t)`, in the
 student and the teacher codebooks.
 
-Trainer users: add `EMACallback()` to `transformers.Trainer(callbacks=[...])` so the EMA runs after each optimiser
-step, and call `model.aligner.init_from_data(vision_features, text_features)` before training.
+`hf_align.train` calls `init_from_data` before the first step, `after_optimizer_step()` (the EMA update, the window
+bookkeeping) after each optimiser step and logs `diagnostics()`; `transformers.Trainer` users get the first two from
+`hf_align.trainer_callback.CardDataCallback`.
 """
 
 from __future__ import annotations
@@ -45,13 +49,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import TrainerCallback
 
-from ..ot import sinkhorn
+from ..ot import _distributed, sinkhorn
 from . import register_method
 from .base import AlignerMethod, MethodConfig
 
-__all__ = ["CodebookAligner", "CodebookConfig", "EMACallback", "kmeans", "swapped_prediction_loss"]
+__all__ = ["CodebookAligner", "CodebookConfig", "kmeans", "swapped_prediction_loss"]
 
 
 @dataclass
@@ -378,22 +381,3 @@ def _perplexity(counts: torch.Tensor) -> float:
     p = counts / counts.sum().clamp(min=1)
     entropy = -(p * torch.log(p.clamp(min=1e-30))).sum()
     return float(torch.exp(entropy))
-
-
-def _distributed() -> bool:
-    return (
-        torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-    )
-
-
-class EMACallback(TrainerCallback):
-    """`transformers.Trainer` callback: after every optimiser step, call `after_optimizer_step()` of each aligner
-    method in the model (the EMA teacher update and dead-code bookkeeping of `codebook`; a no-op for methods
-    without one)."""
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            for module in model.modules():
-                if isinstance(module, AlignerMethod):
-                    module.after_optimizer_step()
-        return control
