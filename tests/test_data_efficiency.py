@@ -1,0 +1,104 @@
+"""Data-efficiency experiment: protocol (nested subsets, held-out images, layer selection on the training pairs),
+outputs (JSON / Markdown / PNG), CLI on the synthetic task, bad input."""
+
+import json
+
+import pytest
+
+import hf_align
+from hf_align.cli import main
+from hf_align.data_efficiency import DataEfficiencyResult, Variant, default_variants, run_data_efficiency
+from hf_align.testing import make_paired_task
+
+FAST = hf_align.AlignmentArguments(
+    max_steps=15, per_device_train_batch_size=256, learning_rate=1e-2, eval_fraction=0.0, mixed_precision="no"
+)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    # the shared latent lives in the first layer pair; the last layers encode nuisance only
+    return make_paired_task(n=600, n_vision_layers=2, n_text_layers=2, shared_layers=(0, 0), seed=0).to_features()
+
+
+@pytest.fixture(scope="module")
+def result(cache, tmp_path_factory):
+    variants = default_variants(method_kwargs={"projection_dim": 32}, structure={"weight": 10.0, "warmup_steps": 5})
+    out = tmp_path_factory.mktemp("efficiency")
+    return run_data_efficiency(
+        cache, sizes=(150, 5000), seeds=(0, 1), variants=variants, n_test=200, training_args=FAST,
+        selection_kwargs={"n_samples": 300}, output_dir=str(out),
+    ), out  # fmt: skip
+
+
+def test_default_variants_are_method_and_structure_on_last_and_selected_layers():
+    names = [v.name for v in default_variants()]
+    assert names == ["linear / last", "linear+STRUCTURE / last", "linear / selected", "linear+STRUCTURE / selected"]
+    assert default_variants()[1].method_kwargs == {"structure_weight": 10.0}
+
+
+def test_runs_cover_every_size_seed_and_variant(result):
+    res, _ = result
+    assert res.sizes == [150]  # 5000 exceeds the 400 pairs left after holding out 200 images: dropped
+    assert len(res.runs) == 2 * 4
+    assert res.settings["n_test_images"] == 200 and res.settings["pool_rows"] == 400
+    for run in res.runs:
+        assert set(run["metrics"]) >= {"mean_R@1", "image_to_text_R@10", "text_to_image_R@5"}
+        expected = [1, 1] if run["layers_source"] == "last" else [0, 0]
+        assert run["layers"] == expected  # selection on the n training pairs finds the planted pair
+
+
+def test_selected_layers_beat_the_nuisance_last_layers(result):
+    summary = result[0].summary()
+    # 200 held-out images: chance R@1 is 0.5 %
+    assert summary["linear / last"][150]["mean"] < 3.0
+    assert summary["linear / selected"][150]["mean"] > 10.0
+
+
+def test_summary_is_mean_and_sample_std_over_seeds(result):
+    res, _ = result
+    values = [r["metrics"]["mean_R@1"] for r in res.runs if r["variant"] == "linear / selected" and r["n"] == 150]
+    cell = res.summary()["linear / selected"][150]
+    mean = sum(values) / 2
+    assert cell["mean"] == pytest.approx(mean)
+    assert cell["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)  # ddof = 1 with two seeds
+
+
+def test_files_written_and_reloadable(result):
+    res, out = result
+    payload = json.loads((out / "data_efficiency.json").read_text())
+    assert payload["metric"] == "mean_R@1" and len(payload["runs"]) == 8
+    assert DataEfficiencyResult.load(str(out / "data_efficiency.json")).summary() == res.summary()
+    table = (out / "data_efficiency.md").read_text()
+    assert "| n pairs | linear / last | linear+STRUCTURE / last | linear / selected | linear+STRUCTURE / selected |" in table
+    cell = res.summary()["linear+STRUCTURE / selected"][150]
+    assert f"{cell['mean']:.1f} ± {cell['std']:.1f}" in table
+    assert (out / "data_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_on_the_synthetic_task(tmp_path, capsys):
+    code = main([
+        "data-efficiency", "--synthetic", "--synthetic_pairs", "500", "--output_dir", str(tmp_path), "--sizes", "150",
+        "--seeds", "0", "--n_test", "100", "--max_steps", "5", "--per_device_train_batch_size", "128",
+        "--method_kwargs", '{"projection_dim": 16}', "--structure", '{"weight": 1.0, "warmup_steps": 0}',
+        "--mixed_precision", "no",
+    ])  # fmt: skip
+    assert code == 0
+    res = DataEfficiencyResult.load(str(tmp_path / "data_efficiency.json"))
+    assert res.sizes == [150] and len(res.runs) == 4
+    assert "linear+STRUCTURE / selected" in capsys.readouterr().out
+
+
+def test_bad_input(cache):
+    with pytest.raises(ValueError, match="n_test=600 held-out images must be at least 2 and fewer than the 600 images"):
+        run_data_efficiency(cache, n_test=600)
+    with pytest.raises(ValueError, match=r"no training size fits: sizes \[5000\] all exceed the 500 pairs"):
+        run_data_efficiency(cache, sizes=(5000,), n_test=100)
+    with pytest.raises(ValueError, match="sizes must be ints >= 2"):
+        run_data_efficiency(cache, sizes=(1,), n_test=100)
+    with pytest.raises(TypeError, match="features must be a datasets.Dataset feature cache, got list"):
+        run_data_efficiency([1, 2])
+    with pytest.raises(ValueError, match=r"layers must be one of \('last', 'selected'\), got 'first'"):
+        Variant("x", layers="first")
+    with pytest.raises(ValueError, match="the feature cache holds no pooled text layers"):
+        run_data_efficiency(cache.remove_columns(["text_layer_0", "text_layer_1"]), n_test=100)
