@@ -313,12 +313,12 @@ def evaluate_segmentation(
     """
     processor = processor or getattr(model, "processor", None)
     _check_segmenter(model, processor)
-    column_names = getattr(dataset, "column_names", None) or (list(dataset[0]) if len(dataset) else [])
+    if len(dataset) == 0:
+        raise ValueError("evaluate_segmentation needs a non-empty dataset")
+    column_names = getattr(dataset, "column_names", None) or list(dataset[0])
     for argument, column in (("image_column", image_column), ("mask_column", mask_column)):
         if column not in column_names:
             raise ValueError(f"{argument}={column!r} is not a column of the dataset: {column_names}")
-    if len(dataset) == 0:
-        raise ValueError("evaluate_segmentation needs a non-empty dataset")
     model.eval()
     class_embeds = class_profiles(model, processor, class_names, templates, background)
     n_total = len(class_names) + (1 if background else 0)

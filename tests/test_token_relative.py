@@ -106,6 +106,11 @@ def test_late_interaction_equals_hand_computed_value():
     torch.testing.assert_close(scores, expected)
     # it is not a dot product of pooled embeddings: image 0 scores caption 0 at 1 (one word, one perfect patch)
     assert scores[0, 0].item() == pytest.approx(1.0)
+    # computed block by block (here one image-caption pair per block), with padded patches masked: same scores
+    padded_images = torch.cat([IMAGES, torch.ones(2, 1, 2)], dim=1)
+    image_mask = torch.tensor([[True, True, False]] * 2)
+    blocked = model.aligner.late_interaction_scores(padded_images, CAPTIONS, image_mask, CAPTION_MASK, block_elements=1)
+    torch.testing.assert_close(blocked, expected)
     with pytest.raises(ValueError, match=r"late interaction scores need a token_relative aligner, .* 'relative'"):
         late_interaction_scores(AlignerModel.from_feature_dims(2, 2, method="relative", num_anchors=2), IMAGES, CAPTIONS)
 

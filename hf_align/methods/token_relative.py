@@ -145,26 +145,36 @@ class TokenRelativeAligner(AlignerMethod):
         text_tokens: torch.Tensor,
         vision_mask: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
-        image_chunk: int = 64,
+        block_elements: int = 2**25,
     ) -> torch.Tensor:
         """(Bi, Bt) late-interaction similarity: per word, the best patch by cosine of token relative vectors,
-        averaged over the caption's real words. Padding tokens never count (masked patches never win a max)."""
+        averaged over the caption's real words. Padding tokens never count (masked patches never win a max).
+
+        vision_tokens (Bi, P, d_v) + mask (Bi, P); text_tokens (Bt, W, d_t) + mask (Bt, W). The (images, texts, W, P)
+        patch-word cosines are computed in blocks of at most `block_elements` entries (128 MB in fp32), so a
+        5k-caption gallery against 257-token images never materialises at once.
+        """
         _check_tokens("vision", vision_tokens, vision_mask)
         _check_tokens("text", text_tokens, text_mask)
+        n_images, n_patches = vision_tokens.shape[:2]
+        n_texts, n_words = text_tokens.shape[:2]
         text_rel = F.normalize(self.token_relative(text_tokens, "text"), dim=-1)  # (Bt, W, K)
         if text_mask is None:
-            text_mask = torch.ones(text_rel.shape[:2], dtype=torch.bool, device=text_rel.device)
+            text_mask = torch.ones(n_texts, n_words, dtype=torch.bool, device=text_rel.device)
         words = text_mask.to(text_rel.dtype)
-        scores = []
-        for start in range(0, vision_tokens.shape[0], image_chunk):
-            vision_rel = F.normalize(self.token_relative(vision_tokens[start : start + image_chunk], "vision"), dim=-1)
-            pairs = torch.einsum("ipk,jwk->ijwp", vision_rel, text_rel)  # (bi, Bt, W, P)
-            if vision_mask is not None:
-                keep = vision_mask[start : start + image_chunk].bool()[:, None, None, :]
-                pairs = pairs.masked_fill(~keep, float("-inf"))
-            best = pairs.amax(dim=-1).masked_fill(words[None] == 0, 0.0)  # (bi, Bt, W)
-            scores.append(best.sum(-1) / words.sum(-1)[None])
-        return torch.cat(scores)
+        text_chunk = max(1, min(n_texts, block_elements // (n_words * n_patches)))
+        image_chunk = max(1, block_elements // (text_chunk * n_words * n_patches))
+        scores = torch.empty(n_images, n_texts, device=text_rel.device)
+        for i in range(0, n_images, image_chunk):
+            vision_rel = F.normalize(self.token_relative(vision_tokens[i : i + image_chunk], "vision"), dim=-1)
+            for j in range(0, n_texts, text_chunk):
+                pairs = torch.einsum("ipk,jwk->ijwp", vision_rel, text_rel[j : j + text_chunk])  # (bi, bt, W, P)
+                if vision_mask is not None:
+                    pairs = pairs.masked_fill(~vision_mask[i : i + image_chunk].bool()[:, None, None, :], float("-inf"))
+                chunk_words = words[j : j + text_chunk]
+                best = pairs.amax(dim=-1) * chunk_words[None]  # (bi, bt, W); padding words count 0
+                scores[i : i + image_chunk, j : j + text_chunk] = best.sum(-1) / chunk_words.sum(-1)[None]
+        return scores
 
 
 @torch.no_grad()
