@@ -15,6 +15,8 @@ __all__ = ["log_sinkhorn", "sinkhorn"]
 
 
 def _check_epsilon_iters(epsilon: float, n_iters: int) -> None:
+    # Not hf_align.configuration's checks: this module needs torch only, so a distributed worker (and its test) can
+    # load it without importing transformers.
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
         raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
     if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:

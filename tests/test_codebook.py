@@ -52,7 +52,7 @@ def test_registered_with_heads_and_codebook_only():
 
 @pytest.mark.parametrize("epsilon", [0, -0.05])
 def test_bad_epsilon_is_refused(epsilon):
-    with pytest.raises(ValueError, match=rf"sinkhorn_epsilon must be a finite number > 0, got {epsilon}"):
+    with pytest.raises(ValueError, match=rf"sinkhorn_epsilon must be in \(0.0, inf\], got {epsilon}"):
         codebook_model(sinkhorn_epsilon=epsilon)
 
 
@@ -60,9 +60,9 @@ def test_bad_epsilon_is_refused(epsilon):
     "kwargs,message",
     [
         (dict(num_codes=0), r"num_codes must be a positive int, got 0"),
-        (dict(momentum=1.0), r"momentum must be in \[0, 1\), got 1.0"),
-        (dict(code_temperature=0.0), r"code_temperature must be a finite number > 0, got 0.0"),
-        (dict(codebook_weight=-1.0), r"codebook_weight must be a finite number >= 0, got -1.0"),
+        (dict(momentum=1.0), r"momentum must be in \[0.0, 1.0\), got 1.0"),
+        (dict(code_temperature=0.0), r"code_temperature must be in \(0.0, inf\], got 0.0"),
+        (dict(codebook_weight=-1.0), r"codebook_weight must be in \[0.0, inf\], got -1.0"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, message):

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configuration import check_number, check_positive_int
 from ..ot import _distributed, sinkhorn
 from . import register_method
 from .base import AlignerMethod, MethodConfig
@@ -83,21 +84,11 @@ class CodebookConfig(MethodConfig):
 
     def __post_init__(self):
         for name in ("projection_dim", "num_codes", "sinkhorn_iters", "kmeans_iters", "usage_window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         for name in ("code_temperature", "sinkhorn_epsilon"):
-            value = getattr(self, name)
-            if not _is_real(value) or not value > 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not _is_real(self.codebook_weight) or self.codebook_weight < 0:
-            raise ValueError(f"codebook_weight must be a finite number >= 0, got {self.codebook_weight!r}")
-        if not _is_real(self.momentum) or not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            check_number(name, getattr(self, name), low=0.0, low_inclusive=False)
+        check_number("codebook_weight", self.codebook_weight, low=0.0)
+        check_number("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
 
 
 def swapped_prediction_loss(
