@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -56,6 +57,31 @@ def check_number(
         bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
         raise ValueError(f"{name} must be in {bounds}, got {value!r}")
     return value
+
+
+def check_settings(owner: str, settings_class: type, values: dict[str, Any]) -> None:
+    """Type-check keyword settings of a method's or regulariser's settings dataclass against its field annotations.
+
+    Fields annotated `int`, `float`, `bool` or `str` must hold exactly that (a bool is not an int, a float must be
+    finite, an int is a float); other annotations and unknown names are left to the dataclass (`from_kwargs` lists
+    the names it accepts). Run before the dataclass is built, whose own range checks may assume the types: a recipe
+    or config.json with `projection_dim: "512"` or `bias: "no"` then fails by name when the aligner is built.
+    """
+    kinds = {int: "an int", float: "a finite number", bool: "True or False", str: "a string"}
+    hints = typing.get_type_hints(settings_class)
+    for name, value in values.items():
+        kind = hints.get(name)
+        if kind not in kinds:
+            continue
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is str:
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+            ok = ok and (kind is int or math.isfinite(value))
+        if not ok:
+            raise ValueError(f"{owner!r} setting {name} must be {kinds[kind]}, got {value!r}")
 
 
 def _check_optional(name: str, value: Any, kind: type | tuple[type, ...], expected: str) -> None:

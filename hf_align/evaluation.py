@@ -69,10 +69,13 @@ def zero_shot_metrics(
     if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
         raise ValueError(f"labels must lie in [0, {n_classes}) for {n_classes} classes, got [{labels.min()}, {labels.max()}]")
     metrics = {}
+    # One stable ranking for top-k and the per-class recall: tied classes rank by index, as argmax does (topk's
+    # tie order is unspecified, so top1 could disagree with the argmax prediction on tied scores).
+    ranking = logits.argsort(dim=1, descending=True, stable=True)
     for k in ks:
-        top = logits.topk(min(k, n_classes), dim=1).indices
+        top = ranking[:, : min(k, n_classes)]
         metrics[f"top{k}"] = 100.0 * (top == labels[:, None]).any(1).float().mean().item()
-    predicted = logits.argmax(1)
+    predicted = ranking[:, 0]
     recalls = [(predicted[labels == c] == c).float().mean() for c in range(n_classes) if (labels == c).any()]
     metrics["mean_per_class_recall"] = 100.0 * torch.stack(recalls).mean().item()
     return metrics

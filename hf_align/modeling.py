@@ -14,12 +14,13 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 from . import lora
-from .configuration import AlignerConfig, check_layer, check_pooling, resolve_layer_index
+from .configuration import AlignerConfig, check_layer, check_pooling, check_settings, resolve_layer_index
 from .encoders import EncoderInfo, load_encoder, non_finite_rows, pool_text, pool_vision, probe_text, probe_vision
 from .losses import symmetric_infonce
 from .methods import build_method_config, get_method
 from .modelcard import upload_aligner, write_model_card
 from .processing import AlignerProcessor
+from .regularizers import _registry as regularizer_registry
 from .regularizers import build_regularizers, split_regularizer_kwargs
 from .similarity import build_similarity, check_similarity
 
@@ -94,6 +95,7 @@ class AlignerModel(PreTrainedModel):
     # ------------------------------------------------------------------ construction
     def _build_aligner(self) -> nn.Module:
         method_cls = get_method(self.config.method)
+        _check_settings(method_cls, self.config.method, self.config.method_config, self.config.regularizers)
         method_config = method_cls.config_class.from_kwargs(self.config.method, self.config.method_config)
         if self.config.resolved_vision_pooling == "cls" and not self.config.vision_has_cls:
             raise ValueError("vision_pooling='cls' but this vision encoder has no CLS token; use 'mean' or 'auto'")
@@ -666,6 +668,15 @@ def _load_bundled(modality: str, repo: str | os.PathLike, revision: str | None, 
         raise
 
 
+def _check_settings(method_cls, method: str, method_settings: dict, regularizers: dict) -> None:
+    """Type-check method and regulariser settings before their dataclasses are built (see `check_settings`)."""
+    check_settings(method, method_cls.config_class, method_settings)
+    registry = regularizer_registry()
+    for name, values in regularizers.items():
+        if name in registry:  # an unknown name is reported by build_regularizers, with the known ones
+            check_settings(name, registry[name].config_class, values)
+
+
 def _aligner_settings(method: str, vision_pooling: str, text_pooling: str, kwargs: dict) -> dict:
     """Validate and sort `from_encoders`-style keywords into `AlignerConfig` fields."""
     kwargs = dict(kwargs)
@@ -678,6 +689,7 @@ def _aligner_settings(method: str, vision_pooling: str, text_pooling: str, kwarg
     method_cls = get_method(method)
     check_similarity(settings["similarity"], method_cls, settings["similarity_config"])  # before any loading
     regularizers, method_kwargs = split_regularizer_kwargs(kwargs)
+    _check_settings(method_cls, method, method_kwargs, regularizers)
     method_config = build_method_config(method, method_kwargs)
     build_regularizers(regularizers)
     if method_cls.input_kind == "tokens":
