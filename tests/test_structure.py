@@ -162,7 +162,10 @@ def test_term_is_half_the_sum_over_modalities_with_linear_warmup():
 
 
 def test_fresh_model_reports_zero_weight_in_eval_and_no_warmup_means_full_weight():
-    assert model_with_structure(structure_weight=3.0).regularizers["structure"].current_weight() == 0.0
+    fresh = model_with_structure(structure_weight=3.0)
+    assert fresh.regularizers["structure"].current_weight() == 0.0
+    out = fresh(vision_features=torch.randn(8, 6), text_features=torch.randn(8, 5), return_loss=True)
+    assert out.loss_terms["structure"].item() == 0.0 and int(fresh.regularizers["structure"].steps_done) == 0
     assert model_with_structure(structure_weight=3.0, structure_warmup_steps=0).regularizers["structure"].current_weight() == 3.0
 
 

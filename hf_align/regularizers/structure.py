@@ -90,11 +90,12 @@ def _log_transitions(x: torch.Tensor, tau: float, centering: bool, powers: list[
         x = x - x.mean(dim=0, keepdim=True)
     log_p = torch.log_softmax(x @ x.T / tau, dim=1)
     out = {1: log_p} if 1 in powers else {}
-    p = power = log_p.exp()
-    for level in range(2, max(powers) + 1):
-        power = power @ p
-        if level in powers:
-            out[level] = power.clamp_min(torch.finfo(power.dtype).tiny).log()
+    if max(powers) > 1:
+        p = power = log_p.exp()
+        for level in range(2, max(powers) + 1):
+            power = power @ p
+            if level in powers:
+                out[level] = power.clamp_min(torch.finfo(power.dtype).tiny).log()
     return out
 
 
@@ -226,6 +227,8 @@ class StructureRegularizer(Regularizer):
         if self.training:
             self.steps_done += 1
         weight = self.current_weight()
+        if weight == 0.0:  # e.g. an eval call before any training step: nothing to compute
+            return image_embeds.new_zeros((), dtype=torch.float32)
         options = self.config.function_kwargs()
         value = 0.5 * (
             structure_regularizer(vision_features, image_embeds, **options)
