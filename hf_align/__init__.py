@@ -53,6 +53,10 @@ _LAZY = {
     "relative_representation": "relative",
     "evaluate_segmentation": "segmentation",
     "ImageTextCollator": "lora",
+    "CardDataCallback": "trainer_callback",
+    "generate_model_card": "modelcard",
+    "record_evaluation": "modelcard",
+    "record_training_dataset": "modelcard",
 }
 
 
@@ -61,7 +65,7 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
         globals()[name] = value
         return value
-    if name in ("analysis", "testing"):
+    if name in ("analysis", "metrics", "testing"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

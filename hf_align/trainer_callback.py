@@ -140,7 +140,7 @@ def _initialises_from_data(model) -> bool:
 @torch.no_grad()
 def _init_from_data(model, dataset: datasets.Dataset, init_samples: int, seed: int) -> None:
     """`hf_align.train`'s data-dependent start, on rows of the Trainer's training set."""
-    from .training import AlignmentArguments, BatchSource, _init_from_data as init_from_training_rows
+    from .training import AlignmentArguments, BatchSource, init_from_training_rows
 
     settings = AlignmentArguments(seed=seed, init_samples=init_samples)
     init_from_training_rows(model, BatchSource(dataset), torch.arange(len(dataset)), settings, model.logit_scale.device)

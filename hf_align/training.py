@@ -231,7 +231,7 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
 
     resume_dir = _resume_dir(args)
     if resume_dir is None:
-        _init_from_data(model, source, train_rows, args, accelerator.device)
+        init_from_training_rows(model, source, train_rows, args, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     batches_per_epoch = math.ceil(len(train_rows) / args.per_device_train_batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
@@ -356,7 +356,8 @@ def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def _init_from_data(model, source: BatchSource, train_rows, args, device) -> None:
+def init_from_training_rows(model, source: BatchSource, train_rows, args, device) -> None:
+    """Give the method its data-dependent start from up to `args.init_samples` training rows (seeded order)."""
     rows = _epoch_order(train_rows, args.seed, -1)[: args.init_samples]
     batch = _to_device(source.fetch(rows), device)
     model.aligner.init_from_data(
@@ -477,21 +478,40 @@ def _load_checkpoint(path, model, optimizer, scheduler, scaler=None) -> tuple[di
 
 def _summarise(model, args, state, final, n_train, n_eval, runtime, accelerator) -> None:
     """Record the run in the config; the model card is written from this."""
-    device = accelerator.device
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({os.cpu_count()} cores)"
-    summary = dict(model.config.training_summary)
+    from .modelcard import hardware_description
+
+    # What an earlier fit or evaluations of the old weights recorded no longer describes this model.
+    kept = ("layer_selection", "train_datasets")
+    summary = {k: v for k, v in model.config.training_summary.items() if k in kept}
+    logs = {}
+    for entry in state["history"]:
+        row = logs.setdefault(entry["step"], {"epoch": round(entry.get("epoch", 0.0), 4), "step": entry["step"]})
+        if "loss" in entry:
+            row["training_loss"] = entry["loss"]
+        if "eval_loss" in entry:
+            row["validation_loss"] = entry["eval_loss"]
     summary.update(
+        trainer="hf_align.train",
         train_pairs=n_train,
         eval_pairs=n_eval,
         global_step=state["global_step"],
         best_step=state["best_step"],
         train_runtime_s=round(runtime, 3),
-        hardware=hardware,
+        hardware=hardware_description(accelerator.device),
         mixed_precision=accelerator.mixed_precision,
         training_args=args.non_default(),
         final_eval=final,
+        training_logs=list(logs.values()),
     )
     model.config.training_summary = summary
 
 
-__all__ = ["AlignmentArguments", "TrainingResult", "evaluate_on_rows", "split_by_image", "train"]
+__all__ = [
+    "AlignmentArguments",
+    "BatchSource",
+    "TrainingResult",
+    "evaluate_on_rows",
+    "init_from_training_rows",
+    "split_by_image",
+    "train",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 from ..arguments import load_dataset_split
@@ -28,6 +29,7 @@ class EvaluateArguments:
 
 def run(args: EvaluateArguments) -> int:
     from ..evaluation import evaluate_retrieval, evaluate_zero_shot
+    from ..modelcard import write_model_card
     from ..modeling import AlignerModel
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -47,12 +49,17 @@ def run(args: EvaluateArguments) -> int:
             image_column=args.image_column,
             label_column=args.label_column,
             batch_size=args.batch_size,
+            dataset_name=args.dataset,
+            dataset_split=args.split,
         )
     if "retrieval" in tasks:
         results["retrieval"] = evaluate_retrieval(
-            model, model.processor, data, args.image_column, args.text_column, args.batch_size
-        )
+            model, model.processor, data, args.image_column, args.text_column, args.batch_size,
+            dataset_name=args.dataset, dataset_split=args.split,
+        )  # fmt: skip
     print(json.dumps(results, indent=2))
+    if os.path.isdir(args.model):  # a local aligner: its card now carries these results
+        write_model_card(model, args.model)
     if args.output_file:
         with open(args.output_file, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)

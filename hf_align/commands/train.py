@@ -11,15 +11,18 @@ from . import CommandSpec
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: AlignmentArguments) -> int:
     from ..features import extract_features
+    from ..modelcard import record_training_dataset
     from ..training import train
 
     if training_args.output_dir is None:
         raise ValueError("hf-align train needs --output_dir (where the trained aligner is saved)")
     model = model_args.build()
+    data = data_args.load()
+    record_training_dataset(model, data, name=data_args.dataset, split=data_args.split)
     features = extract_features(
         model,
         model.processor,
-        data_args.load(),
+        data,
         image_column=data_args.image_column,
         text_column=data_args.text_column,
         vision_layers=parse_layer_list("vision_layers", data_args.vision_layers),
