@@ -221,7 +221,7 @@ def test_training_state_resumes_the_teacher_exactly(task):
         torch.testing.assert_close(resumed.aligner.teacher_state()[name], teacher, rtol=0, atol=0)
     assert straight.aligner.diagnostics()["codebook_reseeded"] >= 1
     assert resumed.aligner.diagnostics() == straight.aligner.diagnostics()
-    with pytest.raises(ValueError, match=r"training state must have keys \['counters'"):
+    with pytest.raises(ValueError, match=r"training state must have keys \['agreed', 'counters'"):
         resumed.aligner.load_training_state({"steps": torch.tensor(1)})
 
 

@@ -177,8 +177,8 @@ class CodebookAligner(AlignerMethod):
         # Plain attributes, deliberately outside the module tree: never saved, never loaded, never optimised.
         self._teacher: dict[str, torch.Tensor] | None = None
         self._usage: torch.Tensor | None = None  # (K,) hard assignments in the current window
-        self._agree = [0, 0]  # pairs whose image and text argmax codes agree, pairs seen (current window)
-        self._recent: torch.Tensor | None = None  # (B, D) pair embeddings of the last training batch
+        self._agreed: torch.Tensor | None = None  # pairs whose image and text pick the same code (current window)
+        self._recent: torch.Tensor | None = None  # (B, D) pair embeddings of the window's last training batch
         self._steps = 0
         self._reseeded = 0
         self._window_stats: dict[str, float] = {}
@@ -210,7 +210,8 @@ class CodebookAligner(AlignerMethod):
         state = {f"teacher.{name}": t.detach().clone() for name, t in self.teacher_state().items()}
         k = self.config.num_codes
         state["usage"] = self._usage.clone() if self._usage is not None else torch.zeros(k, dtype=torch.long)
-        state["counters"] = torch.tensor([self._steps, self._reseeded, *self._agree])
+        state["agreed"] = self._agreed.clone() if self._agreed is not None else torch.tensor(0)
+        state["counters"] = torch.tensor([self._steps, self._reseeded])
         if self._recent is not None:
             state["recent"] = self._recent.clone()
         return state
@@ -218,7 +219,7 @@ class CodebookAligner(AlignerMethod):
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `training_state()` returned (after the student weights are loaded)."""
         params = dict(self.named_parameters())
-        required = {f"teacher.{name}" for name in params} | {"usage", "counters"}
+        required = {f"teacher.{name}" for name in params} | {"usage", "agreed", "counters"}
         if not required <= set(state) <= required | {"recent"}:
             raise ValueError(f"training state must have keys {sorted(required)} (+ optional 'recent'), got {sorted(state)}")
         self._reset_training_state()
@@ -226,7 +227,8 @@ class CodebookAligner(AlignerMethod):
             name: state[f"teacher.{name}"].to(device=p.device, dtype=p.dtype).clone() for name, p in params.items()
         }
         self._usage = state["usage"].to(self.codebook.device).clone()
-        self._steps, self._reseeded, *self._agree = (int(v) for v in state["counters"])
+        self._agreed = state["agreed"].to(self.codebook.device).clone()
+        self._steps, self._reseeded = (int(v) for v in state["counters"])
         self._recent = state["recent"].to(self.codebook.device).clone() if "recent" in state else None
 
     def after_optimizer_step(self) -> None:
@@ -308,12 +310,13 @@ class CodebookAligner(AlignerMethod):
         hard_v, hard_t = scores_v.argmax(-1), scores_t.argmax(-1)
         counts = torch.bincount(torch.cat([hard_v, hard_t]), minlength=self.config.num_codes)
         self._usage = counts if self._usage is None else self._usage.to(counts.device) + counts
-        self._agree[0] += int((hard_v == hard_t).sum())
-        self._agree[1] += hard_v.numel()
-        self._recent = F.normalize(
-            F.normalize(image_embeds.detach().float(), dim=-1) + F.normalize(text_embeds.detach().float(), dim=-1),
-            dim=-1,
-        )
+        agreed = (hard_v == hard_t).sum()  # stays a tensor: no device sync on the training step
+        self._agreed = agreed if self._agreed is None else self._agreed.to(agreed.device) + agreed
+        if (self._steps + 1) % self.config.usage_window == 0:  # the batch before the window closes seeds dead codes
+            self._recent = F.normalize(
+                F.normalize(image_embeds.detach().float(), dim=-1) + F.normalize(text_embeds.detach().float(), dim=-1),
+                dim=-1,
+            )
 
     @torch.no_grad()
     def _close_window(self) -> None:
@@ -321,20 +324,19 @@ class CodebookAligner(AlignerMethod):
         if self._usage is None or not self._usage.any():
             return
         usage = self._usage.float()
-        agree = torch.tensor(self._agree, dtype=torch.float64, device=usage.device)
+        agreed = self._agreed.to(usage)
         if _distributed():
             torch.distributed.all_reduce(usage)
-            torch.distributed.all_reduce(agree)
+            torch.distributed.all_reduce(agreed)
         dead = (usage == 0).nonzero().flatten()
         self._window_stats = {
             "codebook_perplexity": _perplexity(usage),
             "codebook_dead_codes": float(len(dead)),
-            "codebook_pair_agreement": float(agree[0] / agree[1].clamp(min=1)),
+            "codebook_pair_agreement": float(2 * agreed / usage.sum()),  # each pair adds 2 to usage
         }
         if self.config.reseed_dead_codes and len(dead) and self._recent is not None:
             self._reseed(dead)
-        self._usage = None
-        self._agree = [0, 0]
+        self._usage = self._agreed = None
 
     @torch.no_grad()
     def _reseed(self, dead: torch.Tensor) -> None:
@@ -362,7 +364,7 @@ class CodebookAligner(AlignerMethod):
             stats = {
                 "codebook_perplexity": _perplexity(usage),
                 "codebook_dead_codes": float((usage == 0).sum()),
-                "codebook_pair_agreement": self._agree[0] / max(self._agree[1], 1),
+                "codebook_pair_agreement": float(2 * self._agreed / usage.sum()),
             }
         stats["codebook_reseeded"] = float(self._reseeded)
         return stats
