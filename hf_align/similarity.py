@@ -179,6 +179,12 @@ class SimilarityHead(nn.Module):
         return f"dim={self.dim}"
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Distances subtract nearly equal numbers (‖x‖² + ‖y‖² − 2x·y, x − y): under bf16/fp16 autocast compute them in
+    fp32 so matched pairs, whose distance goes to 0, keep a usable gradient."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _check_pairs(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.shape != y.shape or x.dim() < 2:
         raise ValueError(f"score_pairs needs matched rows of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -273,8 +279,9 @@ class EuclideanSimilarity(_DistanceHead):
 
     def forward(self, image_embeds, text_embeds):
         self._check(image_embeds, text_embeds)
-        x, y = image_embeds, text_embeds
-        squared = (x * x).sum(-1)[:, None] + (y * y).sum(-1)[None, :] - 2.0 * (x @ y.t())
+        x, y = _at_least_fp32(image_embeds), _at_least_fp32(text_embeds)
+        with torch.autocast(x.device.type, enabled=False):
+            squared = (x * x).sum(-1)[:, None] + (y * y).sum(-1)[None, :] - 2.0 * (x @ y.t())
         return -self.scale * squared.clamp_min(1e-12).sqrt()
 
     def score_pairs(self, image_embeds, text_embeds):
@@ -294,7 +301,8 @@ class ManhattanSimilarity(_DistanceHead):
     def forward(self, image_embeds, text_embeds):
         self._check(image_embeds, text_embeds)
         block = lambda x, y: (x[:, None, :] - y[None, :, :]).abs().sum(-1)  # noqa: E731
-        return -self.scale * pairwise_chunked(block, image_embeds, text_embeds, 2 * self.dim, self.max_chunk_elements)
+        x, y = _at_least_fp32(image_embeds), _at_least_fp32(text_embeds)
+        return -self.scale * pairwise_chunked(block, x, y, 2 * self.dim, self.max_chunk_elements)
 
     def score_pairs(self, image_embeds, text_embeds):
         _check_pairs(image_embeds, text_embeds)
@@ -346,7 +354,7 @@ class ChiSquareSimilarity(_DistanceHead):
 
     def forward(self, image_embeds, text_embeds):
         self._check(image_embeds, text_embeds)
-        x, y = self._prepare(image_embeds), self._prepare(text_embeds)
+        x, y = self._prepare(_at_least_fp32(image_embeds)), self._prepare(_at_least_fp32(text_embeds))
         block = lambda a, b: self._distance(a[:, None, :], b[None, :, :])  # noqa: E731
         return -self.scale * pairwise_chunked(block, x, y, 4 * self.dim, self.max_chunk_elements)
 
