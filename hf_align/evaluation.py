@@ -29,8 +29,9 @@ def retrieval_metrics(
         text_image_index: (n_texts,) index of the image each text describes.
 
     A text→image query hits at k if its image ranks in the top k; an image→text query hits if *any* of its captions
-    does. Rank = number of candidates scoring strictly higher than the best positive (ties count in the query's
-    favour). Returns `image_to_text_R@k`, `text_to_image_R@k` and their mean `mean_R@k` for each k.
+    does. Rank = number of negatives scoring at least as high as the best positive: ties count *against* the query,
+    so a collapsed model that scores everything alike gets chance-level recall, not 100%. Returns
+    `image_to_text_R@k`, `text_to_image_R@k` and their mean `mean_R@k` for each k.
     """
     scores = torch.as_tensor(logits_per_image).float()
     if scores.dim() != 2:
@@ -43,12 +44,15 @@ def retrieval_metrics(
     texts = torch.arange(n_texts, device=scores.device)
     # text -> image: rank of the text's own image in its column
     positive = scores[owner, texts]
-    text_rank = (scores > positive[None, :]).sum(0)
-    # image -> text: rank of the image's best-scoring caption among all texts
+    text_rank = (scores >= positive[None, :]).sum(0) - 1  # the text's own image ties with itself
+    # image -> text: rank of the image's best-scoring caption among the other images' captions
     best_positive = torch.full((n_images,), float("-inf"), device=scores.device)
     best_positive = best_positive.scatter_reduce(0, owner, positive, reduce="amax")
     has_caption = torch.isfinite(best_positive)
-    image_rank = (scores > best_positive[:, None]).sum(1)[has_caption]
+    tied_positives = torch.zeros(n_images, device=scores.device).scatter_add(
+        0, owner, (positive >= best_positive[owner]).float()
+    )
+    image_rank = ((scores >= best_positive[:, None]).sum(1) - tied_positives.long())[has_caption]
     return recall_metrics(image_rank, text_rank, ks)
 
 

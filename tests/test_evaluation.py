@@ -74,3 +74,13 @@ def test_zero_shot_on_raw_images_and_class_name_checks(tiny_vit, minilm):
         class_prototypes(model, model.processor, ["one", "two", "one"], None)
     with pytest.raises(ValueError, match=r"every template needs a '\{\}' placeholder"):
         class_prototypes(model, model.processor, ["one"], ["no placeholder"])
+
+
+def test_ties_count_against_the_query():
+    # a collapsed model scores every pair alike: it must not get perfect recall
+    m = retrieval_metrics(torch.zeros(4, 4), [0, 1, 2, 3], ks=(1, 4))
+    assert m["image_to_text_R@1"] == 0.0 and m["text_to_image_R@1"] == 0.0
+    assert m["mean_R@4"] == 100.0
+    # two captions of one image tied with each other are both positives: no penalty
+    m = retrieval_metrics(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), [0, 0, 1], ks=(1,))
+    assert m["image_to_text_R@1"] == 100.0 and m["text_to_image_R@1"] == 100.0

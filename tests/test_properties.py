@@ -185,13 +185,14 @@ def test_every_method_and_regularizer_setting_round_trips_and_rejects_wrong_type
 # ---------------------------------------------------------------------------------------------- metrics
 def brute_retrieval(scores: np.ndarray, owner: np.ndarray, k: int) -> tuple[float, float]:
     n_images, n_texts = scores.shape
-    t2i = [sum(scores[j, t] > scores[owner[t], t] for j in range(n_images)) < k for t in range(n_texts)]
+    # rank = negatives scoring at least as high as the best positive (ties count against the query)
+    t2i = [sum(scores[j, t] >= scores[owner[t], t] for j in range(n_images) if j != owner[t]) < k for t in range(n_texts)]
     i2t = []
     for i in range(n_images):
         mine = [t for t in range(n_texts) if owner[t] == i]
         if mine:
             best = max(scores[i, t] for t in mine)
-            i2t.append(sum(scores[i, t] > best for t in range(n_texts)) < k)
+            i2t.append(sum(scores[i, t] >= best for t in range(n_texts) if owner[t] != i) < k)
     return 100.0 * np.mean(i2t), 100.0 * np.mean(t2i)
 
 
