@@ -295,6 +295,8 @@ def evaluate_segmentation(
     ignore_index: int = 255,
     background: str | None = None,
     batch_size: int = 16,
+    dataset_name: str | None = None,
+    dataset_split: str | None = None,
 ) -> dict:
     """Zero-shot segmentation of a dataset of images and label masks: mIoU and pixel accuracy (percent).
 
@@ -306,6 +308,7 @@ def evaluate_segmentation(
         class_names: class names in label order; `templates` (with a `{}`) default to CLIP's 80 ImageNet prompts.
         background: optional extra prompt (e.g. "background") scored as one more class: pixels it wins are predicted
             "no class" (wrong for every labelled pixel); it gets no IoU and is not in the mean.
+        dataset_name / dataset_split: how the model card names the data (recorded with the result).
 
     Returns:
         `mIoU`, `pixel_accuracy`, `per_class_iou` (name -> IoU, classes neither labelled nor predicted omitted),
@@ -344,6 +347,18 @@ def evaluate_segmentation(
             confusion += confusion_matrix(prediction, mask.view(prediction.shape), n_total, ignore_index)
     metrics = segmentation_metrics(confusion, class_names, num_scored=len(class_names))
     metrics["num_images"] = len(dataset)
+    from .modelcard import TASK_SEGMENTATION, record_evaluation
+
+    record_evaluation(
+        model,
+        TASK_SEGMENTATION,
+        {"mIoU": metrics["mIoU"], "pixel_accuracy": metrics["pixel_accuracy"]},
+        dataset,
+        dataset_name,
+        dataset_split,
+        num_samples=len(dataset),
+        details=f"{len(class_names)} classes" + (f" + '{background}' prompt" if background else ""),
+    )
     return metrics
 
 
