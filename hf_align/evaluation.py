@@ -12,7 +12,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from .features import FeatureCollator, features_for
+from .features import FeatureCollator, column_array, features_for
 from .modelcard import TASK_RETRIEVAL, TASK_ZERO_SHOT, record_evaluation
 from .retrieval import check_ks, check_text_image_index, chunked_retrieval_metrics, recall_metrics
 from .templates import DEFAULT_TEMPLATES
@@ -226,7 +226,7 @@ def evaluate_retrieval(
     if is_feature_cache(dataset):
         first = _first_row_per_image(dataset)
         image_embeds, text_embeds = embed_feature_cache(model, dataset)
-        image_ids = torch.as_tensor(dataset["image_id"])
+        image_ids = torch.as_tensor(column_array(dataset, "image_id"))
         slot = {int(image_ids[row]): i for i, row in enumerate(first)}
         owner = torch.tensor([slot[int(i)] for i in image_ids])
         image_embeds = image_embeds[torch.as_tensor(first)]
@@ -257,7 +257,7 @@ def _first_row_per_image(dataset: datasets.Dataset) -> list[int]:
     if "image_id" not in dataset.column_names:
         return list(range(len(dataset)))
     seen, first = set(), []
-    for row, image_id in enumerate(dataset["image_id"]):
+    for row, image_id in enumerate(column_array(dataset, "image_id").tolist()):
         if image_id not in seen:
             seen.add(image_id)
             first.append(row)

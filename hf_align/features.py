@@ -21,6 +21,15 @@ float images are rescaled; transparency is composited on white as CLIP's process
 warning. What cannot be encoded (an undecodable or empty image, a missing / empty / non-text / non-UTF-8 caption, NaN
 or Inf in the encoder's output) raises `BadSampleError` naming its row by default; `on_bad_sample="skip"` leaves it
 out, logs it and records it in the metadata (`skipped_samples`).
+
+Speed and scale-out: decoding, the image processor and the tokenizer run in `num_workers` DataLoader worker processes
+while the encoders run (pinned memory and non-blocking copies on CUDA, bf16 autocast and SDPA attention there); the
+device starts on batch i + 1 before batch i's outputs are copied back and written. Captions are sorted by token length
+within a batch of images and encoded `batch_size` at a time, which cuts padding when images have several captions; the
+rows are written in the source order. Under `accelerate launch` (or `torchrun`) with several processes, each process
+encodes a contiguous run of the batches into a shard and the main process concatenates the shards in rank order, so
+the cache holds the rows of a one-process run, in the same order. Memory does not grow with the dataset: batches
+stream from the (memory-mapped) source to the Arrow file.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ import math
 import os
 import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -51,6 +61,7 @@ DATA_FILE = "features.arrow"
 BAD_SAMPLE_POLICIES = ("raise", "skip")
 MAX_IMAGE_SIDE = 4096  # larger images are box-downsampled before the image processor (which resizes them anyway)
 CHECKSUM_AUTO_BYTES = 256 * 2**20  # load_cache verifies the SHA-256 by default up to this size (about a second)
+SHARD_PREFIX = "shard-"  # per-process part of a cache extracted by several processes, before concatenation
 
 
 class FeatureCacheError(ValueError):
@@ -70,6 +81,15 @@ def cached_layers(features: datasets.Dataset, modality: str, tokens: bool = Fals
     """Absolute layer indices a cache holds for `modality` (pooled, or token columns with `tokens=True`)."""
     prefix = f"{modality}_tokens_layer_" if tokens else f"{modality}_layer_"
     return sorted(int(c[len(prefix) :]) for c in features.column_names if c.startswith(prefix))
+
+
+def column_array(dataset: datasets.Dataset, name: str) -> np.ndarray:
+    """A column as one numpy array (n, ...), read in one go.
+
+    `dataset[name]` is a lazy `Column` in datasets ≥ 4: `torch.as_tensor` / `np.asarray` / iterating it format one row
+    at a time, minutes for a million rows; this reads the Arrow column at once (honouring `select` / `filter`).
+    """
+    return dataset.with_format("numpy", columns=[name])[:][name]
 
 
 def default_cache_dir() -> str:
@@ -266,6 +286,7 @@ def extract_features(
     max_text_length: int | None = None,
     cache_path: str | os.PathLike | None = None,
     on_bad_sample: str = "raise",
+    num_workers: int | None = None,
 ) -> datasets.Dataset:
     """Run the frozen encoders once over `dataset` and return the features as a cached, memory-mapped Dataset.
 
@@ -277,7 +298,7 @@ def extract_features(
         vision_layers / text_layers: `None` = the layer the model taps (every layer when it is `"auto"`), `"all"`,
             or a list of hidden-state indices (negative allowed). Several layers are stored from one forward pass.
         keep_columns: source columns to copy into the cache (e.g. `["label"]`).
-        batch_size: images per encoder forward pass (captions are batched the same way).
+        batch_size: images per encoder forward pass; captions are sorted by length and encoded `batch_size` at a time.
         cache_dir: where caches live (default `$HF_ALIGN_CACHE` or `~/.cache/hf_align/features`).
         max_text_length: tokenizer truncation length (default: the smaller of the tokenizer's maximum and the text
             encoder's number of positions). Longer captions are truncated with a warning naming their rows.
@@ -287,6 +308,11 @@ def extract_features(
         on_bad_sample: `"raise"` (default): a sample that cannot be encoded raises `BadSampleError` naming its row
             and the problem. `"skip"`: it is left out, its row and reason are logged and recorded in the cache
             metadata (read them back with `skipped_samples`). See the module docstring for what counts as bad.
+        num_workers: worker processes decoding and preprocessing batches while the encoders run (default
+            `min(4, os.cpu_count())`; 0 = in this process). The cache does not depend on it.
+
+    Under `accelerate launch` / `torchrun` with several processes, call it in every process: each encodes its share on
+    its own device, and every process gets the same cache (see the module docstring).
 
     Returns:
         The cache (see the module docstring for its columns). A second call with the same inputs loads it from disk
@@ -295,6 +321,10 @@ def extract_features(
     _check_extraction_inputs(model, processor, dataset, image_column, text_column, keep_columns, batch_size)
     if on_bad_sample not in BAD_SAMPLE_POLICIES:
         raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1)
+    elif not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ValueError(f"num_workers must be None or an int >= 0, got {num_workers!r}")
     config = model.config
     layers = {
         "vision": _requested_layers("vision", vision_layers, config),
@@ -320,6 +350,33 @@ def extract_features(
     }
     fingerprint = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
     target = os.path.abspath(os.fspath(cache_path or os.path.join(cache_dir or default_cache_dir(), fingerprint)))
+    state = process_state()
+    if state.num_processes > 1:
+        # The main process's inputs name the cache for all (an in-memory dataset's fingerprint can differ between
+        # processes), and each process encodes on its own device.
+        parts, target = _broadcast([parts, target])
+        if next(model.vision_model.parameters()).device != state.device:
+            model.to(state.device)
+    if _on_main(state, lambda: _reuse_or_clear(target, parts, cache_path)):
+        logger.info(f"reusing feature cache {target}")
+        return load_cache(target, parts, verify_checksum=False)  # verified by _reuse_or_clear just now
+    tmp = _on_main(state, lambda: _new_partial_folder(target))
+    try:
+        n_rows, skipped = _write_features(
+            model, processor, dataset, image_column, text_column, layers, token_layers, pooled, keep_columns,
+            batch_size, max_text_length, tmp, on_bad_sample, num_workers, state,
+        )  # fmt: skip
+        _on_main(state, lambda: _finish_cache(tmp, target, parts, n_rows, skipped))
+    except BaseException:
+        if state.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_cache(target, parts)
+
+
+def _reuse_or_clear(target: str, parts: dict, cache_path) -> bool:
+    """True when `target` holds a finished cache of exactly `parts` (size and checksum verified); otherwise clears the
+    way for a new one (a damaged or unfinished cache under `cache_dir` is removed, one at `cache_path` is refused)."""
     _remove_stale_partial_caches(target)
     try:
         cached = load_cache(target, parts)
@@ -330,8 +387,7 @@ def extract_features(
         shutil.rmtree(target)
         cached = None
     if cached is not None:
-        logger.info(f"reusing feature cache {target}")
-        return cached
+        return True
     if os.path.exists(target):
         if cache_path is not None:
             raise FeatureCacheError(
@@ -340,40 +396,115 @@ def extract_features(
             )
         logger.warning(f"rebuilding {target}: an unfinished feature cache (no {META_FILE})")
         shutil.rmtree(target)
-
     os.makedirs(os.path.dirname(target), exist_ok=True)
+    return False
+
+
+def _new_partial_folder(target: str) -> str:
     # Host and pid in the name: a later run can tell a dead extraction's leftovers from a live one's.
     tmp = f"{target}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    return tmp
+
+
+def _finish_cache(tmp: str, target: str, parts: dict, n_rows: int, skipped: list[dict]) -> None:
+    """Concatenate the processes' shards (if any) in rank order, write the metadata last, rename `tmp` to `target`."""
+    shards = sorted(name for name in os.listdir(tmp) if name.startswith(SHARD_PREFIX))
+    if shards:
+        _concatenate_arrow([os.path.join(tmp, name) for name in shards], os.path.join(tmp, DATA_FILE))
+        for name in shards:
+            os.remove(os.path.join(tmp, name))
+    if skipped:
+        rows = sorted({sample["row"] for sample in skipped})
+        logger.warning(
+            f"on_bad_sample='skip': left out {len(skipped)} sample(s), rows {rows[:20]} (reasons recorded in "
+            f"{os.path.join(target, META_FILE)}); first: {skipped[0]['reason']}"
+        )
+    meta = {
+        "parts": parts,
+        "num_rows": n_rows,
+        "complete": True,
+        "data_file": _file_record(os.path.join(tmp, DATA_FILE)),
+        "skipped": skipped,
+    }
+    with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as handle:
+        json.dump(meta, handle, default=str)
+    if os.path.isdir(target):  # a concurrent writer finished first; theirs is identical
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
+
+
+def _concatenate_arrow(paths: list[str], path: str) -> None:
+    """Write the rows of the Arrow files `paths`, in that order, to one Arrow file, a record batch at a time."""
+    import pyarrow as pa
+
+    first = datasets.Dataset.from_file(paths[0])
+    writer = ArrowWriter(path=path, features=first.features)
     try:
-        n_rows, skipped = _write_features(
-            model, processor, dataset, image_column, text_column, layers, token_layers, pooled, keep_columns,
-            batch_size, max_text_length, os.path.join(tmp, DATA_FILE), on_bad_sample,
-        )  # fmt: skip
-        if skipped:
-            rows = sorted({sample["row"] for sample in skipped})
-            logger.warning(
-                f"on_bad_sample='skip': left out {len(skipped)} sample(s), rows {rows[:20]} (reasons recorded in "
-                f"{os.path.join(target, META_FILE)}); first: {skipped[0]['reason']}"
-            )
-        meta = {
-            "parts": parts,
-            "num_rows": n_rows,
-            "complete": True,
-            "data_file": _file_record(os.path.join(tmp, DATA_FILE)),
-            "skipped": skipped,
-        }
-        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as handle:
-            json.dump(meta, handle, default=str)
-        if os.path.isdir(target):  # a concurrent writer finished first; theirs is identical
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return load_cache(target, parts)
+        for shard in paths:
+            for batch in datasets.Dataset.from_file(shard).data.to_batches():
+                writer.write_table(pa.Table.from_batches([batch]))
+        writer.finalize()
+    finally:
+        writer.close()
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def cpu_process_group() -> bool:
+    """Whether this process is one of several launched (`accelerate launch`, `torchrun`) on a machine without CUDA:
+    Accelerate then has to be told `cpu=True` to join them in a gloo group instead of running each alone."""
+    from accelerate.utils import parse_flag_from_env
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.cuda.is_available())
+
+
+def process_state():
+    """Accelerate's `PartialState`: one process, or this process's rank, count and device under a launcher."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu_process_group())
+
+
+def _broadcast(objects: list) -> list:
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list(objects, from_process=0)
+
+
+def _on_main(state, work: Callable[[], Any]) -> Any:
+    """`work()` run by the main process only; every process gets its (picklable) result, or raises its exception
+    (which the other processes would otherwise never hear of, waiting forever for the main one)."""
+    if state.num_processes == 1:
+        return work()
+    outcome, error = [None], None
+    if state.is_main_process:
+        try:
+            outcome = [(True, work())]
+        except Exception as err:
+            outcome, error = [(False, err)], err
+    succeeded, value = _broadcast(outcome)[0]
+    if not succeeded:
+        raise error or value
+    return value
+
+
+def _on_every_process(work: Callable[[], tuple[int, list]]) -> tuple[int, list]:
+    """`work() -> (n_rows, skipped)` run by every process: the totals, skipped samples in rank order, everywhere; or,
+    if any process failed, its error everywhere (the lowest failing rank's where this process did not fail)."""
+    from accelerate.utils import gather_object
+
+    try:
+        outcome = (True, work())
+    except Exception as err:
+        outcome = (False, err)
+    outcomes = gather_object([outcome])
+    failures = [value for succeeded, value in outcomes if not succeeded]
+    if failures:
+        raise outcome[1] if not outcome[0] else failures[0]
+    return sum(value[0] for _, value in outcomes), [sample for _, value in outcomes for sample in value[1]]
 
 
 def load_cache(path: str, parts: dict | None = None, verify_checksum: bool | None = None) -> datasets.Dataset | None:
@@ -549,11 +680,31 @@ def estimate_cache_bytes(n_rows: int, vision_dims, text_dims, vision_token_shape
     return n_rows * size
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What an extraction reads and stores; shared by the preprocessing workers and the encoding loop."""
+
+    image_column: str
+    text_column: str
+    keep_columns: tuple[str, ...]
+    layers: dict  # modality -> pooled layers
+    token_layers: dict  # modality -> token layers
+    pooled: dict  # modality -> pooling of the pooled columns
+    batch_size: int
+    text_limit: int
+    on_bad_sample: str
+
+
 def _write_features(
     model, processor, dataset, image_column, text_column, layers, token_layers, pooled, keep_columns,
-    batch_size, max_text_length, path, on_bad_sample,
+    batch_size, max_text_length, folder, on_bad_sample, num_workers, state,
 ) -> tuple[int, list[dict]]:  # fmt: skip
-    """Encode every row into an Arrow file at `path`; returns the number of cache rows and the skipped samples."""
+    """Encode the rows into Arrow files in `folder`; returns the number of cache rows and the skipped samples.
+
+    One process writes `folder/features.arrow`. Under several processes, process r encodes a contiguous run of the
+    batches into `folder/shard-<r>.arrow`, which `_finish_cache` concatenates in rank order: the batches are those of
+    a one-process run, so are the rows, their order and their values.
+    """
     from transformers.utils.logging import tqdm
 
     if isinstance(dataset.features.get(image_column), datasets.Image):
@@ -587,28 +738,87 @@ def _write_features(
         {layer: text_info_dims[layer] for layer in token_layers["text"]},
         datasets.Features({c: dataset.features[c] for c in keep_columns}),
     )
-    writer = ArrowWriter(path=path, features=schema)
-    n_rows, skipped = 0, []
-    progress = tqdm(total=n_images, desc=f"hf_align: extracting features (~{estimate / 2**20:.0f} MiB)", unit="img")
-    try:
-        for start in range(0, n_images, batch_size):
-            batch = dataset[start : start + batch_size]
-            columns, batch_skipped = _encode_batch(
-                model, processor, batch, start, image_column, text_column, layers, token_layers, pooled,
-                keep_columns, text_limit, on_bad_sample,
-            )  # fmt: skip
-            skipped += batch_skipped
-            if columns is not None:
-                writer.write_batch(columns)
-                n_rows += len(columns["image_id"])
-            progress.update(len(batch[image_column]))
-        writer.finalize()
-    finally:
-        writer.close()
-        progress.close()
+    plan = _Plan(
+        image_column, text_column, tuple(keep_columns), layers, token_layers, pooled, batch_size, text_limit,
+        on_bad_sample,
+    )  # fmt: skip
+    n_batches = math.ceil(n_images / batch_size)
+    rank, world = state.process_index, state.num_processes
+    batches = range(n_batches * rank // world, n_batches * (rank + 1) // world)
+    path = os.path.join(folder, DATA_FILE if world == 1 else f"{SHARD_PREFIX}{rank:05d}.arrow")
+    shard_images = min(n_images, batches.stop * batch_size) - batches.start * batch_size if batches else 0
+    progress = tqdm(
+        total=shard_images, desc=f"hf_align: extracting features (~{estimate / 2**20:.0f} MiB)", unit="img",
+        disable=not state.is_main_process,
+    )  # fmt: skip
+
+    def encode() -> tuple[int, list[dict]]:
+        try:
+            return _encode_batches(model, processor, dataset, plan, batches, num_workers, path, schema, progress)
+        finally:
+            progress.close()
+
+    n_rows, skipped = encode() if world == 1 else _on_every_process(encode)
     if n_rows == 0:
         raise BadSampleError(f"every sample of the dataset was bad and skipped; first: {skipped[0]}")
     return n_rows, skipped
+
+
+def _encode_batches(model, processor, dataset, plan: _Plan, batches: range, num_workers, path, schema, progress):
+    """Encode the source batches `batches` (indices of `plan.batch_size`-row slices) into an Arrow file at `path`.
+
+    Returns the number of rows written and the samples skipped. Preprocessing runs in `num_workers` DataLoader
+    workers; the device starts on batch i + 1 before batch i's outputs are waited for and written.
+    """
+    device = next(model.vision_model.parameters()).device
+    loader = torch.utils.data.DataLoader(
+        _SourceBatches(dataset, plan.batch_size, batches),
+        batch_size=None,  # an item is already a batch
+        collate_fn=_Preprocessor(processor, plan),
+        num_workers=num_workers if len(batches) > 1 else 0,  # a single batch has nothing to overlap with
+        pin_memory=device.type == "cuda",
+    )
+    writer = ArrowWriter(path=path, features=schema)
+    n_rows, skipped, pending = 0, [], None
+    try:
+        for prepared in loader:
+            launched = _launch(model, prepared, plan, device)
+            if pending is not None:
+                n_rows += _collect(pending, plan, writer, skipped)
+                progress.update(pending["prepared"]["n_source"])
+            pending = launched
+        if pending is not None:
+            n_rows += _collect(pending, plan, writer, skipped)
+            progress.update(pending["prepared"]["n_source"])
+        writer.finalize()
+    finally:
+        writer.close()
+    return n_rows, skipped
+
+
+class _SourceBatches(torch.utils.data.Dataset):
+    """Item i: `(start, dataset[start : start + batch_size])` for the i-th batch index of `batches`."""
+
+    def __init__(self, dataset: datasets.Dataset, batch_size: int, batches: range):
+        self.dataset, self.batch_size, self.batches = dataset, batch_size, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        start = self.batches[i] * self.batch_size
+        return start, self.dataset[start : start + self.batch_size]
+
+
+class _Preprocessor:
+    """The DataLoader's collate function: `_prepare_batch` with this extraction's processor and plan."""
+
+    def __init__(self, processor, plan: _Plan):
+        self.processor, self.plan = processor, plan
+
+    def __call__(self, item) -> dict:
+        start, batch = item
+        return _prepare_batch(self.processor, self.plan, start, batch)
 
 
 def _layer_widths(model, modality: str, layers: list[int]) -> dict[int, int]:
@@ -629,36 +839,30 @@ def _vision_token_count(model) -> int:
     return as_token_sequence(state).shape[1]
 
 
-@torch.no_grad()
-def _encode_batch(
-    model, processor, batch, start, image_column, text_column, layers, token_layers, pooled, keep_columns,
-    text_limit, on_bad_sample,
-) -> tuple[dict[str, list] | None, list[dict]]:  # fmt: skip
-    """Encode the source rows `start, start + 1, ...` in `batch`.
+def _prepare_batch(processor, plan: _Plan, start: int, batch: dict) -> dict:
+    """Decode, check and preprocess the source rows `start, start + 1, ...` in `batch` (CPU work, run in a worker).
 
-    Returns the cache columns (`None` when no row is left) and the samples skipped under `on_bad_sample="skip"`;
-    under `"raise"` the first bad sample raises `BadSampleError`. A bad sample never reaches the encoders' batch (or,
-    when the encoders make NaN/Inf of it, the cache), so it cannot poison the other rows.
+    Returns a dict:
+        rejects: `(position in batch, reason, caption index or None)` of each bad sample, in row order; a bad sample
+            never reaches the encoders' batch, so it cannot poison the other rows.
+        positions: index in `batch` of each usable image; owner: index into those images of each caption;
+            caption_ids: index of each caption in its row's list (None for a single caption); keep: the
+            `keep_columns` values of each caption.
+        pixel_values: (n_images, C, H, W) of the usable images, or None when there is none.
+        text_chunks: the captions sorted by token length (stable), tokenized `batch_size` at a time, each chunk padded
+            to its own longest; text_order: (n_captions,) caption index of each sorted row.
+        truncated: `(row, tokens)` of each caption cut to `plan.text_limit` tokens; n_source: rows in `batch`.
     """
-    skipped: list[dict] = []
-
-    def reject(position: int, reason: str, caption: int | None = None) -> None:
-        where = f"row {start + position}" + ("" if caption is None else f", caption {caption}")
-        if on_bad_sample == "raise":
-            raise BadSampleError(f"{where}: {reason} (on_bad_sample='skip' leaves such samples out)")
-        skipped.append({"row": start + position, "caption": caption, "reason": reason})
-
-    # images: usable images; positions: their index in `batch`; owner: index into `images` of each caption
-    images, positions, captions, owner, caption_ids = [], [], [], [], []
-    for i, (value, caption) in enumerate(zip(batch[image_column], batch[text_column])):
+    rejects, images, positions, captions, owner, caption_ids = [], [], [], [], [], []
+    for i, (value, caption) in enumerate(zip(batch[plan.image_column], batch[plan.text_column])):
         try:
             image = _rgb_image(value)
         except ValueError as err:
-            reject(i, f"{image_column!r}: {err}")
+            rejects.append((i, f"{plan.image_column!r}: {err}", None))
             continue
         group = caption if isinstance(caption, list) else [caption]
         if not group:
-            reject(i, f"{text_column!r} holds an empty list of captions")
+            rejects.append((i, f"{plan.text_column!r} holds an empty list of captions", None))
             continue
         texts = []
         for k, text in enumerate(group):
@@ -666,7 +870,7 @@ def _encode_batch(
             try:
                 texts.append((index, _caption_text(text)))
             except ValueError as err:
-                reject(i, f"{text_column!r}: {err}", index)
+                rejects.append((i, f"{plan.text_column!r}: {err}", index))
         for index, text in texts:
             captions.append(text)
             owner.append(len(images))
@@ -674,60 +878,153 @@ def _encode_batch(
         if texts:
             images.append(image)
             positions.append(i)
+    prepared = {
+        "start": start,
+        "n_source": len(batch[plan.image_column]),
+        "rejects": rejects,
+        "positions": positions,
+        "owner": owner,
+        "caption_ids": caption_ids,
+        "keep": {name: [batch[name][positions[o]] for o in owner] for name in plan.keep_columns},
+        "pixel_values": None,
+        "text_chunks": [],
+        "text_order": None,
+        "truncated": [],
+    }
     if not images:
-        return None, skipped
+        return prepared
+    tokenizer = processor.tokenizer
+    prepared["truncated"] = _truncated_captions(tokenizer, captions, [start + positions[o] for o in owner], plan.text_limit)
+    prepared["pixel_values"] = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    ids = tokenizer(captions, truncation=True, max_length=plan.text_limit, return_attention_mask=False)["input_ids"]
+    order = sorted(range(len(captions)), key=lambda c: len(ids[c]))
+    for s in range(0, len(order), plan.batch_size):
+        chunk = [captions[c] for c in order[s : s + plan.batch_size]]
+        inputs = tokenizer(chunk, padding=True, truncation=True, max_length=plan.text_limit, return_tensors="pt")
+        prepared["text_chunks"].append(dict(inputs))
+    prepared["text_order"] = torch.tensor(order)
+    return prepared
 
-    _warn_truncated(processor.tokenizer, captions, [start + positions[o] for o in owner], text_limit)
-    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    text_inputs = processor.tokenizer(
-        captions, padding=True, truncation=True, max_length=text_limit, return_tensors="pt"
-    )
+
+@torch.no_grad()
+def _launch(model, prepared: dict, plan: _Plan, device: torch.device) -> dict:
+    """Start encoding a prepared batch without waiting for it: inputs go to the device, the encoders run, the tapped
+    layers are pooled and copied back (on CUDA into pinned memory, asynchronously; `event` marks the copies' end).
+
+    Returns `{"prepared", "outputs", "event"}`; outputs: column name -> (n_images, ...) vision or (n_captions, ...)
+    text tensors in caption order, except text token columns: a list of (chunk, T_chunk, d) tensors in sorted order.
+    """
+    launched = {"prepared": prepared, "outputs": None, "event": None}
+    if prepared["pixel_values"] is None:
+        return launched
     autocast = _autocast(model)
-    with autocast:
-        vision_states = model.vision_hidden_states(pixel_values)
-        text_states = model.text_hidden_states(
-            text_inputs["input_ids"], text_inputs["attention_mask"], text_inputs.get("token_type_ids")
-        )
-    owner_index = torch.tensor(owner)
-    attention_mask = text_inputs["attention_mask"].to(text_states[0].device)
-    columns: dict[str, list] = {}
-    bad_images: dict[int, str] = {}  # index into `images` -> reason
-    bad_captions: dict[int, str] = {}  # index into `captions` -> reason
     has_cls = model.config.vision_has_cls
-    for layer in layers["vision"]:
-        values, _ = pool_vision(vision_states[layer].float(), pooled["vision"], has_cls)
-        _note_non_finite(bad_images, values, f"NaN or Inf in the vision encoder's output at layer {layer}")
-        columns[layer_column("vision", layer)] = values.cpu()[owner_index].numpy()
-    for layer in layers["text"]:
-        values, _ = pool_text(text_states[layer].float(), attention_mask, pooled["text"])
-        _note_non_finite(bad_captions, values, f"NaN or Inf in the text encoder's output at layer {layer}")
-        columns[layer_column("text", layer)] = values.cpu().numpy()
-    float16 = "stored as float16, so |x| > 65504 overflows"
-    for layer in token_layers["vision"]:
+    outputs: dict[str, Any] = {}
+    with autocast:
+        vision_states = model.vision_hidden_states(prepared["pixel_values"].to(device, non_blocking=True))
+    for layer in plan.layers["vision"]:
+        values, _ = pool_vision(vision_states[layer].float(), plan.pooled["vision"], has_cls)
+        outputs[layer_column("vision", layer)] = values
+    for layer in plan.token_layers["vision"]:
         values, _ = pool_vision(vision_states[layer], "tokens", has_cls)
-        values = values.half().cpu()
-        _note_non_finite(bad_images, values, f"NaN or Inf in the vision tokens at layer {layer} ({float16})")
-        columns[layer_column("vision", layer, tokens=True)] = values[owner_index].numpy()
-    for layer in token_layers["text"]:
-        state = text_states[layer].half().cpu()
-        mask = attention_mask.bool().cpu()
-        real = state.masked_fill(~mask[..., None], 0)  # padding positions are never stored
-        _note_non_finite(bad_captions, real, f"NaN or Inf in the text tokens at layer {layer} ({float16})")
-        columns[layer_column("text", layer, tokens=True)] = [row[m].numpy() for row, m in zip(state, mask)]
+        outputs[layer_column("vision", layer, tokens=True)] = values.half()
+    del vision_states
+    text_pooled = {layer: [] for layer in plan.layers["text"]}
+    text_tokens = {layer: [] for layer in plan.token_layers["text"]}
+    for chunk in prepared["text_chunks"]:
+        inputs = {name: value.to(device, non_blocking=True) for name, value in chunk.items()}
+        with autocast:
+            states = model.text_hidden_states(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+        for layer, pieces in text_pooled.items():
+            pieces.append(pool_text(states[layer].float(), inputs["attention_mask"], plan.pooled["text"])[0])
+        for layer, pieces in text_tokens.items():
+            pieces.append(states[layer].half())
+    caption_row = torch.argsort(prepared["text_order"]).to(device)  # sorted row of each caption
+    for layer, pieces in text_pooled.items():
+        outputs[layer_column("text", layer)] = torch.cat(pieces)[caption_row]
+    for layer, pieces in text_tokens.items():
+        outputs[layer_column("text", layer, tokens=True)] = pieces
+    # Non-blocking device-to-host copies land in pinned memory; a no-op on CPU.
+    launched["outputs"] = {
+        name: [v.to("cpu", non_blocking=True) for v in value] if isinstance(value, list) else value.to("cpu", non_blocking=True)
+        for name, value in outputs.items()
+    }
+    if device.type == "cuda":
+        launched["event"] = torch.cuda.Event()
+        launched["event"].record()
+    return launched
+
+
+def _collect(launched: dict, plan: _Plan, writer: ArrowWriter, skipped: list[dict]) -> int:
+    """Wait for a launched batch, apply the bad-sample policy, write its rows; returns the number of rows written.
+
+    Under `on_bad_sample="raise"` the first bad sample raises `BadSampleError` naming its row; under `"skip"` it is
+    appended to `skipped`. Rows whose encoder output holds NaN/Inf are bad samples too and are never written.
+    """
+    prepared = launched["prepared"]
+    start = prepared["start"]
+
+    def reject(position: int, reason: str, caption: int | None = None) -> None:
+        where = f"row {start + position}" + ("" if caption is None else f", caption {caption}")
+        if plan.on_bad_sample == "raise":
+            raise BadSampleError(f"{where}: {reason} (on_bad_sample='skip' leaves such samples out)")
+        skipped.append({"row": start + position, "caption": caption, "reason": reason})
+
+    for position, reason, caption in prepared["rejects"]:
+        reject(position, reason, caption)
+    if launched["outputs"] is None:
+        return 0
+    _log_truncated(prepared["truncated"], plan.text_limit)
+    if launched["event"] is not None:
+        launched["event"].synchronize()
+    outputs, positions, owner = launched["outputs"], prepared["positions"], prepared["owner"]
+    owner_index = np.asarray(owner)
+    columns: dict[str, Any] = {}
+    bad_images: dict[int, str] = {}  # index into the usable images -> reason
+    bad_captions: dict[int, str] = {}  # index into the captions -> reason
+    for layer in plan.layers["vision"]:
+        name = layer_column("vision", layer)
+        _note_non_finite(bad_images, outputs[name], f"NaN or Inf in the vision encoder's output at layer {layer}")
+        columns[name] = outputs[name].numpy()[owner_index]
+    for layer in plan.layers["text"]:
+        name = layer_column("text", layer)
+        _note_non_finite(bad_captions, outputs[name], f"NaN or Inf in the text encoder's output at layer {layer}")
+        columns[name] = outputs[name].numpy()
+    float16 = "stored as float16, so |x| > 65504 overflows"
+    for layer in plan.token_layers["vision"]:
+        name = layer_column("vision", layer, tokens=True)
+        _note_non_finite(bad_images, outputs[name], f"NaN or Inf in the vision tokens at layer {layer} ({float16})")
+        columns[name] = outputs[name].numpy()[owner_index]
+    order = prepared["text_order"].tolist() if prepared["text_order"] is not None else []
+    for layer in plan.token_layers["text"]:
+        name = layer_column("text", layer, tokens=True)
+        rows, finite = [None] * len(order), []
+        sorted_rows = []
+        for state, chunk in zip(outputs[name], prepared["text_chunks"]):
+            mask = chunk["attention_mask"].bool()
+            real = state.masked_fill(~mask[..., None], 0)  # padding positions are never stored
+            finite.append(torch.isfinite(real).flatten(1).all(1))
+            sorted_rows += [row[m].numpy() for row, m in zip(state, mask)]
+        finite = torch.cat(finite)
+        for sorted_row, caption in enumerate(order):
+            rows[caption] = sorted_rows[sorted_row]
+            if not finite[sorted_row]:
+                bad_captions.setdefault(caption, f"NaN or Inf in the text tokens at layer {layer} ({float16})")
+        columns[name] = rows
     for image, reason in bad_images.items():
         reject(positions[image], reason)
     for row, reason in bad_captions.items():
         if owner[row] not in bad_images:
-            reject(positions[owner[row]], reason, caption_ids[row])
+            reject(positions[owner[row]], reason, prepared["caption_ids"][row])
     columns["image_id"] = np.asarray([start + positions[o] for o in owner], dtype=np.int64)
-    for name in keep_columns:
-        columns[name] = [batch[name][positions[o]] for o in owner]
-    keep = [r for r in range(len(captions)) if owner[r] not in bad_images and r not in bad_captions]
+    columns.update(prepared["keep"])
+    keep = [r for r in range(len(owner)) if owner[r] not in bad_images and r not in bad_captions]
     if not keep:
-        return None, skipped
-    if len(keep) < len(captions):
+        return 0
+    if len(keep) < len(owner):
         columns = {name: _take(values, keep) for name, values in columns.items()}
-    return columns, skipped
+    writer.write_batch(columns)
+    return len(keep)
 
 
 def _note_non_finite(bad: dict[int, str], values: torch.Tensor, reason: str) -> None:
@@ -837,14 +1134,19 @@ def _text_length_limit(model, tokenizer, max_text_length: int | None) -> int:
     return min(limit, positions) if isinstance(positions, int) else limit
 
 
-def _warn_truncated(tokenizer, captions: list[str], rows: list[int], limit: int) -> None:
+def _truncated_captions(tokenizer, captions: list[str], rows: list[int], limit: int) -> list[tuple[int, int]]:
+    """`(row, tokens)` of the captions longer than `limit` tokens."""
     # A token spans at least one UTF-8 byte (plus a few special / word-start tokens), so only captions about this
     # long can be cut: count just those without truncation.
     long = [i for i, text in enumerate(captions) if len(text.encode("utf-8")) + 8 > limit]
     if not long:
-        return
+        return []
     lengths = [len(ids) for ids in tokenizer([captions[i] for i in long], truncation=False, verbose=False)["input_ids"]]
-    cut = [(rows[i], n) for i, n in zip(long, lengths) if n > limit]
+    return [(rows[i], n) for i, n in zip(long, lengths) if n > limit]
+
+
+def _log_truncated(cut: list[tuple[int, int]], limit: int) -> None:
+    # Logged by the main process: a worker's log records would not reach the caller's handlers.
     if cut:
         logger.warning(
             f"{len(cut)} caption(s) longer than the text encoder's limit of {limit} tokens were truncated to it: "

@@ -1,8 +1,16 @@
 """`train()`: fit an aligner on a feature cache with Accelerate (device placement, bf16, accumulation, checkpoints).
 
 Training never runs the frozen encoders: batches are rows of the feature cache. Pooled caches are held in memory as
-two tensors (a 100k × 1024 cache is 800 MB in fp32) so a step is a gather plus a few matmuls; token caches are read
-from the memory-mapped Arrow file batch by batch.
+two tensors (a 100k × 1024 cache is 800 MB in fp32), on the GPU when they fit in a quarter of its free memory, so a
+step is a gather plus a few matmuls; token caches are read from the memory-mapped Arrow file batch by batch.
+
+Several processes (`accelerate launch`, `torchrun`; gloo on CPU): a global batch is `per_device_train_batch_size ×
+num_processes` pairs and each process embeds its slice. The embeddings are all-gathered with their gradient, so every
+process computes the loss of the whole global batch (InfoNCE over all its pairs, regularisers on all its features),
+exactly as one process with the global batch would; averaging the processes' gradients then gives the one-process
+gradient (each process's gather sends back N times its slice's share, and the terms every process computes alike
+are counted once per process). The trained weights match a one-process run with `per_device_train_batch_size ×
+num_processes` up to the rounding of a different summation order.
 """
 
 from __future__ import annotations
@@ -16,16 +24,18 @@ from dataclasses import asdict, dataclass, field, fields
 
 import datasets
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 from transformers import SchedulerType, get_scheduler
 from transformers.utils import logging
 
 from .configuration import check_number, check_positive_int
 from .encoders import non_finite_rows
-from .evaluation import retrieval_metrics
-from .features import FeatureCollator, features_for
+from .features import FeatureCollator, column_array, cpu_process_group, features_for
+from .modeling import MAX_LOGIT_SCALE, AlignerOutput
+from .retrieval import chunked_retrieval_metrics
 
 logger = logging.get_logger(__name__)
 
@@ -128,12 +138,13 @@ class TrainingResult:
 
 
 class BatchSource:
-    """Rows of a `features_for` view by index: in-memory tensors for pooled features, Arrow reads for tokens."""
+    """Rows of a `features_for` view by index: in-memory tensors for pooled features (on `device` when it is a GPU
+    with room for them), Arrow reads for tokens."""
 
-    def __init__(self, view: datasets.Dataset):
+    def __init__(self, view: datasets.Dataset, device: torch.device | str | None = None):
         self.view = view
         self.collate = FeatureCollator()
-        ids = view["image_id"] if "image_id" in view.column_names else range(len(view))
+        ids = column_array(view, "image_id") if "image_id" in view.column_names else range(len(view))
         self.image_ids = torch.as_tensor(ids)
         sample = view[0]["vision_features"]
         self.tokens = torch.as_tensor(sample).dim() == 2 or torch.as_tensor(view[0]["text_features"]).dim() == 2
@@ -143,6 +154,10 @@ class BatchSource:
             self.text = columns["text_features"].float()
             # Checked once here (cheap, in memory) so a bad row stops the run before step 0, not at step 5,000.
             _check_finite_rows({"vision_features": self.vision, "text_features": self.text}, torch.arange(len(view)))
+            device = torch.device(device or "cpu")
+            # On a GPU a step's batch is then a device-side gather, not a host gather plus a host-to-device copy.
+            if device.type == "cuda" and self.vision.nbytes + self.text.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
+                self.vision, self.text = self.vision.to(device), self.text.to(device)
         else:
             self.numpy_view = view.with_format("numpy", columns=["vision_features", "text_features"])
 
@@ -151,6 +166,7 @@ class BatchSource:
 
     def fetch(self, indices: torch.Tensor) -> dict:
         if not self.tokens:
+            indices = indices.to(self.vision.device, non_blocking=True)
             return {"vision_features": self.vision[indices], "text_features": self.text[indices], "return_loss": True}
         rows = self.numpy_view[indices.tolist()]
         batch = self.collate({k: list(v) for k, v in rows.items()})
@@ -172,7 +188,7 @@ def _check_finite_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor) -> 
 
 def split_by_image(view: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices of the training and validation parts; all captions of one image fall on the same side."""
-    image_ids = torch.as_tensor(view["image_id"]) if "image_id" in view.column_names else torch.arange(len(view))
+    image_ids = torch.as_tensor(column_array(view, "image_id")) if "image_id" in view.column_names else torch.arange(len(view))
     unique = torch.unique(image_ids)
     n_eval = int(round(eval_fraction * len(unique)))
     if eval_fraction > 0 and (n_eval < 2 or n_eval >= len(unique)):
@@ -217,6 +233,9 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         resolve_auto_layers(model, features, seed=args.seed)
     set_seed(args.seed)
     accelerator = Accelerator(
+        cpu=cpu_process_group(),
+        # No prepared DataLoader: train() slices each global batch itself, so the scheduler steps once per step.
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
         mixed_precision=_mixed_precision(args.mixed_precision),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to or None,
@@ -226,14 +245,16 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         _remove_partial_checkpoints(args.output_dir)
     view = features_for(model, features)
     train_rows, eval_rows = split_by_image(view, args.eval_fraction, args.seed)
-    source = BatchSource(view)
+    source = BatchSource(view, accelerator.device)
     model.to(accelerator.device)
+    world = accelerator.num_processes
+    global_batch = args.per_device_train_batch_size * world
 
     resume_dir = _resume_dir(args)
     if resume_dir is None:
         init_from_training_rows(model, source, train_rows, args, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    batches_per_epoch = math.ceil(len(train_rows) / args.per_device_train_batch_size)
+    batches_per_epoch = math.ceil(len(train_rows) / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     eval_steps = args.eval_steps or steps_per_epoch
@@ -246,7 +267,9 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
         warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, warmup, total_steps)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        # The model is not wrapped in DDP, which would average the gradients of per-process losses: each process
+        # computes the global batch's loss (`_global_batch_output`) and `_average_gradients` combines the gradients.
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
         best_state = None
         if resume_dir is not None:
             state, best_state = _load_checkpoint(
@@ -256,14 +279,17 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         if args.report_to:
             accelerator.init_trackers("hf_align", config=asdict(args))
         running, micro = [], state["global_step"] * args.gradient_accumulation_steps
+        order_epoch = None
         while state["global_step"] < total_steps:
             epoch, position = divmod(micro, batches_per_epoch)
-            rows = _epoch_order(train_rows, args.seed, epoch)
-            batch_rows = rows[position * args.per_device_train_batch_size : (position + 1) * args.per_device_train_batch_size]
+            if epoch != order_epoch:  # one permutation per epoch (drawing it every step costs more than the step)
+                rows, order_epoch = _epoch_order(train_rows, args.seed, epoch), epoch
+            batch_rows = rows[position * global_batch : (position + 1) * global_batch]
             batch = _to_device(source.fetch(batch_rows), accelerator.device)
             model.train()
             with accelerator.accumulate(model):
-                output = model(**batch)
+                with accelerator.autocast():
+                    output = model(**batch) if world == 1 else _global_batch_output(model, batch, accelerator)
                 loss = output.loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -273,6 +299,8 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
                         f"{_latest_checkpoint(args.output_dir)}"
                     )
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and world > 1:
+                    _average_gradients(params, world)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
@@ -334,10 +362,76 @@ def evaluate_on_rows(model, source: BatchSource, rows: torch.Tensor, args: Align
     image_embeds, text_embeds = torch.cat(images), torch.cat(texts)
     unique, owner = torch.unique(source.image_ids[rows], return_inverse=True)
     first = torch.zeros(len(unique), dtype=torch.long).scatter_(0, owner.flip(0), torch.arange(len(owner)).flip(0))
-    scores = model.similarity(image_embeds[first.to(device)], text_embeds)
+    # In blocks: a large validation split's (n_images, n_texts) score matrix would not fit in memory.
+    recall = chunked_retrieval_metrics(image_embeds[first.to(device)], text_embeds, owner.to(device), similarity=model.similarity)
     metrics = {"eval_loss": (torch.stack(losses).sum() / len(rows)).item()}
-    metrics.update({f"eval_{k}": v for k, v in retrieval_metrics(scores, owner.to(device)).items()})
+    metrics.update({f"eval_{k}": v for k, v in recall.items()})
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------- several processes
+def _global_batch_output(model, batch: dict, accelerator: Accelerator) -> AlignerOutput:
+    """This process's share of a global batch's forward pass; the loss is the whole global batch's.
+
+    The process embeds rows `[n·r/N, n·(r+1)/N)` of the (n, ...) global batch, the embeddings of all N processes are
+    gathered with their gradient (`_gather_rows`, in rank order: the global batch's order), and the logits and every
+    loss term are computed on the whole batch, with the global batch's features for the regularisers. Every process
+    gets the same loss; `_average_gradients` turns the processes' gradients into the one-process gradient.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n = batch["vision_features"].shape[0]
+    bounds = [n * r // world for r in range(world + 1)]
+    local = {k: v[bounds[rank] : bounds[rank + 1]] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    image_embeds = _gather_rows(
+        model.get_image_features(vision_features=local["vision_features"], vision_mask=local.get("vision_mask")), bounds
+    )
+    text_embeds = _gather_rows(
+        model.get_text_features(text_features=local["text_features"], text_mask=local.get("text_mask")), bounds
+    )
+    logits = model.similarity(image_embeds, text_embeds) * model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    terms = model.loss_terms(batch["vision_features"], batch["text_features"], image_embeds, text_embeds, logits)
+    return AlignerOutput(
+        loss=torch.stack(list(terms.values())).sum(), logits_per_image=logits, logits_per_text=logits.t(),
+        image_embeds=image_embeds, text_embeds=text_embeds, loss_terms=terms,
+    )  # fmt: skip
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of (B_r, ...) rows padded to a common B; backward sums the gradient of the gathered tensor over
+    the processes (each computed the same loss from it) and returns this process's rows."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, padded_rows: int) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), local.shape[0]
+        padded = torch.cat([local, local.new_zeros((padded_rows - local.shape[0], *local.shape[1:]))])
+        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank, : ctx.rows], None
+
+
+def _gather_rows(local: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """(bounds[r+1] - bounds[r], ...) rows from each process r -> all (bounds[-1], ...) rows in rank order."""
+    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = _GatherRows.apply(local, max(sizes))
+    return torch.cat([parts[r, :size] for r, size in enumerate(sizes)])
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Replace each gradient by its mean over the processes, in one all-reduce of the concatenated gradients."""
+    with_grad = [p for p in params if p.grad is not None]  # None on every process alike (same loss graph)
+    if not with_grad:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, chunk in zip(with_grad, flat.split([p.numel() for p in with_grad])):
+        p.grad.copy_(chunk.view_as(p.grad))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
