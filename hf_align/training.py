@@ -41,6 +41,7 @@ logger = logging.get_logger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+METHOD_STATE_FILE = "method_training_state.safetensors"  # e.g. the codebook's EMA teacher
 
 
 @dataclass
@@ -530,6 +531,9 @@ def _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best
     os.makedirs(tmp)
     unwrapped = accelerator.unwrap_model(model)
     save_file({k: v.contiguous() for k, v in unwrapped.aligner_state_dict().items()}, os.path.join(tmp, "aligner.safetensors"))
+    method_state = unwrapped.aligner.training_state()
+    if method_state:
+        save_file({k: v.contiguous() for k, v in method_state.items()}, os.path.join(tmp, METHOD_STATE_FILE))
     if best_state is not None:
         save_file({k: v.contiguous() for k, v in best_state.items()}, os.path.join(tmp, "best_aligner.safetensors"))
     torch.save(
@@ -555,6 +559,9 @@ def _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best
 
 def _load_checkpoint(path, model, optimizer, scheduler, scaler=None) -> tuple[dict, dict | None]:
     model.load_state_dict(load_file(os.path.join(path, "aligner.safetensors"), device=str(model.logit_scale.device)), strict=False)
+    method_state_path = os.path.join(path, METHOD_STATE_FILE)
+    if os.path.isfile(method_state_path):
+        model.aligner.load_training_state(load_file(method_state_path, device=str(model.logit_scale.device)))
     extra = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])

@@ -172,3 +172,38 @@ def test_resume_from_incomplete_folder_is_refused(tmp_path):
     args = AlignmentArguments(resume_from_checkpoint=str(partial), output_dir=str(tmp_path), eval_fraction=0.0)
     with pytest.raises(ValueError, match=r"resume_from_checkpoint=.*checkpoint-8.* is not a complete checkpoint folder"):
         train(AlignerModel.from_feature_dims(4, 4, projection_dim=2), features, args)
+
+
+def test_codebook_resume_restores_the_ema_teacher(tmp_path, monkeypatch):
+    """The codebook's EMA teacher lives outside state_dict: checkpoints carry it, so resuming changes nothing."""
+    features = make_paired_task(160, seed=3).to_features()
+
+    def run(out, die_at=None):
+        torch.manual_seed(0)
+        model = AlignerModel.from_feature_dims(64, 48, method="codebook", projection_dim=16, num_codes=8, usage_window=5)
+        args = AlignmentArguments(
+            output_dir=out, max_steps=12, per_device_train_batch_size=32, eval_fraction=0.2, eval_steps=4,
+            save_steps=4, logging_steps=4, learning_rate=5e-3, seed=1, resume_from_checkpoint="latest",
+        )  # fmt: skip
+        if die_at is not None:
+            step = model.aligner.after_optimizer_step
+
+            def dying_step():
+                step()
+                if model.aligner._steps == die_at:
+                    raise KeyboardInterrupt  # the run dies after step 6, past checkpoint-4
+
+            monkeypatch.setattr(model.aligner, "after_optimizer_step", dying_step)
+        train(model, features, args)
+        return model
+
+    reference = run(str(tmp_path / "reference"))
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path / "resumed"), die_at=6)
+    assert _latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-4")
+    assert os.path.isfile(tmp_path / "resumed" / "checkpoint-4" / "method_training_state.safetensors")
+    resumed = run(str(tmp_path / "resumed"))
+    for key, value in reference.aligner_state_dict().items():
+        torch.testing.assert_close(resumed.aligner_state_dict()[key], value, rtol=0, atol=0, msg=key)
+    for key, value in reference.aligner.training_state().items():
+        torch.testing.assert_close(resumed.aligner.training_state()[key], value, rtol=0, atol=0, msg=key)

@@ -89,6 +89,16 @@ class AlignerMethod(nn.Module, abc.ABC):
     def after_optimizer_step(self) -> None:
         """Called after each optimiser step (EMA teachers and the like)."""
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Tensors a training checkpoint needs beyond `state_dict()` (e.g. an EMA teacher that inference never uses)
+        so that a resumed run matches an uninterrupted one; default: none."""
+        return {}
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `training_state()` returned, after the weights are loaded."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no training state, got keys {sorted(state)}")
+
     def reset_parameters(self) -> None:
         """(Re-)initialise parameters held directly by this method. `post_init` visits every submodule, so children
         with their own `reset_parameters` (nn.Linear, ...) are reset separately; default: nothing of its own."""
