@@ -75,9 +75,33 @@ class DataArguments:
     vision_layers: str | None = field(default=None, metadata={"help": "Layers to cache: 'all' or '0,6,-1'."})
     text_layers: str | None = field(default=None, metadata={"help": "Layers to cache: 'all' or '0,6,-1'."})
     cache_dir: str | None = field(default=None, metadata={"help": "Feature cache folder (default ~/.cache/hf_align)."})
+    feature_cache: str | None = field(
+        default=None, metadata={"help": "Use (or write) the feature cache in exactly this folder instead of cache_dir."}
+    )
+    on_bad_sample: str = field(default="raise", metadata={"help": "raise | skip: what an undecodable sample does."})
+    num_workers: int | None = field(default=None, metadata={"help": "Preprocessing workers (default: up to 4)."})
 
     def load(self) -> datasets.Dataset:
         return load_dataset_split(self.dataset, self.dataset_config, self.split, self.max_samples, self.shuffle_seed)
+
+    def extract(self, model, data: datasets.Dataset) -> datasets.Dataset:
+        """The feature cache of `data` for `model`, as these arguments ask (reused when it exists)."""
+        from .features import extract_features
+
+        return extract_features(
+            model,
+            model.processor,
+            data,
+            image_column=self.image_column,
+            text_column=self.text_column,
+            vision_layers=parse_layer_list("vision_layers", self.vision_layers),
+            text_layers=parse_layer_list("text_layers", self.text_layers),
+            batch_size=self.extraction_batch_size,
+            cache_dir=self.cache_dir,
+            cache_path=self.feature_cache,
+            on_bad_sample=self.on_bad_sample,
+            num_workers=self.num_workers,
+        )
 
 
 def load_dataset_split(

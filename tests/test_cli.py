@@ -50,3 +50,24 @@ def test_quickstart_runs_end_to_end_offline(tmp_path, capsys):
     assert "RANDOM weights (untrained)" in out and "chance 10.0%" in out and "pipeline('zero-shot-image-classification')" in out
     assert result["chance"] == 10.0 and 0.0 <= result["zero_shot"]["top1"] <= 100.0
     assert result["zero_shot"]["top5"] >= result["zero_shot"]["top1"]
+
+
+def test_extract_train_evaluate_commands_on_a_local_dataset(tiny_vit, tiny_bert, tmp_path, capsys):
+    from hf_align.testing import digits_dataset
+
+    data_dir = str(tmp_path / "digits")
+    digits_dataset(40).save_to_disk(data_dir)
+    common = ["--vision_model", tiny_vit, "--text_model", tiny_bert, "--dataset", data_dir, "--cache_dir", str(tmp_path / "cache")]
+    assert main(["extract", *common, "--vision_layers", "all"]) == 0
+    assert "rows, columns ['vision_layer_0', 'vision_layer_1', 'vision_layer_2'" in capsys.readouterr().out
+    out = str(tmp_path / "aligner")
+    assert main(["train", *common, "--output_dir", out, "--max_steps", "3", "--per_device_train_batch_size", "16",
+                 "--eval_fraction", "0.2", "--method_kwargs", '{"projection_dim": 8}']) == 0  # fmt: skip
+    assert f"aligner saved to {out}" in capsys.readouterr().out
+    report = tmp_path / "metrics.json"
+    assert main(["evaluate", "--model", out, "--dataset", data_dir, "--split", "train", "--tasks", "zero_shot,retrieval",
+                 "--templates", "a handwritten digit {}", "--output_file", str(report)]) == 0  # fmt: skip
+    metrics = json.loads(report.read_text())
+    assert set(metrics) == {"zero_shot", "retrieval"} and "image_to_text_R@1" in metrics["retrieval"]
+    card = (tmp_path / "aligner" / "README.md").read_text()
+    assert "model-index" in card  # the CLI evaluation reached the saved card

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-from ..arguments import DataArguments, ModelArguments, parse_layer_list
+from ..arguments import DataArguments, ModelArguments
 from ..training import AlignmentArguments
 from . import CommandSpec
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: AlignmentArguments) -> int:
-    from ..features import extract_features
     from ..modelcard import record_training_dataset
     from ..training import train
 
@@ -19,17 +18,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Ali
     model = model_args.build()
     data = data_args.load()
     record_training_dataset(model, data, name=data_args.dataset, split=data_args.split)
-    features = extract_features(
-        model,
-        model.processor,
-        data,
-        image_column=data_args.image_column,
-        text_column=data_args.text_column,
-        vision_layers=parse_layer_list("vision_layers", data_args.vision_layers),
-        text_layers=parse_layer_list("text_layers", data_args.text_layers),
-        batch_size=data_args.extraction_batch_size,
-        cache_dir=data_args.cache_dir,
-    )
+    features = data_args.extract(model, data)
     result = train(model, features, training_args)
     print(json.dumps({"global_step": result.global_step, "train_runtime_s": result.train_runtime, **result.metrics}, indent=2))
     print(f"aligner saved to {training_args.output_dir}")
