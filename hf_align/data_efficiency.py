@@ -291,7 +291,7 @@ def _one_run(variant, subset, test, n, seed, template, widths, layers, selection
         from .layer_selection import resolve_auto_layers
 
         model.config.vision_layer = model.config.text_layer = "auto"
-        resolve_auto_layers(model, subset, seed=seed, **(selection_kwargs or {}))
+        resolve_auto_layers(model, subset, **{"seed": seed, **(selection_kwargs or {})})
     args = dataclasses.replace(
         template,
         seed=seed,
