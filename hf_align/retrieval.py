@@ -113,7 +113,8 @@ def chunked_retrieval_metrics(
             product.
         chunk_size / query_chunk_size: text / image rows per block of scores.
 
-    Same semantics as `retrieval_metrics`: rank = candidates scoring strictly higher than the (best) positive.
+    Same semantics as `retrieval_metrics`: rank = negatives scoring at least as high as the (best) positive (ties
+    count against the query).
     """
     for name, value in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
         if not isinstance(value, torch.Tensor) or value.dim() < 2:
@@ -142,7 +143,7 @@ def chunked_retrieval_metrics(
             positive[here] = scores[owner[here] - b * query_chunk_size, here - t_start]
     best_positive = torch.full((n_images,), float("-inf"), device=device)
     best_positive = best_positive.scatter_reduce(0, owner, positive, reduce="amax")
-    # pass 2: candidates strictly above the positive, counted block by block
+    # pass 2: candidates at or above the positive, counted block by block; the positives themselves come off after
     text_rank = torch.zeros(n_texts, dtype=torch.long, device=device)
     image_rank = torch.zeros(n_images, dtype=torch.long, device=device)
     # A NaN compares False with everything and would rank first; flagged per row, checked once (no per-block sync).
@@ -152,12 +153,16 @@ def chunked_retrieval_metrics(
         for t_start in range(0, n_texts, chunk_size):
             t_end = min(t_start + chunk_size, n_texts)
             scores = block(i_start, t_start)
-            text_rank[t_start:t_end] += (scores > positive[None, t_start:t_end]).sum(0)
-            image_rank[i_start:i_end] += (scores > best_positive[i_start:i_end, None]).sum(1)
+            text_rank[t_start:t_end] += (scores >= positive[None, t_start:t_end]).sum(0)
+            image_rank[i_start:i_end] += (scores >= best_positive[i_start:i_end, None]).sum(1)
             nan_rows[i_start:i_end] |= torch.isnan(scores).any(1)
     if bool(nan_rows.any()):
         rows = torch.nonzero(nan_rows).flatten()
         raise ValueError(f"the similarity gives NaN scores in {len(rows)} image row(s), e.g. rows {rows[:10].tolist()}")
+    text_rank -= 1  # each text's own image ties with itself
+    image_rank -= torch.zeros(n_images, dtype=torch.long, device=device).scatter_add(
+        0, owner, (positive >= best_positive[owner]).long()
+    )  # an image's captions tied with its best one are positives, not competitors
     has_caption = torch.isfinite(best_positive)
     return recall_metrics(image_rank[has_caption], text_rank, ks)
 

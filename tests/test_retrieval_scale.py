@@ -79,17 +79,18 @@ def test_chunked_recall_equals_the_dense_recall(chunk_size, query_chunk_size):
     assert max(q * g for q, g in recorder.shapes) <= chunk_size * query_chunk_size
 
 
-def test_chunked_recall_counts_exact_ties_in_the_querys_favour_like_the_dense_one():
+def test_chunked_recall_counts_exact_ties_against_the_query_like_the_dense_one():
     # integer-valued embeddings: every score is exact whatever the block shapes, so ties are true ties
     images = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     texts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [2.0, 1.0], [0.0, 3.0]])
     owner = torch.tensor([1, 0, 0, 3, 3])
     dense = retrieval_metrics(images @ texts.t(), owner, ks=(1, 2))
-    # by hand: text 0 ties images 0/1/3 at 1 (hit), text 1 has images 2 and 3 above its image 0 (rank 2, miss), text 4
-    # ties images 2 and 3 at 3 (hit); images 0 and 1 each have text 3 (score 2) above their best caption (1): rank 1
+    # by hand (rank = other candidates scoring >= the positive): text->image ranks are 2, 3, 2, 0, 1 (text 4 ties
+    # image 2 at 3); image->text: image 0's best caption (1) ties text 0 and trails text 3 -> rank 2, image 1's (1)
+    # ties text 2 and trails text 3 -> rank 2, image 3's (3) tops every other caption -> rank 0
     assert dense == pytest.approx({
-        "image_to_text_R@1": 100 / 3, "text_to_image_R@1": 80.0, "mean_R@1": (100 / 3 + 80) / 2,
-        "image_to_text_R@2": 100.0, "text_to_image_R@2": 80.0, "mean_R@2": 90.0,
+        "image_to_text_R@1": 100 / 3, "text_to_image_R@1": 20.0, "mean_R@1": (100 / 3 + 20) / 2,
+        "image_to_text_R@2": 100 / 3, "text_to_image_R@2": 40.0, "mean_R@2": (100 / 3 + 40) / 2,
     }, rel=1e-6)  # fmt: skip
     for chunk_size, query_chunk_size in [(1, 1), (2, 3), (5, 4)]:
         assert chunked_retrieval_metrics(images, texts, owner, ks=(1, 2), chunk_size=chunk_size, query_chunk_size=query_chunk_size) == dense
