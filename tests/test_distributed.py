@@ -44,7 +44,7 @@ def _run(workdir: str) -> None:
     from safetensors.torch import save_file
 
     from hf_align import AlignerModel, AlignmentArguments, train
-    from hf_align.features import BadSampleError, extract_features, process_state
+    from hf_align.features import BadSampleError, FeatureCacheError, extract_features, process_state
     from hf_align.testing import make_paired_task
 
     state = process_state()
@@ -66,6 +66,13 @@ def _run(workdir: str) -> None:
         report["bad_sample"] = None
     except BadSampleError as err:
         report["bad_sample"] = str(err)
+    not_a_cache = os.path.join(workdir, f"not-a-cache-{world}")
+    os.makedirs(not_a_cache, exist_ok=True)
+    try:  # refused by the main process, which decides about the cache folder: every process must hear of it
+        extract_features(model, model.processor, _dataset(), cache_path=not_a_cache, num_workers=0)
+        report["not_a_cache"] = None
+    except FeatureCacheError as err:
+        report["not_a_cache"] = str(err)
 
     cache = make_paired_task(n=N_PAIRS, seed=3).to_features()
     set_seed(0)
@@ -132,7 +139,7 @@ def test_two_processes_extract_the_same_cache_rows_in_the_same_order(runs):
     assert all(_report(runs, 2, rank)["reused"] for rank in (0, 1)) and one["reused"]
 
 
-def test_a_bad_sample_in_one_process_is_raised_in_every_process(runs):
+def test_errors_met_by_one_process_are_raised_in_every_process(runs):
     messages = [_report(runs, 2, rank)["bad_sample"] for rank in (0, 1)] + [_report(runs, 1, 0)["bad_sample"]]
     assert messages[0] is not None and messages[0] == messages[1]  # the error of the process that met it, everywhere
     without_address = [re.sub(r"0x[0-9a-f]+", "0x", message) for message in messages]
@@ -140,6 +147,9 @@ def test_a_bad_sample_in_one_process_is_raised_in_every_process(runs):
     assert messages[0].startswith("row 37: 'image': cannot be decoded as an image")
     leftovers = [name for name in os.listdir(runs / "cache-2") if ".tmp-" in name]
     assert leftovers == []  # the partial folder was removed
+    refusals = [_report(runs, 2, rank)["not_a_cache"] for rank in (0, 1)]
+    assert refusals[0] == refusals[1] and refusals[0].startswith("cache_path=")
+    assert refusals[0].endswith("exists but is not a finished hf_align feature cache (no hf_align_cache.json); remove it or give another cache_path")
 
 
 def test_two_processes_train_the_weights_of_one_process(runs):

@@ -1,0 +1,190 @@
+"""Training on the feature cache: step time and pairs/s of every registered method through `hf_align.train`.
+
+    python benchmarks/bench_training.py                         # CPU-sized default: batch 1024, 384-d features
+    python benchmarks/bench_training.py --batch-size 4096 --steps 200 --n-pairs 1000000   # the issue's GPU setting
+
+Each method trains on a synthetic pooled cache (`--n-pairs` x `--dim`, token methods on a token cache of
+`--token-pairs` pairs, 16 patches and 8 text tokens) with `train()` itself, so the figure includes everything a real
+run pays per step (batch gather, forward, backward, AdamW, scheduler, the non-finite check). A step's time is the
+interval between two consecutive `after_optimizer_step` calls (which `train()` makes once per optimiser step); the
+table gives the median over `--steps` steps after `--warmup` steps. A training-free method (asif) reports the time of
+its whole `train()` call (setup + `init_from_data`). `bare linear` is the floor: the
+same linear aligner, InfoNCE and AdamW in a minimal loop. `--profile` adds cProfile's top functions of a linear run.
+Results: results/training.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from _common import machine, pick_device, print_table, synchronize, top_functions, write_results
+
+from hf_align import AlignerModel, AlignmentArguments, train
+from hf_align.features import features_from_tensors
+from hf_align.methods import METHODS
+from hf_align.testing import make_paired_task
+
+
+def method_settings(name: str, width: int) -> dict:
+    """from_feature_dims kwargs giving each method an embedding of about `width` (registry defaults otherwise)."""
+    return {
+        "linear": {"projection_dim": width},
+        "mlp": {"projection_dim": width},
+        "codebook": {"projection_dim": width},
+        "relative": {"num_anchors": width},
+        "token_relative": {"num_anchors": width},
+        "asif": {"num_anchors": width, "topk": min(width, 64)},
+    }.get(name, {})
+
+
+def pooled_cache(n: int, dim: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n, 32, generator=g)
+    vision = latent @ torch.randn(32, dim, generator=g) + 0.5 * torch.randn(n, dim, generator=g)
+    text = latent @ torch.randn(32, dim, generator=g) + 0.5 * torch.randn(n, dim, generator=g)
+    return features_from_tensors({0: vision}, {0: text})
+
+
+def run_seconds(model_factory, cache, steps: int, batch_size: int, device) -> float:
+    model = model_factory()
+    args = AlignmentArguments(
+        max_steps=steps, per_device_train_batch_size=batch_size, eval_fraction=0.0, logging_steps=10**9,
+        save_model=False, seed=0, init_samples=min(10_000, len(cache)),
+    )  # fmt: skip
+    synchronize(device)
+    start = time.perf_counter()
+    train(model, cache, args)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def step_time(model_factory, cache, warmup: int, steps: int, batch_size: int, device) -> float:
+    """Median seconds between consecutive optimiser steps of a `train()` run, after `warmup` steps."""
+    model = model_factory()
+    stamps, after_step = [], model.aligner.after_optimizer_step
+
+    def stamped() -> None:
+        after_step()
+        synchronize(device)
+        stamps.append(time.perf_counter())
+
+    model.aligner.after_optimizer_step = stamped
+    args = AlignmentArguments(
+        max_steps=warmup + steps + 1, per_device_train_batch_size=batch_size, eval_fraction=0.0, logging_steps=10**9,
+        save_model=False, seed=0, init_samples=min(10_000, len(cache)),
+    )  # fmt: skip
+    train(model, cache, args)
+    return statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :]))
+
+
+def bare_linear_step(dim: int, width: int, batch_size: int, steps: int, device) -> float:
+    """The floor: two linear maps, normalisation, CLIP loss, AdamW; inputs already on the device."""
+    torch.manual_seed(0)
+    vision, text = torch.nn.Linear(dim, width, bias=False).to(device), torch.nn.Linear(dim, width, bias=False).to(device)
+    optimizer = torch.optim.AdamW([*vision.parameters(), *text.parameters()], lr=1e-3)
+    x, y = torch.randn(batch_size, dim, device=device), torch.randn(batch_size, dim, device=device)
+    targets = torch.arange(batch_size, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            logits = 100.0 * F.normalize(vision(x), dim=-1) @ F.normalize(text(y), dim=-1).t()
+        loss = 0.5 * (F.cross_entropy(logits.float(), targets) + F.cross_entropy(logits.float().t(), targets))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-pairs", type=int, default=50_000)
+    parser.add_argument("--token-pairs", type=int, default=4_000)
+    parser.add_argument("--dim", type=int, default=384, help="width of the cached features (both modalities)")
+    parser.add_argument("--width", type=int, default=256, help="embedding width (projection_dim / num_anchors)")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--methods", default="all", help="comma-separated registry names, or 'all'")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    names = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
+    pooled = pooled_cache(args.n_pairs, args.dim)
+    tokens = None
+    runs = []
+    for name in names:
+        runs.append((name, name, method_settings(name, args.width)))
+        if name == "linear":
+            structure = {"structure_weight": 10.0, "structure_levels": 1, "structure_warmup_steps": 0}
+            runs.append(("linear + structure (L=1)", name, {**method_settings(name, args.width), **structure}))
+
+    rows = []
+    for label, name, settings in runs:
+        method = METHODS[name]
+        if method.input_kind == "tokens":
+            if tokens is None:
+                task = make_paired_task(
+                    n=args.token_pairs, vision_dim=args.dim, text_dim=args.dim, n_vision_layers=1, n_text_layers=1,
+                    tokens=True, n_patches=16, max_text_tokens=8,
+                )  # fmt: skip
+                tokens = task.to_features(with_labels=False)
+            cache = tokens
+        else:
+            cache = pooled
+
+        def factory(name=name, settings=settings):
+            return AlignerModel.from_feature_dims(args.dim, args.dim, method=name, **settings)
+
+        if not method.trainable:
+            seconds = run_seconds(factory, cache, 1, args.batch_size, device)
+            rows.append({"method": label, "kind": "training-free", "train_call_s": seconds})
+            continue
+        batch = min(args.batch_size, len(cache))
+        seconds = step_time(factory, cache, args.warmup, args.steps, batch, device)
+        rows.append({"method": label, "kind": method.input_kind, "batch": batch, "step_ms": 1e3 * seconds, "pairs_per_s": batch / seconds})
+    floor = bare_linear_step(args.dim, args.width, args.batch_size, max(args.steps, 5), device)
+    rows.append({"method": "bare linear (floor)", "kind": "pooled", "batch": args.batch_size, "step_ms": 1e3 * floor, "pairs_per_s": args.batch_size / floor})
+    by_name = {row["method"]: row for row in rows}
+    if "linear" in by_name:
+        linear = by_name["linear"]["step_ms"]
+        for row in rows:
+            if "step_ms" in row:
+                row["x linear"] = row["step_ms"] / linear
+
+    profile = None
+    if args.profile and "linear" in names:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run_seconds(lambda: AlignerModel.from_feature_dims(args.dim, args.dim, **method_settings("linear", args.width)), pooled, args.warmup + args.steps, args.batch_size, device)
+        profiler.disable()
+        profile = top_functions(profiler, 12)
+        print_table("cProfile of a linear run (own time)", profile, ["function", "calls", "own_s", "total_s"])
+
+    print_table(
+        f"Training on the cache ({device}, features {args.dim}-d, embedding {args.width}, {args.n_pairs} pairs)",
+        rows, ["method", "kind", "batch", "step_ms", "pairs_per_s", "x linear", "train_call_s"],
+    )  # fmt: skip
+    write_results("training", {"machine": machine(device), "args": vars(args), "rows": rows, "profile": profile})
+
+
+if __name__ == "__main__":
+    main()
