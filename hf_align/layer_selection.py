@@ -119,10 +119,11 @@ class LayerSelectionReport:
     def plot(self, path: str, title: str | None = None) -> str:
         """Draw the score matrix as a heatmap PNG (vision layers on rows, text layers on columns); returns `path`."""
         from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's backend alone
+        from matplotlib.patches import Rectangle
 
         matrix = self.score_matrix
         n_v, n_t = matrix.shape
-        figure = Figure(figsize=(1.2 + 0.45 * max(n_t, 4), 1.0 + 0.4 * max(n_v, 4)), dpi=120)
+        figure = Figure(figsize=(2.0 + 0.5 * max(n_t, 6), 1.5 + 0.4 * max(n_v, 6)), dpi=120)
         axes = figure.add_subplot()
         image = axes.imshow(matrix, cmap="viridis", origin="lower", aspect="auto")
         figure.colorbar(image, ax=axes, label=self.metric)
@@ -130,11 +131,20 @@ class LayerSelectionReport:
         axes.set_yticks(range(n_v), [str(layer) for layer in self.vision_layers])
         axes.set_xlabel("text layer")
         axes.set_ylabel("vision layer")
+        if n_v * n_t <= 150:  # small enough to print every score in its cell
+            middle = (matrix.max() + matrix.min()) / 2
+            for i in range(n_v):
+                for j in range(n_t):
+                    color = "black" if matrix[i, j] > middle else "white"
+                    axes.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize="x-small", color=color)
         i, j = self.best_index
-        axes.scatter([j], [i], marker="*", s=160, color="red", label=f"best {self.best_pair}: {self.best_score:.3f}")
-        axes.legend(loc="upper left", fontsize="small", framealpha=0.8)
+        axes.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         k = f", k={self.k}" if self.k is not None else ""
-        axes.set_title(title or f"cross-modal {self.metric} (n={self.n_samples}{k})", fontsize="medium")
+        default_title = (
+            f"cross-modal {self.metric} (n={self.n_samples}{k})\n"
+            f"best: vision {self.best_pair[0]}, text {self.best_pair[1]} ({self.best_score:.3f})"
+        )
+        axes.set_title(title or default_title, fontsize="medium")
         figure.tight_layout()
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
