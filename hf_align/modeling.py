@@ -83,6 +83,12 @@ class AlignerModel(PreTrainedModel):
         check_similarity(config.similarity, self.aligner, config.similarity_config)  # e.g. token heads need token sets
         self.similarity = build_similarity(config.similarity, self.aligner.embed_dim, **config.similarity_config)
         self.regularizers = build_regularizers(config.regularizers)
+        for name, regularizer in self.regularizers.items():
+            if self.aligner.input_kind not in regularizer.input_kinds:
+                raise ValueError(
+                    f"regulariser {name!r} works on {' or '.join(regularizer.input_kinds)} features, but method "
+                    f"{config.method!r} takes {self.aligner.input_kind} features"
+                )
         self.logit_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / config.contrastive_temperature)), requires_grad=config.learnable_temperature
         )

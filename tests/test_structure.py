@@ -200,3 +200,8 @@ def test_bad_functional_arguments():
         hf_align.structure_regularizer(x, x, levels=[1, 1])
     with pytest.raises(ValueError, match="STRUCTURE needs a batch of at least 2 samples, got 1"):
         hf_align.structure_regularizer(x[:1], x[:1])
+
+
+def test_structure_with_a_token_method_is_refused_when_the_model_is_built():
+    with pytest.raises(ValueError, match=r"regulariser 'structure' works on pooled features, but method 'token_relative' takes tokens"):
+        AlignerModel.from_feature_dims(8, 8, method="token_relative", structure_weight=1.0)

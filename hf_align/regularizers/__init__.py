@@ -31,6 +31,8 @@ class Regularizer(nn.Module, abc.ABC):
     """One loss term computed from the frozen features of a batch and their aligned embeddings."""
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    # which method inputs (`AlignerMethod.input_kind`) the term is defined for; checked when the model is built
+    input_kinds: ClassVar[tuple[str, ...]] = ("pooled",)
 
     def __init__(self, config: MethodConfig):
         super().__init__()
