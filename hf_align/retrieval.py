@@ -9,12 +9,14 @@ functions walk the matrix in blocks of `query_chunk_size × chunk_size` scores:
 * `chunked_retrieval_metrics(image_embeds, text_embeds, text_image_index)`: recall@k both ways, the same numbers as
   `hf_align.evaluation.retrieval_metrics` on the full score matrix. A first pass reads each text's positive score
   off the blocks that hold it (only those blocks are computed), a second pass counts, per text and per image, the
-  candidates scoring strictly higher than the positive. Both passes score the same blocks with the same shapes, so a
-  positive is compared with exactly the value it was read from and never outranks itself.
+  candidates scoring at least as high as the positive, the positives themselves taken off after. Both passes score
+  the same blocks with the same shapes, so a positive is compared with exactly the value it was read from: it ties
+  with itself exactly once, whatever the rounding of the blocks.
 
 Peak memory, besides the inputs: one block of scores (`query_chunk_size · chunk_size` values in the scores' dtype,
 256 MiB in fp32 with the defaults) plus, for `topk_similarity`, the block's top-k and the running (n_queries, k)
-values (fp32) and indices (int64).
+values (fp32) and indices (int64); for `chunked_retrieval_metrics`, the fp32 copy of a non-fp32 block and the
+comparisons of `COUNT_ROWS` rows at a time (int64 counts: 32 MiB with the defaults).
 
 On a GPU, pass bf16 embeddings for a bf16 matmul (scores are returned in fp32); on CPU the functions run as they are.
 """
@@ -27,6 +29,7 @@ import torch
 
 DEFAULT_CHUNK_SIZE = 16384  # gallery rows per block
 DEFAULT_QUERY_CHUNK_SIZE = 4096  # query rows per block
+COUNT_ROWS = 256  # rows of a block compared at once when counting ranks
 
 Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -89,6 +92,7 @@ def topk_similarity(
             keep_scores, keep = merged_scores.topk(width, dim=1)
             best_scores[q_start:q_end, :width] = keep_scores
             best_index[q_start:q_end, :width] = merged_index.gather(1, keep)
+            del scores  # freed before the next block is scored: one block alive at a time
         filled += block_gallery.shape[0]
     return best_scores, best_index
 
@@ -141,6 +145,7 @@ def chunked_retrieval_metrics(
             scores = block(b * query_chunk_size, t_start)
             here = texts[image_block[texts] == b]
             positive[here] = scores[owner[here] - b * query_chunk_size, here - t_start]
+            del scores
     best_positive = torch.full((n_images,), float("-inf"), device=device)
     best_positive = best_positive.scatter_reduce(0, owner, positive, reduce="amax")
     # pass 2: candidates at or above the positive, counted block by block; the positives themselves come off after
@@ -149,13 +154,17 @@ def chunked_retrieval_metrics(
     # A NaN compares False with everything and would rank first; flagged per row, checked once (no per-block sync).
     nan_rows = torch.zeros(n_images, dtype=torch.bool, device=device)
     for i_start in range(0, n_images, query_chunk_size):
-        i_end = min(i_start + query_chunk_size, n_images)
         for t_start in range(0, n_texts, chunk_size):
             t_end = min(t_start + chunk_size, n_texts)
             scores = block(i_start, t_start)
-            text_rank[t_start:t_end] += (scores >= positive[None, t_start:t_end]).sum(0)
-            image_rank[i_start:i_end] += (scores >= best_positive[i_start:i_end, None]).sum(1)
-            nan_rows[i_start:i_end] |= torch.isnan(scores).any(1)
+            # Counted COUNT_ROWS rows at a time: summing a whole block's comparisons would materialise it as int64.
+            for r in range(0, scores.shape[0], COUNT_ROWS):
+                rows = scores[r : r + COUNT_ROWS]
+                images = slice(i_start + r, i_start + r + rows.shape[0])
+                text_rank[t_start:t_end] += (rows >= positive[None, t_start:t_end]).sum(0)
+                image_rank[images] += (rows >= best_positive[images, None]).sum(1)
+                nan_rows[images] |= torch.isnan(rows).any(1)
+            del scores  # freed before the next block is scored: one block alive at a time
     if bool(nan_rows.any()):
         rows = torch.nonzero(nan_rows).flatten()
         raise ValueError(f"the similarity gives NaN scores in {len(rows)} image row(s), e.g. rows {rows[:10].tolist()}")
