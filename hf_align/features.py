@@ -164,7 +164,25 @@ def features_from_tensors(
     )
     for name in extra_columns or {}:
         schema[name] = datasets.Dataset.from_dict({name: columns[name][:1]}).features[name]
-    return datasets.Dataset.from_dict(columns, features=schema)
+    # Pooled features and ids go to Arrow as whole buffers: `Dataset.from_dict` encodes a 2-D array row by row, which
+    # takes minutes for a million rows. The other columns (tokens, extras) are few or small and take that path.
+    fixed = [name for name in columns if name == "image_id" or name.startswith(("vision_layer_", "text_layer_"))]
+    table = datasets.table.InMemoryTable.from_pydict({name: _arrow_array(columns[name]) for name in fixed})
+    dataset = datasets.Dataset(table, info=datasets.DatasetInfo(features=datasets.Features({k: schema[k] for k in fixed})))
+    rest = [name for name in columns if name not in fixed]
+    if rest:
+        others = datasets.Dataset.from_dict({k: columns[k] for k in rest}, features=datasets.Features({k: schema[k] for k in rest}))
+        dataset = datasets.concatenate_datasets([dataset, others], axis=1).select_columns(list(schema))
+    return dataset
+
+
+def _arrow_array(values: np.ndarray):
+    """(n,) -> an Arrow array; (n, d) -> a fixed-size list array of length d (what `List(..., length=d)` stores)."""
+    import pyarrow as pa
+
+    if values.ndim == 1:
+        return pa.array(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), values.shape[1])
 
 
 def _named(prefix: str, tensors: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
