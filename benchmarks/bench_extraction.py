@@ -160,7 +160,7 @@ def memory_child(args) -> None:
     model = AlignerModel.from_encoders(args.memory_vision, args.memory_text, projection_dim=8)
     data = datasets.load_from_disk(args.memory_child)
     with PeakMemory(device) as memory:
-        extract_features(model, model.processor, data, batch_size=args.batch_size, cache_dir=args.memory_cache, num_workers=args.num_workers[0])
+        extract_features(model, model.processor, data, batch_size=args.batch_size, cache_dir=args.memory_cache, num_workers=args.num_workers[-1])
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({
         "n_images": len(data), "peak_anon_mib": memory.peak_mib, "rise_anon_mib": memory.rise_mib,
@@ -182,7 +182,7 @@ def memory_runs(args, folder: str) -> list[dict]:
         command = [
             sys.executable, __file__, "--memory-child", path, "--memory-vision", vision, "--memory-text", text,
             "--memory-cache", os.path.join(folder, f"memory-cache-{n}"), "--batch-size", str(args.batch_size),
-            "--num-workers", str(args.num_workers[0]),
+            "--num-workers", str(args.num_workers[-1]),
         ]  # fmt: skip
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--vision-heads", type=int, default=3)
     parser.add_argument(
         "--num-workers", type=int, nargs="+", default=sorted({0, min(4, os.cpu_count() or 1)}),
-        help="extract_features is timed once per value (the first is used for the memory runs)",
+        help="extract_features is timed once per value (the last one is used for the memory runs)",
     )
     parser.add_argument("--memory-sizes", type=int, nargs="*", default=[500, 4000], help="dataset sizes; none to skip")
     parser.add_argument("--memory-image-size", type=int, default=256)

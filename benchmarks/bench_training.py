@@ -7,22 +7,22 @@ Each method trains on a synthetic pooled cache (`--n-pairs` x `--dim`, token met
 `--token-pairs` pairs, 16 patches and 8 text tokens) with `train()` itself, so the figure includes everything a real
 run pays per step (batch gather, forward, backward, AdamW, scheduler, the non-finite check). A step's time is the
 interval between two consecutive `after_optimizer_step` calls (which `train()` makes once per optimiser step); the
-table gives the median over `--steps` steps after `--warmup` steps. A training-free method (asif) reports the time of
+table gives the median over `--steps` steps after `--warmup` steps, the fastest of `--repeat` round-robin rounds. A training-free method (asif) reports the time of
 its whole `train()` call (setup + `init_from_data`). `bare linear` is the floor: the
-same linear aligner, InfoNCE and AdamW in a minimal loop. `--profile` adds cProfile's top functions of a linear run.
+same linear aligner, InfoNCE and AdamW in a minimal loop. `--profile` adds torch.profiler's top operators of a linear
+and a linear + STRUCTURE run (setup included: the cache is turned into tensors once per `train()` call).
 Results: results/training.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from _common import machine, pick_device, print_table, synchronize, top_functions, write_results
+from _common import machine, pick_device, print_table, synchronize, write_results
 
 from hf_align import AlignerModel, AlignmentArguments, train
 from hf_align.features import features_from_tensors
@@ -111,6 +111,50 @@ def bare_linear_step(dim: int, width: int, batch_size: int, steps: int, device) 
     return statistics.median(times)
 
 
+def measure(label: str, name: str, settings: dict, pooled, args, device, caches: dict) -> dict:
+    """One table row: the method's median step time through `train()` (or its whole call if training-free)."""
+    method = METHODS[name]
+    cache = pooled
+    if method.input_kind == "tokens":
+        if "tokens" not in caches:
+            task = make_paired_task(
+                n=args.token_pairs, vision_dim=args.dim, text_dim=args.dim, n_vision_layers=1, n_text_layers=1,
+                tokens=True, n_patches=16, max_text_tokens=8,
+            )  # fmt: skip
+            caches["tokens"] = task.to_features(with_labels=False)
+        cache = caches["tokens"]
+
+    def factory():
+        return AlignerModel.from_feature_dims(args.dim, args.dim, method=name, **settings)
+
+    if not method.trainable:
+        return {"method": label, "kind": "training-free", "train_call_s": run_seconds(factory, cache, 1, args.batch_size, device)}
+    batch = min(args.batch_size, len(cache))
+    seconds = step_time(factory, cache, args.warmup, args.steps, batch, device)
+    return {"method": label, "kind": method.input_kind, "batch": batch, "step_ms": 1e3 * seconds, "pairs_per_s": batch / seconds}
+
+
+def op_profile(name: str, settings: dict, pooled, args, device) -> list[dict]:
+    """The operators taking the most self time (CUDA time on a GPU) in a `train()` run of `args.steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    model = AlignerModel.from_feature_dims(args.dim, args.dim, method=name, **settings)
+    train_args = AlignmentArguments(
+        max_steps=args.steps, per_device_train_batch_size=args.batch_size, eval_fraction=0.0, logging_steps=10**9,
+        save_model=False, seed=0,
+    )  # fmt: skip
+    with profile(activities=activities) as prof:
+        train(model, pooled, train_args)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events)
+    return [
+        {"op": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total}
+        for e in events[:12]
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-pairs", type=int, default=50_000)
@@ -118,7 +162,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384, help="width of the cached features (both modalities)")
     parser.add_argument("--width", type=int, default=256, help="embedding width (projection_dim / num_anchors)")
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeat", type=int, default=2, help="round-robin rounds; each method's fastest is kept")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--methods", default="all", help="comma-separated registry names, or 'all'")
     parser.add_argument("--device", default="auto")
@@ -129,7 +174,7 @@ def main() -> None:
         torch.cuda.set_device(device)
     names = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     pooled = pooled_cache(args.n_pairs, args.dim)
-    tokens = None
+    caches: dict[str, object] = {}
     runs = []
     for name in names:
         runs.append((name, name, method_settings(name, args.width)))
@@ -137,47 +182,35 @@ def main() -> None:
             structure = {"structure_weight": 10.0, "structure_levels": 1, "structure_warmup_steps": 0}
             runs.append(("linear + structure (L=1)", name, {**method_settings(name, args.width), **structure}))
 
-    rows = []
-    for label, name, settings in runs:
-        method = METHODS[name]
-        if method.input_kind == "tokens":
-            if tokens is None:
-                task = make_paired_task(
-                    n=args.token_pairs, vision_dim=args.dim, text_dim=args.dim, n_vision_layers=1, n_text_layers=1,
-                    tokens=True, n_patches=16, max_text_tokens=8,
-                )  # fmt: skip
-                tokens = task.to_features(with_labels=False)
-            cache = tokens
-        else:
-            cache = pooled
-
-        def factory(name=name, settings=settings):
-            return AlignerModel.from_feature_dims(args.dim, args.dim, method=name, **settings)
-
-        if not method.trainable:
-            seconds = run_seconds(factory, cache, 1, args.batch_size, device)
-            rows.append({"method": label, "kind": "training-free", "train_call_s": seconds})
-            continue
-        batch = min(args.batch_size, len(cache))
-        seconds = step_time(factory, cache, args.warmup, args.steps, batch, device)
-        rows.append({"method": label, "kind": method.input_kind, "batch": batch, "step_ms": 1e3 * seconds, "pairs_per_s": batch / seconds})
-    floor = bare_linear_step(args.dim, args.width, args.batch_size, max(args.steps, 5), device)
-    rows.append({"method": "bare linear (floor)", "kind": "pooled", "batch": args.batch_size, "step_ms": 1e3 * floor, "pairs_per_s": args.batch_size / floor})
+    # Round-robin repeats, fastest kept: on a shared machine the other jobs' load only ever slows a step down.
+    best: dict[str, dict] = {}
+    for _ in range(args.repeat):
+        for label, name, settings in runs:
+            row = measure(label, name, settings, pooled, args, device, caches)
+            key = "train_call_s" if "train_call_s" in row else "step_ms"
+            if label not in best or row[key] < best[label][key]:
+                best[label] = row
+        floor = bare_linear_step(args.dim, args.width, args.batch_size, max(args.steps, 5), device)
+        if "bare linear (floor)" not in best or 1e3 * floor < best["bare linear (floor)"]["step_ms"]:
+            best["bare linear (floor)"] = {
+                "method": "bare linear (floor)", "kind": "pooled", "batch": args.batch_size, "step_ms": 1e3 * floor,
+                "pairs_per_s": args.batch_size / floor,
+            }  # fmt: skip
+    rows = list(best.values())
     by_name = {row["method"]: row for row in rows}
+
     if "linear" in by_name:
         linear = by_name["linear"]["step_ms"]
         for row in rows:
             if "step_ms" in row:
                 row["x linear"] = row["step_ms"] / linear
 
-    profile = None
-    if args.profile and "linear" in names:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        run_seconds(lambda: AlignerModel.from_feature_dims(args.dim, args.dim, **method_settings("linear", args.width)), pooled, args.warmup + args.steps, args.batch_size, device)
-        profiler.disable()
-        profile = top_functions(profiler, 12)
-        print_table("cProfile of a linear run (own time)", profile, ["function", "calls", "own_s", "total_s"])
+    profile = {}
+    if args.profile:
+        for label, name, settings in runs:
+            if label in ("linear", "linear + structure (L=1)"):
+                profile[label] = op_profile(name, settings, pooled, args, device)
+                print_table(f"torch.profiler, {label}: top operators over {args.steps} train() steps (self time)", profile[label], ["op", "calls", "self_ms", "share"])
 
     print_table(
         f"Training on the cache ({device}, features {args.dim}-d, embedding {args.width}, {args.n_pairs} pairs)",

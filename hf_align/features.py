@@ -326,8 +326,9 @@ def extract_features(
         on_bad_sample: `"raise"` (default): a sample that cannot be encoded raises `BadSampleError` naming its row
             and the problem. `"skip"`: it is left out, its row and reason are logged and recorded in the cache
             metadata (read them back with `skipped_samples`). See the module docstring for what counts as bad.
-        num_workers: worker processes decoding and preprocessing batches while the encoders run (default
-            `min(4, os.cpu_count())`; 0 = in this process). The cache does not depend on it.
+        num_workers: worker processes decoding and preprocessing batches while the encoders run; default
+            `min(4, os.cpu_count())` when the encoders are on a GPU, 0 (this process) when they run on the CPU, whose
+            cores they would take. The cache does not depend on it.
 
     Under `accelerate launch` / `torchrun` with several processes, call it in every process: each encodes its share on
     its own device, and every process gets the same cache (see the module docstring).
@@ -339,9 +340,7 @@ def extract_features(
     _check_extraction_inputs(model, processor, dataset, image_column, text_column, keep_columns, batch_size)
     if on_bad_sample not in BAD_SAMPLE_POLICIES:
         raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
-    if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1)
-    elif not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+    if num_workers is not None and (not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0):
         raise ValueError(f"num_workers must be None or an int >= 0, got {num_workers!r}")
     config = model.config
     layers = {
@@ -789,6 +788,10 @@ def _encode_batches(model, processor, dataset, plan: _Plan, batches: range, num_
     workers; the device starts on batch i + 1 before batch i's outputs are waited for and written.
     """
     device = next(model.vision_model.parameters()).device
+    if num_workers is None:
+        # On a GPU the workers keep decoding off the device's critical path; on CPU they would take cores from the
+        # encoders' forward pass (2 workers ran at 0.65x the speed of none on 2 cores: benchmarks/RESULTS.md).
+        num_workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
     loader = torch.utils.data.DataLoader(
         _SourceBatches(dataset, plan.batch_size, batches),
         batch_size=None,  # an item is already a batch
