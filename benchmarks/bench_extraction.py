@@ -19,7 +19,7 @@ machine only ever slow a run down.
 * memory: `extract_features` in a fresh process for each of `--memory-sizes`; its peak anonymous RSS (memory-mapped
   files left out) and the peak RSS of its worker processes. Streaming means both stay flat as the dataset grows.
 `--profile` adds cProfile's top functions of the main process during `extract_features`. Results:
-results/extraction.json.
+results/<--results-name, default extraction>.json.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def build_dataset(path: str, n: int, image_size: int, captions: int, seed: int =
     def rows():
         for _ in range(n):
             # smooth shapes plus grain: compresses like a photo (tens of KB), not like flat noise or flat colour
-            small = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((image_size, image_size), Image.BILINEAR)
+            small = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize(
+                (image_size, image_size), Image.BILINEAR
+            )
             pixels = np.asarray(small, dtype=np.float32) + rng.normal(0, 12, (image_size, image_size, 3))
             buffer = io.BytesIO()
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
@@ -76,9 +78,13 @@ def build_model(folder: str, args, device: torch.device):
     if not os.path.isdir(vision_dir):
         torch.manual_seed(0)
         config = ViTConfig(
-            image_size=args.vision_size, patch_size=16, hidden_size=args.vision_hidden, num_hidden_layers=args.vision_layers,
-            num_attention_heads=args.vision_heads, intermediate_size=4 * args.vision_hidden,
-        )  # fmt: skip
+            image_size=args.vision_size,
+            patch_size=16,
+            hidden_size=args.vision_hidden,
+            num_hidden_layers=args.vision_layers,
+            num_attention_heads=args.vision_heads,
+            intermediate_size=4 * args.vision_hidden,
+        )
         ViTModel(config).save_pretrained(vision_dir)
         ViTImageProcessor(size={"height": args.vision_size, "width": args.vision_size}).save_pretrained(vision_dir)
     model = AlignerModel.from_encoders(vision_dir, minilm_path(), projection_dim=256)
@@ -88,7 +94,9 @@ def build_model(folder: str, args, device: torch.device):
 def bare_forward(model, processor, data, args, device) -> float:
     """Images/s of the two encoders alone on ready device tensors shaped like the dataset's batches."""
     batch = data[: args.batch_size]
-    pixel_values = processor.image_processor(images=[im.convert("RGB") for im in batch["image"]], return_tensors="pt")["pixel_values"]
+    pixel_values = processor.image_processor(images=[im.convert("RGB") for im in batch["image"]], return_tensors="pt")[
+        "pixel_values"
+    ]
     captions = [c for group in batch["caption"] for c in group]
     text = processor.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
     pixel_values, text = pixel_values.to(device), {k: v.to(device) for k, v in text.items()}
@@ -124,7 +132,9 @@ def plain_loop(model, processor, data, args, device) -> float:
             pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
             captions = [c for group in rows["caption"] for c in group]
             text = processor.tokenizer(captions, padding=True, truncation=True, return_tensors="pt").to(device)
-            vision_out.append(model.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1][:, 0].cpu())
+            vision_out.append(
+                model.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1][:, 0].cpu()
+            )
             states = model.text_model(**text, output_hidden_states=True).hidden_states[-1]
             mask = text["attention_mask"][..., None]
             text_out.append(((states * mask).sum(1) / mask.sum(1)).cpu())
@@ -160,14 +170,30 @@ def memory_child(args) -> None:
     model = AlignerModel.from_encoders(args.memory_vision, args.memory_text, projection_dim=8)
     data = datasets.load_from_disk(args.memory_child)
     with PeakMemory(device) as memory:
-        extract_features(model, model.processor, data, batch_size=args.batch_size, cache_dir=args.memory_cache, num_workers=args.num_workers[-1])
+        extract_features(
+            model,
+            model.processor,
+            data,
+            batch_size=args.batch_size,
+            cache_dir=args.memory_cache,
+            num_workers=args.num_workers[-1],
+        )
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({
-        "n_images": len(data), "peak_anon_mib": memory.peak_mib, "rise_anon_mib": memory.rise_mib,
-        "process_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "workers_maxrss_mib": children,
-        "dataset_mib": sum(os.path.getsize(os.path.join(args.memory_child, f)) for f in os.listdir(args.memory_child)) / 2**20,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "n_images": len(data),
+                "peak_anon_mib": memory.peak_mib,
+                "rise_anon_mib": memory.rise_mib,
+                "process_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "workers_maxrss_mib": children,
+                "dataset_mib": sum(
+                    os.path.getsize(os.path.join(args.memory_child, f)) for f in os.listdir(args.memory_child)
+                )
+                / 2**20,
+            }
+        )
+    )
 
 
 def memory_runs(args, folder: str) -> list[dict]:
@@ -180,10 +206,21 @@ def memory_runs(args, folder: str) -> list[dict]:
         path = os.path.join(folder, f"memory-{n}")
         build_dataset(path, n, args.memory_image_size, args.captions, seed=1)
         command = [
-            sys.executable, __file__, "--memory-child", path, "--memory-vision", vision, "--memory-text", text,
-            "--memory-cache", os.path.join(folder, f"memory-cache-{n}"), "--batch-size", str(args.batch_size),
-            "--num-workers", str(args.num_workers[-1]),
-        ]  # fmt: skip
+            sys.executable,
+            __file__,
+            "--memory-child",
+            path,
+            "--memory-vision",
+            vision,
+            "--memory-text",
+            text,
+            "--memory-cache",
+            os.path.join(folder, f"memory-cache-{n}"),
+            "--batch-size",
+            str(args.batch_size),
+            "--num-workers",
+            str(args.num_workers[-1]),
+        ]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
     return results
@@ -200,7 +237,10 @@ def main() -> None:
     parser.add_argument("--vision-layers", type=int, default=12)
     parser.add_argument("--vision-heads", type=int, default=3)
     parser.add_argument(
-        "--num-workers", type=int, nargs="+", default=sorted({0, min(4, os.cpu_count() or 1)}),
+        "--num-workers",
+        type=int,
+        nargs="+",
+        default=sorted({0, min(4, os.cpu_count() or 1)}),
         help="extract_features is timed once per value (the last one is used for the memory runs)",
     )
     parser.add_argument("--memory-sizes", type=int, nargs="*", default=[500, 4000], help="dataset sizes; none to skip")
@@ -210,6 +250,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="round-robin runs of each path; the best is reported")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--results-name", default="extraction", help="results/<name>.json")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--memory-vision", help=argparse.SUPPRESS)
     parser.add_argument("--memory-text", help=argparse.SUPPRESS)
@@ -243,23 +284,41 @@ def main() -> None:
         bare, plain = max(runs["bare encoder forward"]), max(runs["plain fp32 loop"])
         for name, values in runs.items():
             best = max(values)
-            rows.append({"path": name, "images_per_s": best, "median": statistics.median(values), "vs bare": best / bare, "vs plain": best / plain})
+            rows.append(
+                {
+                    "path": name,
+                    "images_per_s": best,
+                    "median": statistics.median(values),
+                    "vs bare": best / bare,
+                    "vs plain": best / plain,
+                }
+            )
         if args.profile:  # a separate run: the profiler's overhead stays out of the timings
-            _, profile = ours(model, processor, data, args, tempfile.mkdtemp(dir=args.work_dir), args.num_workers[-1], profile=True)
+            _, profile = ours(
+                model, processor, data, args, tempfile.mkdtemp(dir=args.work_dir), args.num_workers[-1], profile=True
+            )
         title = (
             f"Extraction, {args.n_images} images x {args.captions} caption(s), ViT {args.vision_hidden}-d x "
             f"{args.vision_layers} @ {args.vision_size}px + MiniLM-L6, batch {args.batch_size}, {device}"
         )
         print_table(title, rows, ["path", "images_per_s", "median", "vs bare", "vs plain"])
         if profile:
-            print_table("cProfile of extract_features, main process (own time)", profile, ["function", "calls", "own_s", "total_s"])
+            print_table(
+                "cProfile of extract_features, main process (own time)",
+                profile,
+                ["function", "calls", "own_s", "total_s"],
+            )
     memory = memory_runs(args, args.work_dir) if args.memory_sizes else []
     if memory:
         print_table(
-            "Peak memory of extract_features (fresh process each; tiny encoders)", memory,
+            "Peak memory of extract_features (fresh process each; tiny encoders)",
+            memory,
             ["n_images", "dataset_mib", "peak_anon_mib", "rise_anon_mib", "process_maxrss_mib", "workers_maxrss_mib"],
-        )  # fmt: skip
-    write_results("extraction", {"machine": machine(device), "args": vars(args), "rows": rows, "profile": profile, "memory": memory})
+        )
+    write_results(
+        args.results_name,
+        {"machine": machine(device), "args": vars(args), "rows": rows, "profile": profile, "memory": memory},
+    )
 
 
 if __name__ == "__main__":
