@@ -73,7 +73,7 @@ class PeakMemory:
         self.start_mib = self.peak_mib = 0.0
         self._stop = threading.Event()
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -142,6 +142,8 @@ def top_functions(profile, limit: int = 10) -> list[dict]:
     stats = pstats.Stats(profile)
     rows = []
     for (filename, line, name), (_, calls, own, total, _) in stats.stats.items():
-        rows.append({"function": f"{os.path.basename(filename)}:{line}({name})", "calls": calls, "own_s": own, "total_s": total})
+        rows.append(
+            {"function": f"{os.path.basename(filename)}:{line}({name})", "calls": calls, "own_s": own, "total_s": total}
+        )
     rows.sort(key=lambda r: r["own_s"], reverse=True)
     return rows[:limit]

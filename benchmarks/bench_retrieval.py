@@ -59,24 +59,46 @@ def main() -> None:
     rows.append({"stage": "matmul floor (blocks only)", **floor, "TFLOP/s": flops / floor["best_s"] / 1e12})
     with PeakMemory(device) as memory:
         topk = timed(lambda: topk_similarity(queries, gallery, args.k, *blocks), device, args.repeat)
-    rows.append({
-        "stage": f"topk_similarity k={args.k}", **topk, "x floor": topk["best_s"] / floor["best_s"],
-        "peak MiB": memory.peak_mib, "rise MiB": memory.rise_mib,
-    })  # fmt: skip
+    rows.append(
+        {
+            "stage": f"topk_similarity k={args.k}",
+            **topk,
+            "x floor": topk["best_s"] / floor["best_s"],
+            "peak MiB": memory.peak_mib,
+            "rise MiB": memory.rise_mib,
+        }
+    )
 
     # recall@k: args.queries images, args.captions texts each (texts = noisy copies of their image)
     n_texts = args.queries * args.captions
     owner = torch.arange(args.queries, device=device).repeat_interleave(args.captions)
-    texts = F.normalize(queries[owner].float() + 0.05 * unit(n_texts, args.dim, 2, device, torch.float32), dim=-1).to(dtype)
+    texts = F.normalize(queries[owner].float() + 0.05 * unit(n_texts, args.dim, 2, device, torch.float32), dim=-1).to(
+        dtype
+    )
     pair_flops = 2 * args.queries * n_texts * args.dim
     pair_floor = timed(lambda: matmul_floor(queries, texts, *blocks), device, args.repeat)
-    rows.append({"stage": f"matmul floor {args.queries}x{n_texts}", **pair_floor, "TFLOP/s": pair_flops / pair_floor["best_s"] / 1e12})
+    rows.append(
+        {
+            "stage": f"matmul floor {args.queries}x{n_texts}",
+            **pair_floor,
+            "TFLOP/s": pair_flops / pair_floor["best_s"] / 1e12,
+        }
+    )
     with PeakMemory(device) as memory:
-        recall = timed(lambda: chunked_retrieval_metrics(queries, texts, owner, chunk_size=blocks[0], query_chunk_size=blocks[1]), device, args.repeat)
-    rows.append({
-        "stage": "chunked_retrieval_metrics", **recall, "x floor": recall["best_s"] / pair_floor["best_s"],
-        "peak MiB": memory.peak_mib, "rise MiB": memory.rise_mib,
-    })  # fmt: skip
+        recall = timed(
+            lambda: chunked_retrieval_metrics(queries, texts, owner, chunk_size=blocks[0], query_chunk_size=blocks[1]),
+            device,
+            args.repeat,
+        )
+    rows.append(
+        {
+            "stage": "chunked_retrieval_metrics",
+            **recall,
+            "x floor": recall["best_s"] / pair_floor["best_s"],
+            "peak MiB": memory.peak_mib,
+            "rise MiB": memory.rise_mib,
+        }
+    )
 
     # correctness on a slice small enough for the dense matrix
     small = slice(0, min(2000, args.queries))
@@ -92,16 +114,26 @@ def main() -> None:
     block_bytes = args.chunk_size * args.query_chunk_size * torch.finfo(dtype).bits // 8
     print_table(
         f"Retrieval, {args.queries} x {args.gallery}, D={args.dim}, {args.dtype}, blocks {blocks[1]}x{blocks[0]}, {device}",
-        rows, ["stage", "best_s", "median_s", "x floor", "TFLOP/s", "peak MiB", "rise MiB"],
-    )  # fmt: skip
-    print(f"\nfull fp32 score matrix would be {dense_bytes / 2**20:.0f} MiB; one block is {block_bytes / 2**20:.0f} MiB")
+        rows,
+        ["stage", "best_s", "median_s", "x floor", "TFLOP/s", "peak MiB", "rise MiB"],
+    )
+    print(
+        f"\nfull fp32 score matrix would be {dense_bytes / 2**20:.0f} MiB; one block is {block_bytes / 2**20:.0f} MiB"
+    )
     print(f"top-{args.k} indices equal to the dense top-k on {small.stop} queries: {100 * agree:.2f}% of entries")
     print(f"chunked recall == dense recall on {small.stop} images: {blocked_recall == dense_recall}")
-    write_results("retrieval", {
-        "machine": machine(device), "args": vars(args), "rows": rows, "dense_matrix_mib": dense_bytes / 2**20,
-        "block_mib": block_bytes / 2**20, "topk_agreement_with_dense": agree,
-        "chunked_recall_equals_dense": blocked_recall == dense_recall,
-    })  # fmt: skip
+    write_results(
+        "retrieval",
+        {
+            "machine": machine(device),
+            "args": vars(args),
+            "rows": rows,
+            "dense_matrix_mib": dense_bytes / 2**20,
+            "block_mib": block_bytes / 2**20,
+            "topk_agreement_with_dense": agree,
+            "chunked_recall_equals_dense": blocked_recall == dense_recall,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,14 @@ def pooled_cache(n: int, dim: int, seed: int = 0):
 def run_seconds(model_factory, cache, steps: int, batch_size: int, device) -> float:
     model = model_factory()
     args = AlignmentArguments(
-        max_steps=steps, per_device_train_batch_size=batch_size, eval_fraction=0.0, logging_steps=10**9,
-        save_model=False, seed=0, init_samples=min(10_000, len(cache)),
-    )  # fmt: skip
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        eval_fraction=0.0,
+        logging_steps=10**9,
+        save_model=False,
+        seed=0,
+        init_samples=min(10_000, len(cache)),
+    )
     synchronize(device)
     start = time.perf_counter()
     train(model, cache, args)
@@ -75,9 +80,14 @@ def step_time(model_factory, cache, warmup: int, steps: int, batch_size: int, de
 
     model.aligner.after_optimizer_step = stamped
     args = AlignmentArguments(
-        max_steps=warmup + steps + 1, per_device_train_batch_size=batch_size, eval_fraction=0.0, logging_steps=10**9,
-        save_model=False, seed=0, init_samples=min(10_000, len(cache)),
-    )  # fmt: skip
+        max_steps=warmup + steps + 1,
+        per_device_train_batch_size=batch_size,
+        eval_fraction=0.0,
+        logging_steps=10**9,
+        save_model=False,
+        seed=0,
+        init_samples=min(10_000, len(cache)),
+    )
     train(model, cache, args)
     return statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :]))
 
@@ -85,7 +95,10 @@ def step_time(model_factory, cache, warmup: int, steps: int, batch_size: int, de
 def bare_linear_step(dim: int, width: int, batch_size: int, steps: int, device) -> float:
     """The floor: two linear maps, normalisation, CLIP loss, AdamW; inputs already on the device."""
     torch.manual_seed(0)
-    vision, text = torch.nn.Linear(dim, width, bias=False).to(device), torch.nn.Linear(dim, width, bias=False).to(device)
+    vision, text = (
+        torch.nn.Linear(dim, width, bias=False).to(device),
+        torch.nn.Linear(dim, width, bias=False).to(device),
+    )
     optimizer = torch.optim.AdamW([*vision.parameters(), *text.parameters()], lr=1e-3)
     x, y = torch.randn(batch_size, dim, device=device), torch.randn(batch_size, dim, device=device)
     targets = torch.arange(batch_size, device=device)
@@ -118,9 +131,15 @@ def measure(label: str, name: str, settings: dict, pooled, args, device, caches:
     if method.input_kind == "tokens":
         if "tokens" not in caches:
             task = make_paired_task(
-                n=args.token_pairs, vision_dim=args.dim, text_dim=args.dim, n_vision_layers=1, n_text_layers=1,
-                tokens=True, n_patches=16, max_text_tokens=8,
-            )  # fmt: skip
+                n=args.token_pairs,
+                vision_dim=args.dim,
+                text_dim=args.dim,
+                n_vision_layers=1,
+                n_text_layers=1,
+                tokens=True,
+                n_patches=16,
+                max_text_tokens=8,
+            )
             caches["tokens"] = task.to_features(with_labels=False)
         cache = caches["tokens"]
 
@@ -128,10 +147,20 @@ def measure(label: str, name: str, settings: dict, pooled, args, device, caches:
         return AlignerModel.from_feature_dims(args.dim, args.dim, method=name, **settings)
 
     if not method.trainable:
-        return {"method": label, "kind": "training-free", "train_call_s": run_seconds(factory, cache, 1, args.batch_size, device)}
+        return {
+            "method": label,
+            "kind": "training-free",
+            "train_call_s": run_seconds(factory, cache, 1, args.batch_size, device),
+        }
     batch = min(args.batch_size, len(cache))
     seconds = step_time(factory, cache, args.warmup, args.steps, batch, device)
-    return {"method": label, "kind": method.input_kind, "batch": batch, "step_ms": 1e3 * seconds, "pairs_per_s": batch / seconds}
+    return {
+        "method": label,
+        "kind": method.input_kind,
+        "batch": batch,
+        "step_ms": 1e3 * seconds,
+        "pairs_per_s": batch / seconds,
+    }
 
 
 def op_profile(name: str, settings: dict, pooled, args, device) -> list[dict]:
@@ -141,9 +170,13 @@ def op_profile(name: str, settings: dict, pooled, args, device) -> list[dict]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     model = AlignerModel.from_feature_dims(args.dim, args.dim, method=name, **settings)
     train_args = AlignmentArguments(
-        max_steps=args.steps, per_device_train_batch_size=args.batch_size, eval_fraction=0.0, logging_steps=10**9,
-        save_model=False, seed=0,
-    )  # fmt: skip
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        eval_fraction=0.0,
+        logging_steps=10**9,
+        save_model=False,
+        seed=0,
+    )
     with profile(activities=activities) as prof:
         train(model, pooled, train_args)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -193,9 +226,12 @@ def main() -> None:
         floor = bare_linear_step(args.dim, args.width, args.batch_size, max(args.steps, 5), device)
         if "bare linear (floor)" not in best or 1e3 * floor < best["bare linear (floor)"]["step_ms"]:
             best["bare linear (floor)"] = {
-                "method": "bare linear (floor)", "kind": "pooled", "batch": args.batch_size, "step_ms": 1e3 * floor,
+                "method": "bare linear (floor)",
+                "kind": "pooled",
+                "batch": args.batch_size,
+                "step_ms": 1e3 * floor,
                 "pairs_per_s": args.batch_size / floor,
-            }  # fmt: skip
+            }
     rows = list(best.values())
     by_name = {row["method"]: row for row in rows}
 
@@ -210,12 +246,17 @@ def main() -> None:
         for label, name, settings in runs:
             if label in ("linear", "linear + structure (L=1)"):
                 profile[label] = op_profile(name, settings, pooled, args, device)
-                print_table(f"torch.profiler, {label}: top operators over {args.steps} train() steps (self time)", profile[label], ["op", "calls", "self_ms", "share"])
+                print_table(
+                    f"torch.profiler, {label}: top operators over {args.steps} train() steps (self time)",
+                    profile[label],
+                    ["op", "calls", "self_ms", "share"],
+                )
 
     print_table(
         f"Training on the cache ({device}, features {args.dim}-d, embedding {args.width}, {args.n_pairs} pairs)",
-        rows, ["method", "kind", "batch", "step_ms", "pairs_per_s", "x linear", "train_call_s"],
-    )  # fmt: skip
+        rows,
+        ["method", "kind", "batch", "step_ms", "pairs_per_s", "x linear", "train_call_s"],
+    )
     write_results("training", {"machine": machine(device), "args": vars(args), "rows": rows, "profile": profile})
 
 

@@ -110,9 +110,7 @@ def gaussian_w2(a: Any, b: Any, normalize: bool = False) -> float:
     return math.sqrt(max(mean_term + trace_term, 0.0))
 
 
-def sample_w2(
-    a: Any, b: Any, normalize: bool = False, max_samples: int | None = None, seed: int = 0
-) -> float:
+def sample_w2(a: Any, b: Any, normalize: bool = False, max_samples: int | None = None, seed: int = 0) -> float:
     """Exact Wasserstein-2 distance between two empirical measures with uniform weights (no entropic blur).
 
     Solves `min_P Σ P_ij ‖a_i − b_j‖²` over couplings of `1/n_a` and `1/n_b` and returns `sqrt` of the optimum
@@ -173,9 +171,7 @@ def _transport_lp(cost: np.ndarray) -> float:
     return float(result.fun)
 
 
-def alignment_uniformity(
-    image_embeds: Any, text_embeds: Any, alpha: float = 2, t: float = 2
-) -> dict[str, float]:
+def alignment_uniformity(image_embeds: Any, text_embeds: Any, alpha: float = 2, t: float = 2) -> dict[str, float]:
     """Wang & Isola (2020) alignment and uniformity of matched image–text pairs (rows L2-normalised first).
 
     * `alignment = E_i ‖x_i − y_i‖^α` over the matched pairs (row i of each set): lower = positives closer.

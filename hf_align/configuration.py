@@ -14,8 +14,13 @@ logger = logging.get_logger(__name__)
 POOLINGS = ("auto", "cls", "mean", "tokens")
 # Keys a config.json may carry that transformers itself consumes (its fields, plus legacy names it still accepts).
 _TRANSFORMERS_KEYS = frozenset(PretrainedConfig().to_dict()) | {
-    "torch_dtype", "name_or_path", "_commit_hash", "num_labels", "attn_implementation", "experts_implementation",
-}  # fmt: skip
+    "torch_dtype",
+    "name_or_path",
+    "_commit_hash",
+    "num_labels",
+    "attn_implementation",
+    "experts_implementation",
+}
 
 
 def check_layer(name: str, value: Any) -> int | str:
@@ -160,16 +165,19 @@ class AlignerConfig(PretrainedConfig):
         for name, value in (("vision_revision", vision_revision), ("text_revision", text_revision)):
             _check_optional(name, value, str, "a revision (str)")
         sizes = (
-            ("vision_hidden_size", vision_hidden_size), ("text_hidden_size", text_hidden_size),
-            ("vision_num_layers", vision_num_layers), ("text_num_layers", text_num_layers),
-        )  # fmt: skip
+            ("vision_hidden_size", vision_hidden_size),
+            ("text_hidden_size", text_hidden_size),
+            ("vision_num_layers", vision_num_layers),
+            ("text_num_layers", text_num_layers),
+        )
         for name, value in sizes:
             if value is not None:
                 check_positive_int(name, value, "a positive int or None")
         flags = (
-            ("vision_has_cls", vision_has_cls), ("learnable_temperature", learnable_temperature),
+            ("vision_has_cls", vision_has_cls),
+            ("learnable_temperature", learnable_temperature),
             ("bundled_encoders", bundled_encoders),
-        )  # fmt: skip
+        )
         for name, value in flags:
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -177,9 +185,11 @@ class AlignerConfig(PretrainedConfig):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a registry name (non-empty str), got {value!r}")
         settings = (
-            ("method_config", method_config), ("similarity_config", similarity_config),
-            ("regularizers", regularizers), ("training_summary", training_summary),
-        )  # fmt: skip
+            ("method_config", method_config),
+            ("similarity_config", similarity_config),
+            ("regularizers", regularizers),
+            ("training_summary", training_summary),
+        )
         for name, value in settings:
             _check_optional(name, value, dict, "a dict")
         for name, value in (regularizers or {}).items():

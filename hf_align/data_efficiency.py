@@ -56,7 +56,9 @@ class Variant:
             raise ValueError(f"variant {self.name!r}: layers must be one of {LAYER_CHOICES}, got {self.layers!r}")
 
 
-def default_variants(method: str = "linear", method_kwargs: dict | None = None, structure: dict | None = None) -> list[Variant]:
+def default_variants(
+    method: str = "linear", method_kwargs: dict | None = None, structure: dict | None = None
+) -> list[Variant]:
     """method and method + STRUCTURE, each on the last and on the selected layers (4 curves).
 
     `structure`: the regulariser's settings without the `structure_` prefix (default `{"weight": 10.0}`).
@@ -120,7 +122,9 @@ class DataEfficiencyResult:
                 cell = summary[variant].get(n)
                 cells.append("–" if cell is None else f"{cell['mean']:.1f} ± {cell['std']:.1f}")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        chosen = sorted({(run["variant"], tuple(run["layers"])) for run in self.runs if run["layers_source"] == "selected"})
+        chosen = sorted(
+            {(run["variant"], tuple(run["layers"])) for run in self.runs if run["layers_source"] == "selected"}
+        )
         if chosen:
             lines += ["", "Layers chosen by selection (vision, text): " + "; ".join(f"{v}: {l}" for v, l in chosen)]
         return "\n".join(lines) + "\n"
@@ -153,14 +157,18 @@ class DataEfficiencyResult:
         json_path, md_path, png_path = (os.path.join(output_dir, name) for name in RESULT_FILES)
         summary = {v: {str(n): cell for n, cell in cells.items()} for v, cells in self.summary().items()}
         with open(json_path, "w", encoding="utf-8") as handle:
-            json.dump({"metric": self.metric, "settings": self.settings, "summary": summary, "runs": self.runs}, handle, indent=2)
+            json.dump(
+                {"metric": self.metric, "settings": self.settings, "summary": summary, "runs": self.runs},
+                handle,
+                indent=2,
+            )
         with open(md_path, "w", encoding="utf-8") as handle:
             handle.write(self.to_markdown())
         self.plot(png_path)
         return [json_path, md_path, png_path]
 
     @classmethod
-    def load(cls, path: str) -> "DataEfficiencyResult":
+    def load(cls, path: str) -> DataEfficiencyResult:
         with open(path, encoding="utf-8") as handle:
             payload = json.load(handle)
         return cls(runs=payload["runs"], settings=payload["settings"], metric=payload["metric"])
@@ -193,7 +201,9 @@ def _check_sizes(sizes: Sequence[int], pool: int, include_all: bool) -> list[int
     if include_all and pool not in kept:
         kept.append(pool)
     if not kept:
-        raise ValueError(f"no training size fits: sizes {list(sizes)} all exceed the {pool} pairs left after the test split")
+        raise ValueError(
+            f"no training size fits: sizes {list(sizes)} all exceed the {pool} pairs left after the test split"
+        )
     return kept
 
 
@@ -240,7 +250,9 @@ def run_data_efficiency(
     if len({v.name for v in variants}) != len(variants):
         raise ValueError(f"variant names must be unique, got {[v.name for v in variants]}")
     if all(len(have) == 1 for have in layers.values()) and any(v.layers == "selected" for v in variants):
-        logger.warning("data efficiency: the cache holds one layer per modality, so 'selected' = 'last'; skipping those")
+        logger.warning(
+            "data efficiency: the cache holds one layer per modality, so 'selected' = 'last'; skipping those"
+        )
         variants = [v for v in variants if v.layers == "last"]
     template = training_args or AlignmentArguments(
         max_steps=500, per_device_train_batch_size=1024, learning_rate=1e-3, eval_fraction=0.0
@@ -284,7 +296,9 @@ def _one_run(variant, subset, test, n, seed, template, widths, layers, selection
     from .modeling import AlignerModel
 
     torch.manual_seed(seed)
-    model = AlignerModel.from_feature_dims(widths["vision"], widths["text"], method=variant.method, **variant.method_kwargs)
+    model = AlignerModel.from_feature_dims(
+        widths["vision"], widths["text"], method=variant.method, **variant.method_kwargs
+    )
     if variant.layers == "last":
         model.config.vision_layer, model.config.text_layer = layers["vision"][-1], layers["text"][-1]
     else:

@@ -163,4 +163,3 @@ def pool_text(
     if pooling == "tokens":
         return state, mask
     raise ValueError(f"unknown text pooling {pooling!r}")
-

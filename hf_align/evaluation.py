@@ -71,7 +71,9 @@ def zero_shot_metrics(
     _check_scores("logits", logits, ks)
     n_classes = logits.shape[1]
     if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"labels must lie in [0, {n_classes}) for {n_classes} classes, got [{labels.min()}, {labels.max()}]")
+        raise ValueError(
+            f"labels must lie in [0, {n_classes}) for {n_classes} classes, got [{labels.min()}, {labels.max()}]"
+        )
     metrics = {}
     # One stable ranking for top-k and the per-class recall: tied classes rank by index, as argmax does (topk's
     # tie order is unspecified, so top1 could disagree with the argmax prediction on tied scores).
@@ -104,7 +106,9 @@ def embed_texts(model, processor, texts: Sequence[str], batch_size: int = 256) -
     """Aligned embeddings (n, D) of raw strings through the frozen text encoder."""
     out = []
     for start in range(0, len(texts), batch_size):
-        inputs = processor.tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt")
+        inputs = processor.tokenizer(
+            list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt"
+        )
         out.append(model.get_text_features(**inputs.to(model.device)))
     return torch.cat(out)
 
@@ -127,13 +131,17 @@ def embed_feature_cache(model, features: datasets.Dataset, batch_size: int = 102
     images, texts = [], []
     for start in range(0, len(view), batch_size):
         batch = collate(view[start : start + batch_size])
-        images.append(model.get_image_features(vision_features=batch["vision_features"], vision_mask=batch.get("vision_mask")))
+        images.append(
+            model.get_image_features(vision_features=batch["vision_features"], vision_mask=batch.get("vision_mask"))
+        )
         texts.append(model.get_text_features(text_features=batch["text_features"], text_mask=batch.get("text_mask")))
     return torch.cat(images), torch.cat(texts)
 
 
 @torch.no_grad()
-def class_prototypes(model, processor, class_names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+def class_prototypes(
+    model, processor, class_names: Sequence[str], templates: Sequence[str] | None = None
+) -> torch.Tensor:
     """(C, D) class embeddings: per class, the mean of its normalised template embeddings, renormalised."""
     if not class_names:
         raise ValueError("class_names is empty: zero-shot classification needs at least one class")
@@ -188,17 +196,26 @@ def evaluate_zero_shot(
         if image_column not in dataset.column_names:
             raise ValueError(f"image_column={image_column!r} is not a column of the dataset: {dataset.column_names}")
         images = torch.cat(
-            [embed_images(model, processor, dataset[s : s + batch_size][image_column]) for s in range(0, len(dataset), batch_size)]
+            [
+                embed_images(model, processor, dataset[s : s + batch_size][image_column])
+                for s in range(0, len(dataset), batch_size)
+            ]
         )
         labels = dataset[label_column]
     logits = 100.0 * images @ prototypes.t()
     metrics = zero_shot_metrics(logits, labels)
     n_templates = len(templates or DEFAULT_TEMPLATES)
     record_evaluation(
-        model, TASK_ZERO_SHOT, metrics, dataset, dataset_name, dataset_split, num_samples=len(labels),
+        model,
+        TASK_ZERO_SHOT,
+        metrics,
+        dataset,
+        dataset_name,
+        dataset_split,
+        num_samples=len(labels),
         details=f"{len(labels)} images, {len(class_names)} classes, {n_templates} prompt template"
         f"{'s' if n_templates > 1 else ''} per class",
-    )  # fmt: skip
+    )
     return metrics
 
 
@@ -240,16 +257,27 @@ def evaluate_retrieval(
             captions.extend(group)
             owner.extend([i] * len(group))
         image_embeds = torch.cat(
-            [embed_images(model, processor, dataset[s : s + batch_size][image_column]) for s in range(0, len(dataset), batch_size)]
+            [
+                embed_images(model, processor, dataset[s : s + batch_size][image_column])
+                for s in range(0, len(dataset), batch_size)
+            ]
         )
         text_embeds = embed_texts(model, processor, captions)
         owner = torch.tensor(owner)
     # In blocks: the full (n_images, n_texts) score matrix of a large test set would not fit in memory.
-    metrics = chunked_retrieval_metrics(image_embeds, text_embeds, owner.to(image_embeds.device), similarity=model.similarity)
+    metrics = chunked_retrieval_metrics(
+        image_embeds, text_embeds, owner.to(image_embeds.device), similarity=model.similarity
+    )
     record_evaluation(
-        model, TASK_RETRIEVAL, metrics, dataset, dataset_name, dataset_split, num_samples=len(image_embeds),
+        model,
+        TASK_RETRIEVAL,
+        metrics,
+        dataset,
+        dataset_name,
+        dataset_split,
+        num_samples=len(image_embeds),
         details=f"{len(text_embeds)} captions of {len(image_embeds)} images, every image against every caption",
-    )  # fmt: skip
+    )
     return metrics
 
 

@@ -147,7 +147,9 @@ def features_from_tensors(
     for layer, x in vision_tokens.items():
         columns[layer_column("vision", layer, tokens=True)] = x.half().numpy()
     for layer, x in text_tokens.items():
-        columns[layer_column("text", layer, tokens=True)] = [row[m].half().numpy() for row, m in zip(x, text_mask.bool())]
+        columns[layer_column("text", layer, tokens=True)] = [
+            row[m].half().numpy() for row, m in zip(x, text_mask.bool())
+        ]
     ids = torch.arange(n) if image_id is None else torch.as_tensor(image_id)
     if ids.shape != (n,):
         raise ValueError(f"image_id must have shape ({n},), got {tuple(ids.shape)}")
@@ -168,10 +170,14 @@ def features_from_tensors(
     # takes minutes for a million rows. The other columns (tokens, extras) are few or small and take that path.
     fixed = [name for name in columns if name == "image_id" or name.startswith(("vision_layer_", "text_layer_"))]
     table = datasets.table.InMemoryTable.from_pydict({name: _arrow_array(columns[name]) for name in fixed})
-    dataset = datasets.Dataset(table, info=datasets.DatasetInfo(features=datasets.Features({k: schema[k] for k in fixed})))
+    dataset = datasets.Dataset(
+        table, info=datasets.DatasetInfo(features=datasets.Features({k: schema[k] for k in fixed}))
+    )
     rest = [name for name in columns if name not in fixed]
     if rest:
-        others = datasets.Dataset.from_dict({k: columns[k] for k in rest}, features=datasets.Features({k: schema[k] for k in rest}))
+        others = datasets.Dataset.from_dict(
+            {k: columns[k] for k in rest}, features=datasets.Features({k: schema[k] for k in rest})
+        )
         dataset = datasets.concatenate_datasets([dataset, others], axis=1).select_columns(list(schema))
     return dataset
 
@@ -340,7 +346,9 @@ def extract_features(
     _check_extraction_inputs(model, processor, dataset, image_column, text_column, keep_columns, batch_size)
     if on_bad_sample not in BAD_SAMPLE_POLICIES:
         raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
-    if num_workers is not None and (not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0):
+    if num_workers is not None and (
+        not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0
+    ):
         raise ValueError(f"num_workers must be None or an int >= 0, got {num_workers!r}")
     config = model.config
     layers = {
@@ -380,9 +388,22 @@ def extract_features(
     tmp = _on_main(state, lambda: _new_partial_folder(target))
     try:
         n_rows, skipped = _write_features(
-            model, processor, dataset, image_column, text_column, layers, token_layers, pooled, keep_columns,
-            batch_size, max_text_length, tmp, on_bad_sample, num_workers, state,
-        )  # fmt: skip
+            model,
+            processor,
+            dataset,
+            image_column,
+            text_column,
+            layers,
+            token_layers,
+            pooled,
+            keep_columns,
+            batch_size,
+            max_text_length,
+            tmp,
+            on_bad_sample,
+            num_workers,
+            state,
+        )
         _on_main(state, lambda: _finish_cache(tmp, target, parts, n_rows, skipped))
     except BaseException:
         if state.is_main_process:
@@ -639,7 +660,9 @@ def _process_alive(pid: int) -> bool:
 
 def _check_extraction_inputs(model, processor, dataset, image_column, text_column, keep_columns, batch_size):
     if not getattr(model, "has_encoders", False):
-        raise ValueError("extract_features needs an AlignerModel with encoders attached (from_encoders/from_pretrained)")
+        raise ValueError(
+            "extract_features needs an AlignerModel with encoders attached (from_encoders/from_pretrained)"
+        )
     if processor is None:
         raise ValueError("extract_features needs the model's AlignerProcessor, got processor=None")
     if not isinstance(dataset, datasets.Dataset):
@@ -713,9 +736,22 @@ class _Plan:
 
 
 def _write_features(
-    model, processor, dataset, image_column, text_column, layers, token_layers, pooled, keep_columns,
-    batch_size, max_text_length, folder, on_bad_sample, num_workers, state,
-) -> tuple[int, list[dict]]:  # fmt: skip
+    model,
+    processor,
+    dataset,
+    image_column,
+    text_column,
+    layers,
+    token_layers,
+    pooled,
+    keep_columns,
+    batch_size,
+    max_text_length,
+    folder,
+    on_bad_sample,
+    num_workers,
+    state,
+) -> tuple[int, list[dict]]:
     """Encode the rows into Arrow files in `folder`; returns the number of cache rows and the skipped samples.
 
     One process writes `folder/features.arrow`. Under several processes, process r encodes a contiguous run of the
@@ -756,18 +792,27 @@ def _write_features(
         datasets.Features({c: dataset.features[c] for c in keep_columns}),
     )
     plan = _Plan(
-        image_column, text_column, tuple(keep_columns), layers, token_layers, pooled, batch_size, text_limit,
+        image_column,
+        text_column,
+        tuple(keep_columns),
+        layers,
+        token_layers,
+        pooled,
+        batch_size,
+        text_limit,
         on_bad_sample,
-    )  # fmt: skip
+    )
     n_batches = math.ceil(n_images / batch_size)
     rank, world = state.process_index, state.num_processes
     batches = range(n_batches * rank // world, n_batches * (rank + 1) // world)
     path = os.path.join(folder, DATA_FILE if world == 1 else f"{SHARD_PREFIX}{rank:05d}.arrow")
     shard_images = min(n_images, batches.stop * batch_size) - batches.start * batch_size if batches else 0
     progress = tqdm(
-        total=shard_images, desc=f"hf_align: extracting features (~{estimate / 2**20:.0f} MiB)", unit="img",
+        total=shard_images,
+        desc=f"hf_align: extracting features (~{estimate / 2**20:.0f} MiB)",
+        unit="img",
         disable=not state.is_main_process,
-    )  # fmt: skip
+    )
 
     def encode() -> tuple[int, list[dict]]:
         try:
@@ -915,7 +960,9 @@ def _prepare_batch(processor, plan: _Plan, start: int, batch: dict) -> dict:
     if not images:
         return prepared
     tokenizer = processor.tokenizer
-    prepared["truncated"] = _truncated_captions(tokenizer, captions, [start + positions[o] for o in owner], plan.text_limit)
+    prepared["truncated"] = _truncated_captions(
+        tokenizer, captions, [start + positions[o] for o in owner], plan.text_limit
+    )
     prepared["pixel_values"] = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     ids = tokenizer(captions, truncation=True, max_length=plan.text_limit, return_attention_mask=False)["input_ids"]
     order = sorted(range(len(captions)), key=lambda c: len(ids[c]))
@@ -955,7 +1002,9 @@ def _launch(model, prepared: dict, plan: _Plan, device: torch.device) -> dict:
     for chunk in prepared["text_chunks"]:
         inputs = {name: value.to(device, non_blocking=True) for name, value in chunk.items()}
         with autocast:
-            states = model.text_hidden_states(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+            states = model.text_hidden_states(
+                inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids")
+            )
         for layer, pieces in text_pooled.items():
             pieces.append(pool_text(states[layer].float(), inputs["attention_mask"], plan.pooled["text"])[0])
         for layer, pieces in text_tokens.items():
@@ -967,7 +1016,9 @@ def _launch(model, prepared: dict, plan: _Plan, device: torch.device) -> dict:
         outputs[layer_column("text", layer, tokens=True)] = pieces
     # Non-blocking device-to-host copies land in pinned memory; a no-op on CPU.
     launched["outputs"] = {
-        name: [v.to("cpu", non_blocking=True) for v in value] if isinstance(value, list) else value.to("cpu", non_blocking=True)
+        name: [v.to("cpu", non_blocking=True) for v in value]
+        if isinstance(value, list)
+        else value.to("cpu", non_blocking=True)
         for name, value in outputs.items()
     }
     if device.type == "cuda":

@@ -109,7 +109,7 @@ class LayerSelectionReport:
             json.dump(payload, handle, indent=2)
 
     @classmethod
-    def load(cls, path: str) -> "LayerSelectionReport":
+    def load(cls, path: str) -> LayerSelectionReport:
         with open(path, encoding="utf-8") as handle:
             payload = json.load(handle)
         payload.pop("best_pair", None)
@@ -228,7 +228,9 @@ def select_layers(
     k_value = resolve_k(k, n) if metric == "mutual_knn" else None
     if metric == "unbiased_cka" and n < 4:
         raise ValueError(f"unbiased_cka needs at least 4 samples, the cache gave {n}")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     names = {("vision", l): layer_column("vision", l) for l in v_layers}
     names.update({("text", l): layer_column("text", l) for l in t_layers})
     data = _load_columns(features, rows, sorted(set(names.values())), device)

@@ -151,7 +151,10 @@ class Leaderboard:
     def save(self, output_dir: str | os.PathLike) -> dict[str, str]:
         """Write `leaderboard.md` and `leaderboard.json` into `output_dir`; returns their paths."""
         os.makedirs(output_dir, exist_ok=True)
-        paths = {"markdown": os.path.join(output_dir, "leaderboard.md"), "json": os.path.join(output_dir, "leaderboard.json")}
+        paths = {
+            "markdown": os.path.join(output_dir, "leaderboard.md"),
+            "json": os.path.join(output_dir, "leaderboard.json"),
+        }
         with open(paths["markdown"], "w", encoding="utf-8") as handle:
             handle.write(self.to_markdown())
         with open(paths["json"], "w", encoding="utf-8") as handle:
@@ -182,9 +185,7 @@ def _finite(value):
 
 
 # ---------------------------------------------------------------------------------------------- data
-def synthetic_features(
-    n: int = 3000, seed: int = 0, tokens: bool = True, **task_kwargs
-) -> datasets.Dataset:
+def synthetic_features(n: int = 3000, seed: int = 0, tokens: bool = True, **task_kwargs) -> datasets.Dataset:
     """The synthetic limited-data paired task (`hf_align.testing.make_paired_task`) as an in-memory feature cache.
 
     Columns: pooled `vision_layer_{l}` / `text_layer_{l}` for every layer, token columns when `tokens=True` (so token
@@ -222,7 +223,9 @@ def split_features(
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def _build_model(method, similarity, train_features, vision_layer, text_layer, method_kwargs, similarity_kwargs, model_kwargs):
+def _build_model(
+    method, similarity, train_features, vision_layer, text_layer, method_kwargs, similarity_kwargs, model_kwargs
+):
     from .features import cached_layers, layer_column
     from .methods import get_method
     from .modeling import AlignerModel
@@ -338,7 +341,9 @@ def compare(
     similarities = list(similarities or sorted(SIMILARITIES))
     unknown = [m for m in methods if m not in METHODS] + [s for s in similarities if s not in SIMILARITIES]
     if unknown:
-        raise ValueError(f"unknown method(s)/similarity(ies) {unknown}; methods: {sorted(METHODS)}, similarities: {sorted(SIMILARITIES)}")
+        raise ValueError(
+            f"unknown method(s)/similarity(ies) {unknown}; methods: {sorted(METHODS)}, similarities: {sorted(SIMILARITIES)}"
+        )
     if not seeds:
         raise ValueError("give at least one seed")
     args = args or AlignmentArguments()
@@ -364,12 +369,21 @@ def compare(
                 set_seed(seed)
                 try:
                     model = _build_model(
-                        method, similarity, train_features, vision_layer, text_layer, method_kwargs, similarity_kwargs, model_kwargs
+                        method,
+                        similarity,
+                        train_features,
+                        vision_layer,
+                        text_layer,
+                        method_kwargs,
+                        similarity_kwargs,
+                        model_kwargs,
                     )
                 except (ValueError, TypeError) as err:
                     entry.status, entry.reason = "n/a", str(err).split("\n")[0]
                     break
-                run_args = dataclasses.replace(args, seed=seed, output_dir=None, save_model=False, resume_from_checkpoint=None)
+                run_args = dataclasses.replace(
+                    args, seed=seed, output_dir=None, save_model=False, resume_from_checkpoint=None
+                )
                 try:
                     start = time.perf_counter()
                     train(model, train_features, run_args)
@@ -412,4 +426,13 @@ def compare(
     return board
 
 
-__all__ = ["DEFAULT_RANK_BY", "SYNTHETIC_PRESET", "Leaderboard", "LeaderboardEntry", "compare", "evaluate_run", "split_features", "synthetic_features"]
+__all__ = [
+    "DEFAULT_RANK_BY",
+    "SYNTHETIC_PRESET",
+    "Leaderboard",
+    "LeaderboardEntry",
+    "compare",
+    "evaluate_run",
+    "split_features",
+    "synthetic_features",
+]

@@ -175,7 +175,7 @@ def describe_dataset(
             info["config"] = dataset_info.config_name
         if getattr(dataset, "split", None) is not None:
             info["split"] = str(dataset.split)
-        for source in (getattr(dataset_info, "download_checksums", None) or {}):
+        for source in getattr(dataset_info, "download_checksums", None) or {}:
             if source.startswith("hf://datasets/") and "@" in source:
                 repo, rest = source[len("hf://datasets/") :].split("@", 1)
                 info["id"] = repo
@@ -457,9 +457,10 @@ def _uploaded_files(folder: str) -> list[str]:
         relative = os.path.relpath(root, folder)
         top_level = relative == "."
         directories[:] = sorted(
-            d for d in directories
+            d
+            for d in directories
             if not d.startswith(".") and not (top_level and (d.startswith("checkpoint-") or d == "runs"))
-        )  # fmt: skip
+        )
         for name in sorted(files):
             if not name.startswith("."):
                 paths.append(name if top_level else "/".join([*relative.split(os.sep), name]))
@@ -492,7 +493,8 @@ def _encoder_facts(config, modality: str) -> dict[str, Any]:
         "link": link,
         "revision": f"`{revision}`" if revision else ("latest" if is_hub else "n/a (local)"),
         "layer": getattr(config, f"{modality}_layer"),
-        "pooling": getattr(config, f"{modality}_pooling") if getattr(config, f"{modality}_pooling") != "auto"
+        "pooling": getattr(config, f"{modality}_pooling")
+        if getattr(config, f"{modality}_pooling") != "auto"
         else f"auto ({getattr(config, f'resolved_{modality}_pooling')})",
         "width": getattr(config, f"{modality}_hidden_size"),
     }

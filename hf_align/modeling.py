@@ -138,7 +138,7 @@ class AlignerModel(PreTrainedModel):
         dtype: torch.dtype | str | None = None,
         encoder_lora=None,
         **kwargs,
-    ) -> "AlignerModel":
+    ) -> AlignerModel:
         """Stack a new (untrained) aligner on two encoders given as Hub ids, local paths or loaded models.
 
         Args:
@@ -192,7 +192,7 @@ class AlignerModel(PreTrainedModel):
         vision_pooling: str = "auto",
         text_pooling: str = "auto",
         **kwargs,
-    ) -> "AlignerModel":
+    ) -> AlignerModel:
         """An aligner-only model (no encoders) for features of the given widths, e.g. a cache or a synthetic task.
 
         Takes the same `method` / `**kwargs` as `from_encoders`; it runs on `vision_features` / `text_features` only.
@@ -239,7 +239,10 @@ class AlignerModel(PreTrainedModel):
         rebuilt (fresh weights) only when that width differs from the one it was built for.
         """
         rebuild = False
-        for modality, layer, width in (("vision", vision_layer, vision_hidden_size), ("text", text_layer, text_hidden_size)):
+        for modality, layer, width in (
+            ("vision", vision_layer, vision_hidden_size),
+            ("text", text_layer, text_hidden_size),
+        ):
             if layer is None:
                 continue
             resolve_layer_index(f"{modality}_layer", layer, getattr(self.config, f"{modality}_num_layers"))
@@ -260,7 +263,7 @@ class AlignerModel(PreTrainedModel):
                 self.config.similarity, self.aligner.embed_dim, **self.config.similarity_config
             ).to(device)
 
-    def train(self, mode: bool = True) -> "AlignerModel":
+    def train(self, mode: bool = True) -> AlignerModel:
         super().train(mode)
         # Frozen encoders stay in eval mode (no dropout) while the aligner trains.
         if self.has_encoders:
@@ -298,7 +301,9 @@ class AlignerModel(PreTrainedModel):
         encoder = self.vision_model
         param = next(encoder.parameters())
         with torch.no_grad() if not _any_trainable(encoder) else torch.enable_grad():
-            out = encoder(pixel_values=pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
+            out = encoder(
+                pixel_values=pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True
+            )
         return out.hidden_states
 
     def text_hidden_states(
@@ -468,7 +473,9 @@ class AlignerModel(PreTrainedModel):
         # transformers' own push would run before the processor and card are written: push the finished folder instead
         push_to_hub = kwargs.pop("push_to_hub", False)
         repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-        hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "token", "revision", "create_pr") if k in kwargs}
+        hub_kwargs = {
+            k: kwargs.pop(k) for k in ("commit_message", "private", "token", "revision", "create_pr") if k in kwargs
+        }
         state_dict = kwargs.pop("state_dict", None) or self.aligner_state_dict()
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(ENCODER_PREFIXES)}
         if bundle_encoders:
@@ -516,9 +523,17 @@ class AlignerModel(PreTrainedModel):
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, bundle_encoders=bundle_encoders, max_shard_size=max_shard_size)
             return upload_aligner(
-                self, folder, repo_id, commit_message=commit_message, commit_description=commit_description,
-                private=private, token=token, revision=revision, create_pr=create_pr, tags=tags or (),
-            )  # fmt: skip
+                self,
+                folder,
+                repo_id,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                tags=tags or (),
+            )
 
     @classmethod
     def from_pretrained(
@@ -529,7 +544,7 @@ class AlignerModel(PreTrainedModel):
         vision_model: PreTrainedModel | None = None,
         text_model: PreTrainedModel | None = None,
         **kwargs,
-    ) -> "AlignerModel":
+    ) -> AlignerModel:
         """Load the aligner weights, then re-load both encoders with *their own* weights from the recorded ids.
 
         `load_encoders=False` gives an aligner-only model that works on precomputed features; `vision_model` /

@@ -136,7 +136,9 @@ def _log_weights(name: str, weights: torch.Tensor | None, size: int, cost: torch
         return torch.full((size,), -math.log(size), dtype=cost.dtype, device=cost.device)
     weights = torch.as_tensor(weights, device=cost.device).to(cost.dtype)
     if weights.dim() == 0 or weights.shape[-1] != size:
-        raise ValueError(f"{name} must have shape (..., {size}) to match cost {tuple(cost.shape)}, got {tuple(weights.shape)}")
+        raise ValueError(
+            f"{name} must have shape (..., {size}) to match cost {tuple(cost.shape)}, got {tuple(weights.shape)}"
+        )
     if (weights < 0).any():
         raise ValueError(f"{name} must be non-negative")
     return torch.log(weights)

@@ -23,7 +23,7 @@ class AlignerProcessor(ProcessorMixin):
         text_encoder: str,
         vision_revision: str | None = None,
         text_revision: str | None = None,
-    ) -> "AlignerProcessor":
+    ) -> AlignerProcessor:
         image_processor = AutoImageProcessor.from_pretrained(vision_encoder, revision=vision_revision)
         tokenizer = AutoTokenizer.from_pretrained(text_encoder, revision=text_revision)
         # Masked mean pooling needs the padding mask; some tokenizers (SigLIP's) do not return it by default, and the

@@ -25,7 +25,9 @@ CAPTION_TEMPLATES = [
 @dataclass
 class QuickstartArguments:
     output_dir: str = field(default="hf_align_quickstart", metadata={"help": "Where the cache and the aligner go."})
-    vision_model: str | None = field(default=None, metadata={"help": "Vision encoder (default: an untrained tiny ViT)."})
+    vision_model: str | None = field(
+        default=None, metadata={"help": "Vision encoder (default: an untrained tiny ViT)."}
+    )
     text_model: str | None = field(default=None, metadata={"help": "Text encoder (default: the packaged MiniLM)."})
     dataset: str | None = field(
         default=None, metadata={"help": "Hub dataset id with image/label columns (default: sklearn digits)."}
@@ -79,9 +81,7 @@ def run_quickstart(args: QuickstartArguments) -> dict:
         class_names = label.names
         say(f"data: {args.dataset} ({args.split}), {len(data)} images, {len(class_names)} classes")
     rng = random.Random(args.seed)
-    data = data.map(
-        lambda row: {"caption": rng.choice(CAPTION_TEMPLATES).format(class_names[row[args.label_column]])}
-    )
+    data = data.map(lambda row: {"caption": rng.choice(CAPTION_TEMPLATES).format(class_names[row[args.label_column]])})
     split = data.train_test_split(test_size=args.test_fraction, seed=args.seed)
     train_data, test_data = split["train"], split["test"]
 
@@ -89,7 +89,12 @@ def run_quickstart(args: QuickstartArguments) -> dict:
     say(f"aligner: {args.method}, {sum(p.numel() for p in model.aligner.parameters()):,} trainable parameters")
     cache_dir = os.path.join(args.output_dir, "feature-cache")
     features = extract_features(
-        model, model.processor, train_data, image_column=args.image_column, keep_columns=[args.label_column], cache_dir=cache_dir
+        model,
+        model.processor,
+        train_data,
+        image_column=args.image_column,
+        keep_columns=[args.label_column],
+        cache_dir=cache_dir,
     )
     say(f"extracted features of {len(features)} training pairs into {cache_dir}")
     result = train(
@@ -106,9 +111,14 @@ def run_quickstart(args: QuickstartArguments) -> dict:
     )
     say(f"trained {result.global_step} steps in {result.train_runtime:.1f}s")
     metrics = evaluate_zero_shot(
-        model, model.processor, test_data, class_names=class_names, templates=CAPTION_TEMPLATES,
-        image_column=args.image_column, label_column=args.label_column,
-    )  # fmt: skip
+        model,
+        model.processor,
+        test_data,
+        class_names=class_names,
+        templates=CAPTION_TEMPLATES,
+        image_column=args.image_column,
+        label_column=args.label_column,
+    )
     chance = 100.0 / len(class_names)
     say(
         f"zero-shot on {len(test_data)} held-out images: top-1 {metrics['top1']:.1f}% "
@@ -123,7 +133,9 @@ def run_quickstart(args: QuickstartArguments) -> dict:
 
     classifier = pipeline("zero-shot-image-classification", model=aligner_dir)
     example = test_data[0]
-    scores = classifier(example[args.image_column], candidate_labels=list(class_names), hypothesis_template=CAPTION_TEMPLATES[0])
+    scores = classifier(
+        example[args.image_column], candidate_labels=list(class_names), hypothesis_template=CAPTION_TEMPLATES[0]
+    )
     say(
         f"reloaded with pipeline('zero-shot-image-classification'): a held-out '{class_names[example[args.label_column]]}'"
         f" is classified as '{scores[0]['label']}' ({scores[0]['score']:.2f})"

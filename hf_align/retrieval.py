@@ -181,7 +181,9 @@ def check_text_image_index(text_image_index, n_images: int, n_texts: int, device
     """`text_image_index` as a (n_texts,) int64 tensor on `device`; `ValueError` unless every entry is an image row."""
     owner = torch.as_tensor(text_image_index, dtype=torch.long, device=device)
     if owner.shape != (n_texts,):
-        raise ValueError(f"text_image_index must have shape ({n_texts},) (one image per text), got {tuple(owner.shape)}")
+        raise ValueError(
+            f"text_image_index must have shape ({n_texts},) (one image per text), got {tuple(owner.shape)}"
+        )
     if owner.min() < 0 or owner.max() >= n_images:
         raise ValueError(f"text_image_index values must lie in [0, {n_images}), got [{owner.min()}, {owner.max()}]")
     return owner

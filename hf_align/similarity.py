@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +130,9 @@ def check_similarity(name: str, method: Any = None, similarity_config: dict | No
         )
     if getattr(cls, "input_kind", "pooled") == "tokens" and not method_gives_tokens(method):
         pooled = sorted(n for n, c in SIMILARITIES.items() if getattr(c, "input_kind", "pooled") == "pooled")
-        reads = "reads token features but pools them" if getattr(method, "input_kind", "pooled") == "tokens" else "embeds"
+        reads = (
+            "reads token features but pools them" if getattr(method, "input_kind", "pooled") == "tokens" else "embeds"
+        )
         raise ValueError(
             f"similarity {name!r} compares *sets of token embeddings* (B, T, D), but method {method_name!r} {reads} "
             "into one vector per image and per text (B, D) before scoring, so there is no token set to transport. "
@@ -433,7 +436,9 @@ class WassersteinSimilarity(SimilarityHead):
         if self.cost == "cosine":
             cost = 1.0 - x @ y.transpose(-1, -2)
         else:
-            cost = ((x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2.0 * x @ y.transpose(-1, -2)).clamp_min(0)
+            cost = (
+                (x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2.0 * x @ y.transpose(-1, -2)
+            ).clamp_min(0)
         plan = log_sinkhorn(cost, self._weights(xm), self._weights(ym), epsilon=self.epsilon, n_iters=self.n_iters)
         return (plan * cost.to(plan.dtype)).sum((-2, -1))
 

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,9 +56,7 @@ def save_tiny_vision_encoder(
         config = CLIPVisionConfig(image_size=image_size, patch_size=8, intermediate_size=2 * hidden_size, **common)
         processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=size)
     else:
-        config = ConvNextConfig(
-            image_size=image_size, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2
-        )
+        config = ConvNextConfig(image_size=image_size, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=2)
         processor = ConvNextImageProcessor(size={"shortest_edge": image_size}, crop_pct=1.0)
     torch.manual_seed(seed)
     model = AutoModel.from_config(config)
@@ -119,11 +116,11 @@ class PairedTask:
             extra_columns={"label": self.labels} if with_labels else None,
         )
 
-    def split(self, n_train: int) -> tuple["PairedTask", "PairedTask"]:
+    def split(self, n_train: int) -> tuple[PairedTask, PairedTask]:
         """First `n_train` pairs and the rest, as two tasks (pairs are already in random order)."""
         return self._take(slice(0, n_train)), self._take(slice(n_train, None))
 
-    def _take(self, index: slice) -> "PairedTask":
+    def _take(self, index: slice) -> PairedTask:
         pick = lambda d: {k: v[index] for k, v in d.items()}  # noqa: E731
         return PairedTask(
             vision=pick(self.vision),
@@ -235,7 +232,11 @@ def digits_dataset(n: int | None = None, image_size: int = 32, seed: int = 0):
     labels = [int(digits.target[i]) for i in order]
     captions = [f"a handwritten digit {DIGIT_NAMES[label]}" for label in labels]
     features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=DIGIT_NAMES), "caption": datasets.Value("string")}
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=DIGIT_NAMES),
+            "caption": datasets.Value("string"),
+        }
     )
     return datasets.Dataset.from_dict({"image": images, "label": labels, "caption": captions}, features=features)
 

@@ -27,12 +27,29 @@ from .modelcard import hardware_description
 # TrainingArguments that say where things go, not how the model was trained: left out of the card.
 _IGNORED_ARGUMENTS = frozenset(
     {
-        "output_dir", "logging_dir", "run_name", "report_to", "hub_token", "hub_model_id", "push_to_hub",
-        "disable_tqdm", "logging_steps", "logging_strategy", "logging_first_step", "save_strategy", "save_steps",
-        "save_total_limit", "overwrite_output_dir", "use_cpu", "dataloader_num_workers", "local_rank",
-        "do_train", "do_eval", "do_predict",  # derived from the strategies
+        "output_dir",
+        "logging_dir",
+        "run_name",
+        "report_to",
+        "hub_token",
+        "hub_model_id",
+        "push_to_hub",
+        "disable_tqdm",
+        "logging_steps",
+        "logging_strategy",
+        "logging_first_step",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "overwrite_output_dir",
+        "use_cpu",
+        "dataloader_num_workers",
+        "local_rank",
+        "do_train",
+        "do_eval",
+        "do_predict",  # derived from the strategies
     }
-)  # fmt: skip
+)
 
 
 class CardDataCallback(TrainerCallback):
@@ -118,9 +135,10 @@ def non_default_training_args(args: TrainingArguments) -> dict:
     """The `TrainingArguments` that differ from their defaults, leaving out paths, logging and hub settings."""
     defaults = TrainingArguments(output_dir=args.output_dir, use_cpu=args.use_cpu).to_dict()
     return {
-        k: v for k, v in args.to_dict().items()
+        k: v
+        for k, v in args.to_dict().items()
         if k not in _IGNORED_ARGUMENTS and not k.startswith("_") and k in defaults and v != defaults[k]
-    }  # fmt: skip
+    }
 
 
 def _aligner_model(model):

@@ -86,9 +86,13 @@ class AlignmentArguments:
         # Everything is checked here, before a cache is read or a step runs: a bad value found at step 5,000 (or a
         # logging_steps=0 division, a save_total_limit=0 that deletes the checkpoint just written) loses work.
         positive = (
-            "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-            "logging_steps", "save_total_limit", "init_samples",
-        )  # fmt: skip
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_total_limit",
+            "init_samples",
+        )
         for name in positive:
             check_positive_int(name, getattr(self, name))
         for name in ("eval_steps", "save_steps", "early_stopping_patience"):
@@ -125,7 +129,9 @@ class AlignmentArguments:
     def non_default(self) -> dict:
         """The settings that differ from the defaults (what a model card should mention)."""
         defaults = AlignmentArguments()
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)
+        }
 
 
 @dataclass
@@ -157,7 +163,10 @@ class BatchSource:
             _check_finite_rows({"vision_features": self.vision, "text_features": self.text}, torch.arange(len(view)))
             device = torch.device(device or "cpu")
             # On a GPU a step's batch is then a device-side gather, not a host gather plus a host-to-device copy.
-            if device.type == "cuda" and self.vision.nbytes + self.text.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
+            if (
+                device.type == "cuda"
+                and self.vision.nbytes + self.text.nbytes <= torch.cuda.mem_get_info(device)[0] // 4
+            ):
                 self.vision, self.text = self.vision.to(device), self.text.to(device)
         else:
             self.numpy_view = view.with_format("numpy", columns=["vision_features", "text_features"])
@@ -189,7 +198,9 @@ def _check_finite_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor) -> 
 
 def split_by_image(view: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices of the training and validation parts; all captions of one image fall on the same side."""
-    image_ids = torch.as_tensor(column_array(view, "image_id")) if "image_id" in view.column_names else torch.arange(len(view))
+    image_ids = (
+        torch.as_tensor(column_array(view, "image_id")) if "image_id" in view.column_names else torch.arange(len(view))
+    )
     unique = torch.unique(image_ids)
     n_eval = int(round(eval_fraction * len(unique)))
     if eval_fraction > 0 and (n_eval < 2 or n_eval >= len(unique)):
@@ -345,7 +356,9 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
     if args.output_dir and args.save_model and accelerator.is_main_process:
         model.save_pretrained(args.output_dir)
     losses = [h["loss"] for h in state["history"] if "loss" in h]
-    return TrainingResult(state["global_step"], losses[-1] if losses else float("nan"), final, state["history"], runtime, args.output_dir)
+    return TrainingResult(
+        state["global_step"], losses[-1] if losses else float("nan"), final, state["history"], runtime, args.output_dir
+    )
 
 
 @torch.no_grad()
@@ -364,7 +377,9 @@ def evaluate_on_rows(model, source: BatchSource, rows: torch.Tensor, args: Align
     unique, owner = torch.unique(source.image_ids[rows], return_inverse=True)
     first = torch.zeros(len(unique), dtype=torch.long).scatter_(0, owner.flip(0), torch.arange(len(owner)).flip(0))
     # In blocks: a large validation split's (n_images, n_texts) score matrix would not fit in memory.
-    recall = chunked_retrieval_metrics(image_embeds[first.to(device)], text_embeds, owner.to(device), similarity=model.similarity)
+    recall = chunked_retrieval_metrics(
+        image_embeds[first.to(device)], text_embeds, owner.to(device), similarity=model.similarity
+    )
     metrics = {"eval_loss": (torch.stack(losses).sum() / len(rows)).item()}
     metrics.update({f"eval_{k}": v for k, v in recall.items()})
     return metrics
@@ -392,9 +407,13 @@ def _global_batch_output(model, batch: dict, accelerator: Accelerator) -> Aligne
     logits = model.similarity(image_embeds, text_embeds) * model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     terms = model.loss_terms(batch["vision_features"], batch["text_features"], image_embeds, text_embeds, logits)
     return AlignerOutput(
-        loss=torch.stack(list(terms.values())).sum(), logits_per_image=logits, logits_per_text=logits.t(),
-        image_embeds=image_embeds, text_embeds=text_embeds, loss_terms=terms,
-    )  # fmt: skip
+        loss=torch.stack(list(terms.values())).sum(),
+        logits_per_image=logits,
+        logits_per_text=logits.t(),
+        image_embeds=image_embeds,
+        text_embeds=text_embeds,
+        loss_terms=terms,
+    )
 
 
 class _GatherRows(torch.autograd.Function):
@@ -506,7 +525,11 @@ def _latest_checkpoint(output_dir: str | None) -> str | None:
     steps = []
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
-        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit() and os.path.isfile(os.path.join(path, STATE_FILE)):
+        if (
+            name.startswith(CHECKPOINT_PREFIX)
+            and name[len(CHECKPOINT_PREFIX) :].isdigit()
+            and os.path.isfile(os.path.join(path, STATE_FILE))
+        ):
             steps.append((int(name[len(CHECKPOINT_PREFIX) :]), path))
     return max(steps)[1] if steps else None
 
@@ -530,7 +553,9 @@ def _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     unwrapped = accelerator.unwrap_model(model)
-    save_file({k: v.contiguous() for k, v in unwrapped.aligner_state_dict().items()}, os.path.join(tmp, "aligner.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in unwrapped.aligner_state_dict().items()}, os.path.join(tmp, "aligner.safetensors")
+    )
     method_state = unwrapped.aligner.training_state()
     if method_state:
         save_file({k: v.contiguous() for k, v in method_state.items()}, os.path.join(tmp, METHOD_STATE_FILE))
@@ -541,7 +566,10 @@ def _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,  # fp16 loss scale
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
         },
         os.path.join(tmp, "optimizer.pt"),
     )
@@ -550,15 +578,18 @@ def _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     checkpoints = sorted(
-        (int(n[len(CHECKPOINT_PREFIX) :]), n) for n in os.listdir(args.output_dir)
+        (int(n[len(CHECKPOINT_PREFIX) :]), n)
+        for n in os.listdir(args.output_dir)
         if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX) :].isdigit()
-    )  # fmt: skip
+    )
     for _, name in checkpoints[: max(0, len(checkpoints) - args.save_total_limit)]:
         shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
 
 
 def _load_checkpoint(path, model, optimizer, scheduler, scaler=None) -> tuple[dict, dict | None]:
-    model.load_state_dict(load_file(os.path.join(path, "aligner.safetensors"), device=str(model.logit_scale.device)), strict=False)
+    model.load_state_dict(
+        load_file(os.path.join(path, "aligner.safetensors"), device=str(model.logit_scale.device)), strict=False
+    )
     method_state_path = os.path.join(path, METHOD_STATE_FILE)
     if os.path.isfile(method_state_path):
         model.aligner.load_training_state(load_file(method_state_path, device=str(model.logit_scale.device)))

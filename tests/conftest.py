@@ -29,7 +29,9 @@ def tiny_bert(encoder_dir):
 @pytest.fixture(scope="session")
 def tiny_vision_encoders(encoder_dir):
     """Every supported tiny vision tower kind -> its saved folder."""
-    return {kind: save_tiny_vision_encoder(str(encoder_dir / kind), kind) for kind in ("vit", "dinov2", "clip", "convnext")}
+    return {
+        kind: save_tiny_vision_encoder(str(encoder_dir / kind), kind) for kind in ("vit", "dinov2", "clip", "convnext")
+    }
 
 
 @pytest.fixture(scope="session")

@@ -172,8 +172,22 @@ def test_analyze_command_before_and_after(tmp_path):
     model = AlignerModel.from_feature_dims(24, 24, method="linear", projection_dim=8, similarity="bilinear")
     model.save_pretrained(str(tmp_path / "aligner"))
     out = tmp_path / "report"
-    assert main(["analyze", "--features", str(tmp_path / "cache"), "--model", str(tmp_path / "aligner"),
-                 "--output_dir", str(out), "--max_samples", "100"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "analyze",
+                "--features",
+                str(tmp_path / "cache"),
+                "--model",
+                str(tmp_path / "aligner"),
+                "--output_dir",
+                str(out),
+                "--max_samples",
+                "100",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "analysis.json").read_text())
     before, after = report["stages"]["before"], report["stages"]["after"]
     assert before["applicable"] and before["dim"] == 24 and before["vision_layer"] == 2

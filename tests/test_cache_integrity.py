@@ -67,7 +67,8 @@ def test_truncated_arrow_file_is_refused_then_rebuilt_under_cache_dir(model, dat
     with open(data_path, "r+b") as handle:
         handle.truncate(size - 100)
     with pytest.raises(
-        FeatureCacheError, match=rf"is damaged: features.arrow is {size - 100} bytes, {size} bytes were written \(truncated"
+        FeatureCacheError,
+        match=rf"is damaged: features.arrow is {size - 100} bytes, {size} bytes were written \(truncated",
     ):
         load_cache(folder)
     with caplog.at_level(logging.WARNING, logger="hf_align.features"):
@@ -86,7 +87,9 @@ def test_same_size_modification_is_caught_by_the_checksum(model, dataset, tmp_pa
         byte = handle.read(1)
         handle.seek(-1, os.SEEK_CUR)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(FeatureCacheError, match=r"is damaged: features.arrow has SHA-256 [0-9a-f]{64}, [0-9a-f]{64} was written"):
+    with pytest.raises(
+        FeatureCacheError, match=r"is damaged: features.arrow has SHA-256 [0-9a-f]{64}, [0-9a-f]{64} was written"
+    ):
         load_cache(folder)  # small file: the checksum is verified by default
     assert len(load_cache(folder, verify_checksum=False)) == 6  # size-only check: the caller opted out
     with pytest.raises(FeatureCacheError, match="SHA-256"):
@@ -114,12 +117,17 @@ def test_cache_built_for_other_inputs_names_each_differing_part(model, dataset, 
     revision = model.config.vision_revision
     model.config.vision_revision = "0123abcd"
     try:
-        with pytest.raises(FeatureCacheError, match=r'vision_encoder: recorded \[".*", null, .*\], now \[".*", "0123abcd"'):
+        with pytest.raises(
+            FeatureCacheError, match=r'vision_encoder: recorded \[".*", null, .*\], now \[".*", "0123abcd"'
+        ):
             extract_features(model, model.processor, dataset, cache_path=folder)
     finally:
         model.config.vision_revision = revision
 
-    with pytest.raises(FeatureCacheError, match=r"layers.text: recorded \[2\], now \[0, 1, 2\]; on_bad_sample: recorded \"raise\", now \"skip\""):
+    with pytest.raises(
+        FeatureCacheError,
+        match=r"layers.text: recorded \[2\], now \[0, 1, 2\]; on_bad_sample: recorded \"raise\", now \"skip\"",
+    ):
         extract_features(model, model.processor, dataset, cache_path=folder, text_layers="all", on_bad_sample="skip")
 
 
@@ -127,7 +135,10 @@ def test_cache_path_that_is_not_a_cache_is_refused_and_left_alone(model, dataset
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "holiday.jpg").write_bytes(b"precious")
-    with pytest.raises(FeatureCacheError, match=r"cache_path=.*photos' exists but is not a finished hf_align feature cache \(no hf_align_cache.json\)"):
+    with pytest.raises(
+        FeatureCacheError,
+        match=r"cache_path=.*photos' exists but is not a finished hf_align feature cache \(no hf_align_cache.json\)",
+    ):
         extract_features(model, model.processor, dataset, cache_path=folder)
     assert (folder / "holiday.jpg").read_bytes() == b"precious"
 

@@ -26,7 +26,10 @@ def test_recipe_then_flags(tmp_path):
     model_args, data_args, train_args = parse_command_args(
         (ModelArguments, DataArguments, AlignmentArguments), [str(recipe), "--learning_rate", "0.01"]
     )
-    assert model_args.vision_layer == "auto" and json.loads(model_args.method_kwargs) == {"projection_dim": 256, "structure_weight": 10.0}
+    assert model_args.vision_layer == "auto" and json.loads(model_args.method_kwargs) == {
+        "projection_dim": 256,
+        "structure_weight": 10.0,
+    }
     assert data_args.dataset == "some/dataset" and train_args.output_dir == "out"
     assert train_args.learning_rate == 0.01  # the flag overrides the recipe
 
@@ -45,9 +48,15 @@ def test_layer_strings():
 
 
 def test_quickstart_runs_end_to_end_offline(tmp_path, capsys):
-    result = run_quickstart(QuickstartArguments(output_dir=str(tmp_path), max_samples=300, num_train_epochs=10, batch_size=128))
+    result = run_quickstart(
+        QuickstartArguments(output_dir=str(tmp_path), max_samples=300, num_train_epochs=10, batch_size=128)
+    )
     out = capsys.readouterr().out
-    assert "RANDOM weights (untrained)" in out and "chance 10.0%" in out and "pipeline('zero-shot-image-classification')" in out
+    assert (
+        "RANDOM weights (untrained)" in out
+        and "chance 10.0%" in out
+        and "pipeline('zero-shot-image-classification')" in out
+    )
     assert result["chance"] == 10.0 and 0.0 <= result["zero_shot"]["top1"] <= 100.0
     assert result["zero_shot"]["top5"] >= result["zero_shot"]["top1"]
 
@@ -57,16 +66,60 @@ def test_extract_train_evaluate_commands_on_a_local_dataset(tiny_vit, tiny_bert,
 
     data_dir = str(tmp_path / "digits")
     digits_dataset(40).save_to_disk(data_dir)
-    common = ["--vision_model", tiny_vit, "--text_model", tiny_bert, "--dataset", data_dir, "--cache_dir", str(tmp_path / "cache")]
+    common = [
+        "--vision_model",
+        tiny_vit,
+        "--text_model",
+        tiny_bert,
+        "--dataset",
+        data_dir,
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(["extract", *common, "--vision_layers", "all"]) == 0
     assert "rows, columns ['vision_layer_0', 'vision_layer_1', 'vision_layer_2'" in capsys.readouterr().out
     out = str(tmp_path / "aligner")
-    assert main(["train", *common, "--output_dir", out, "--max_steps", "3", "--per_device_train_batch_size", "16",
-                 "--eval_fraction", "0.2", "--method_kwargs", '{"projection_dim": 8}']) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                *common,
+                "--output_dir",
+                out,
+                "--max_steps",
+                "3",
+                "--per_device_train_batch_size",
+                "16",
+                "--eval_fraction",
+                "0.2",
+                "--method_kwargs",
+                '{"projection_dim": 8}',
+            ]
+        )
+        == 0
+    )
     assert f"aligner saved to {out}" in capsys.readouterr().out
     report = tmp_path / "metrics.json"
-    assert main(["evaluate", "--model", out, "--dataset", data_dir, "--split", "train", "--tasks", "zero_shot,retrieval",
-                 "--templates", "a handwritten digit {}", "--output_file", str(report)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                out,
+                "--dataset",
+                data_dir,
+                "--split",
+                "train",
+                "--tasks",
+                "zero_shot,retrieval",
+                "--templates",
+                "a handwritten digit {}",
+                "--output_file",
+                str(report),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(report.read_text())
     assert set(metrics) == {"zero_shot", "retrieval"} and "image_to_text_R@1" in metrics["retrieval"]
     card = (tmp_path / "aligner" / "README.md").read_text()

@@ -170,7 +170,11 @@ def test_teacher_gets_no_gradient_and_is_not_saved(task, tmp_path):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for start in (0, 64, 128):
-        loss = model(vision_features=task.vision[2][start : start + 64], text_features=task.text[2][start : start + 64], return_loss=True).loss
+        loss = model(
+            vision_features=task.vision[2][start : start + 64],
+            text_features=task.text[2][start : start + 64],
+            return_loss=True,
+        ).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -199,7 +203,11 @@ def test_training_state_resumes_the_teacher_exactly(task):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         model.train()
         for start in starts:
-            loss = model(vision_features=task.vision[2][start : start + 64], text_features=task.text[2][start : start + 64], return_loss=True).loss
+            loss = model(
+                vision_features=task.vision[2][start : start + 64],
+                text_features=task.text[2][start : start + 64],
+                return_loss=True,
+            ).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -276,7 +284,9 @@ def test_trainer_callback_runs_the_ema(task):
     with torch.no_grad():
         model.aligner.codebook.add_(1.0)
     CardDataCallback().on_step_end(None, None, None, model=model)
-    torch.testing.assert_close(model.aligner.teacher_state()["codebook"], 0.5 * before + 0.5 * model.aligner.codebook.detach())
+    torch.testing.assert_close(
+        model.aligner.teacher_state()["codebook"], 0.5 * before + 0.5 * model.aligner.codebook.detach()
+    )
 
 
 def test_trains_on_synthetic_task_without_collapse(task):
@@ -288,7 +298,9 @@ def test_trains_on_synthetic_task_without_collapse(task):
         run = hf_align.train(
             model,
             train_task.to_features(),
-            AlignmentArguments(max_steps=120, per_device_train_batch_size=128, eval_fraction=0.0, logging_steps=40, seed=0),
+            AlignmentArguments(
+                max_steps=120, per_device_train_batch_size=128, eval_fraction=0.0, logging_steps=40, seed=0
+            ),
         )
         model.eval()
         with torch.no_grad():

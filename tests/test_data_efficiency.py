@@ -26,9 +26,15 @@ def result(cache, tmp_path_factory):
     variants = default_variants(method_kwargs={"projection_dim": 32}, structure={"weight": 10.0, "warmup_steps": 5})
     out = tmp_path_factory.mktemp("efficiency")
     return run_data_efficiency(
-        cache, sizes=(150, 5000), seeds=(0, 1), variants=variants, n_test=200, training_args=FAST,
-        selection_kwargs={"n_samples": 300}, output_dir=str(out),
-    ), out  # fmt: skip
+        cache,
+        sizes=(150, 5000),
+        seeds=(0, 1),
+        variants=variants,
+        n_test=200,
+        training_args=FAST,
+        selection_kwargs={"n_samples": 300},
+        output_dir=str(out),
+    ), out
 
 
 def test_default_variants_are_method_and_structure_on_last_and_selected_layers():
@@ -70,19 +76,42 @@ def test_files_written_and_reloadable(result):
     assert payload["metric"] == "mean_R@1" and len(payload["runs"]) == 8
     assert DataEfficiencyResult.load(str(out / "data_efficiency.json")).summary() == res.summary()
     table = (out / "data_efficiency.md").read_text()
-    assert "| n pairs | linear / last | linear+STRUCTURE / last | linear / selected | linear+STRUCTURE / selected |" in table
+    assert (
+        "| n pairs | linear / last | linear+STRUCTURE / last | linear / selected | linear+STRUCTURE / selected |"
+        in table
+    )
     cell = res.summary()["linear+STRUCTURE / selected"][150]
     assert f"{cell['mean']:.1f} ± {cell['std']:.1f}" in table
     assert (out / "data_efficiency.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_on_the_synthetic_task(tmp_path, capsys):
-    code = main([
-        "data-efficiency", "--synthetic", "--synthetic_pairs", "500", "--output_dir", str(tmp_path), "--sizes", "150",
-        "--seeds", "0", "--n_test", "100", "--max_steps", "5", "--per_device_train_batch_size", "128",
-        "--method_kwargs", '{"projection_dim": 16}', "--structure", '{"weight": 1.0, "warmup_steps": 0}',
-        "--mixed_precision", "no",
-    ])  # fmt: skip
+    code = main(
+        [
+            "data-efficiency",
+            "--synthetic",
+            "--synthetic_pairs",
+            "500",
+            "--output_dir",
+            str(tmp_path),
+            "--sizes",
+            "150",
+            "--seeds",
+            "0",
+            "--n_test",
+            "100",
+            "--max_steps",
+            "5",
+            "--per_device_train_batch_size",
+            "128",
+            "--method_kwargs",
+            '{"projection_dim": 16}',
+            "--structure",
+            '{"weight": 1.0, "warmup_steps": 0}',
+            "--mixed_precision",
+            "no",
+        ]
+    )
     assert code == 0
     res = DataEfficiencyResult.load(str(tmp_path / "data_efficiency.json"))
     assert res.sizes == [150] and len(res.runs) == 4

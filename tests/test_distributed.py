@@ -29,7 +29,9 @@ def _dataset(corrupt_row: int | None = None):
     from hf_align.testing import digits_dataset
 
     data = digits_dataset(40)
-    data = data.map(lambda row, i: {"caption": [row["caption"], row["caption"] + " drawn by hand" * (i % 4)]}, with_indices=True)
+    data = data.map(
+        lambda row, i: {"caption": [row["caption"], row["caption"] + " drawn by hand" * (i % 4)]}, with_indices=True
+    )
     if corrupt_row is None:
         return data
     raw = data.cast_column("image", datasets.Image(decode=False))
@@ -59,7 +61,8 @@ def _run(workdir: str) -> None:
     report = {
         "world": world,
         "cache": os.path.dirname(features.cache_files[0]["filename"]),
-        "reused": again.cache_files[0]["filename"] == features.cache_files[0]["filename"] and len(again) == len(features),
+        "reused": again.cache_files[0]["filename"] == features.cache_files[0]["filename"]
+        and len(again) == len(features),
     }
     try:
         extract_features(model, model.processor, _dataset(corrupt_row=37), **extract)
@@ -81,15 +84,25 @@ def _run(workdir: str) -> None:
     )
     report["initial"] = {k: v.tolist() for k, v in aligner.aligner_state_dict().items()}
     args = AlignmentArguments(
-        max_steps=6, per_device_train_batch_size=GLOBAL_BATCH // world, learning_rate=1e-2, eval_steps=3,
-        logging_steps=1, save_model=False, seed=0, mixed_precision="no", lr_scheduler_type="linear",
-    )  # fmt: skip
+        max_steps=6,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        learning_rate=1e-2,
+        eval_steps=3,
+        logging_steps=1,
+        save_model=False,
+        seed=0,
+        mixed_precision="no",
+        lr_scheduler_type="linear",
+    )
     result = train(aligner, cache, args)
     report["history"] = result.history
     with open(os.path.join(workdir, f"report-{world}-{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle)
     if state.is_main_process:
-        save_file({k: v.contiguous() for k, v in aligner.aligner_state_dict().items()}, os.path.join(workdir, f"weights-{world}.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in aligner.aligner_state_dict().items()},
+            os.path.join(workdir, f"weights-{world}.safetensors"),
+        )
 
 
 def _free_port() -> int:
@@ -105,12 +118,28 @@ def runs(tmp_path_factory, tiny_vit, tiny_bert):
     # Same thread count in both runs: the per-row numbers must not depend on it.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        __file__, str(workdir),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        __file__,
+        str(workdir),
+    ]
     single = [sys.executable, __file__, str(workdir)]
-    processes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in (launch, single)]
+    processes = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmd in (launch, single)
+    ]
     for process in processes:
         output, _ = process.communicate(timeout=300)
         assert process.returncode == 0, output[-6000:]
@@ -133,7 +162,10 @@ def test_two_processes_extract_the_same_cache_rows_in_the_same_order(runs):
         assert np.array_equal(a, b), column  # exact: same batches, same encoders, same order
     assert split["image_id"][:6] == [0, 0, 1, 1, 2, 2]
     # the shards were concatenated record batch by record batch: the very bytes of the one-process file
-    metas = [json.loads(open(os.path.join(path, META_FILE), encoding="utf-8").read()) for path in (one["cache"], two["cache"])]
+    metas = [
+        json.loads(open(os.path.join(path, META_FILE), encoding="utf-8").read())
+        for path in (one["cache"], two["cache"])
+    ]
     assert metas[0]["data_file"] == metas[1]["data_file"]
     assert not [name for name in os.listdir(two["cache"]) if name.startswith("shard-")]
     assert all(_report(runs, 2, rank)["reused"] for rank in (0, 1)) and one["reused"]
@@ -149,7 +181,9 @@ def test_errors_met_by_one_process_are_raised_in_every_process(runs):
     assert leftovers == []  # the partial folder was removed
     refusals = [_report(runs, 2, rank)["not_a_cache"] for rank in (0, 1)]
     assert refusals[0] == refusals[1] and refusals[0].startswith("cache_path=")
-    assert refusals[0].endswith("exists but is not a finished hf_align feature cache (no hf_align_cache.json); remove it or give another cache_path")
+    assert refusals[0].endswith(
+        "exists but is not a finished hf_align feature cache (no hf_align_cache.json); remove it or give another cache_path"
+    )
 
 
 def test_two_processes_train_the_weights_of_one_process(runs):
@@ -161,7 +195,9 @@ def test_two_processes_train_the_weights_of_one_process(runs):
     for name in single:
         # up to the rounding of a different reduction order (float32 gradients summed over 2 processes)
         torch.testing.assert_close(split[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert (single["aligner.vision_head.weight"] - initial["aligner.vision_head.weight"]).abs().max() > 1e-2  # it trained
+    assert (
+        single["aligner.vision_head.weight"] - initial["aligner.vision_head.weight"]
+    ).abs().max() > 1e-2  # it trained
     assert single["logit_scale"] != initial["logit_scale"]
     one, two = _report(runs, 1, 0)["history"], _report(runs, 2, 0)["history"]
     assert [sorted(h) for h in one] == [sorted(h) for h in two]

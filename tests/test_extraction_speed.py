@@ -44,7 +44,9 @@ def model(tiny_vit, tiny_bert):
 
 
 def cache_record(features) -> dict:
-    with open(os.path.join(os.path.dirname(features.cache_files[0]["filename"]), META_FILE), encoding="utf-8") as handle:
+    with open(
+        os.path.join(os.path.dirname(features.cache_files[0]["filename"]), META_FILE), encoding="utf-8"
+    ) as handle:
         return json.load(handle)["data_file"]
 
 
@@ -102,9 +104,13 @@ def test_text_token_columns_come_back_in_source_order(tiny_vit, tiny_bert, tmp_p
     for caption, stored in zip(captions, tokens):
         inputs = tokenizer([caption], return_tensors="pt")
         with torch.no_grad():
-            alone = model.text_hidden_states(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])[2][0]
+            alone = model.text_hidden_states(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])[
+                2
+            ][0]
         assert np.asarray(stored).shape == tuple(alone.shape)  # its own tokens, no padding
-        torch.testing.assert_close(torch.as_tensor(np.asarray(stored, dtype=np.float32)), alone, rtol=0, atol=2e-3)  # fp16
+        torch.testing.assert_close(
+            torch.as_tensor(np.asarray(stored, dtype=np.float32)), alone, rtol=0, atol=2e-3
+        )  # fp16
 
 
 def test_encoders_run_with_pytorch_sdpa_attention(model):

@@ -37,7 +37,9 @@ def test_second_extraction_reuses_the_cache_without_running_encoders(model, data
         first = extract_features(model, model.processor, data, keep_columns=["label"], batch_size=5, cache_dir=tmp_path)
         n_vision, n_text = len(vision_calls), len(text_calls)
         assert n_vision >= 3 and n_text >= 3  # 12 images in batches of 5
-        second = extract_features(model, model.processor, data, keep_columns=["label"], batch_size=5, cache_dir=tmp_path)
+        second = extract_features(
+            model, model.processor, data, keep_columns=["label"], batch_size=5, cache_dir=tmp_path
+        )
         assert (len(vision_calls), len(text_calls)) == (n_vision, n_text)
     finally:
         h1.remove()
@@ -54,14 +56,23 @@ def test_second_extraction_reuses_the_cache_without_running_encoders(model, data
 def test_cache_layout_and_values_match_the_encoders(model, data, tmp_path):
     features = extract_features(model, model.processor, data, keep_columns=["label"], cache_dir=tmp_path)
     # 'auto' stores every vision layer; text stores the tapped one; two captions per image -> two rows per image
-    assert features.column_names == ["vision_layer_0", "vision_layer_1", "vision_layer_2", "text_layer_6", "image_id", "label"]
+    assert features.column_names == [
+        "vision_layer_0",
+        "vision_layer_1",
+        "vision_layer_2",
+        "text_layer_6",
+        "image_id",
+        "label",
+    ]
     assert len(features) == 24
     assert features["image_id"][:4] == [0, 0, 1, 1] and features["label"][:2] == [data[0]["label"]] * 2
     inputs = model.processor(images=[data[1]["image"]], text=[data[1]["caption"][1]])
     states = model.vision_model(pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states
     torch.testing.assert_close(torch.tensor(features[3]["vision_layer_1"]), states[1][0, 0], rtol=1e-4, atol=1e-5)
     text_states = model.text_model(input_ids=inputs["input_ids"], output_hidden_states=True).hidden_states
-    torch.testing.assert_close(torch.tensor(features[3]["text_layer_6"]), text_states[6][0].mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(features[3]["text_layer_6"]), text_states[6][0].mean(0), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_features_for_and_collator_feed_forward(tiny_vit, minilm, data, tmp_path):
@@ -74,7 +85,10 @@ def test_features_for_and_collator_feed_forward(tiny_vit, minilm, data, tmp_path
     assert torch.isfinite(model(**batch).loss)
     inputs = model.processor(images=[data[0]["image"]], text=[data[0]["caption"][0]])
     torch.testing.assert_close(
-        model.get_image_features(vision_features=batch["vision_features"][:1]), model.get_image_features(**inputs), rtol=1e-4, atol=1e-5
+        model.get_image_features(vision_features=batch["vision_features"][:1]),
+        model.get_image_features(**inputs),
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -85,21 +99,33 @@ def test_token_columns_keep_variable_length_text_and_collate_with_masks():
     stored = [np.asarray(row).shape[0] for row in features[layer_column("text", 2, tokens=True)]]
     assert stored == lengths  # padding is not stored
     assert features.features[layer_column("vision", 2, tokens=True)].dtype == "float16"
-    rows = [{"vision_features": features[i][layer_column("vision", 2, True)], "text_features": features[i][layer_column("text", 2, True)]} for i in range(3)]
+    rows = [
+        {
+            "vision_features": features[i][layer_column("vision", 2, True)],
+            "text_features": features[i][layer_column("text", 2, True)],
+        }
+        for i in range(3)
+    ]
     batch = FeatureCollator()(rows)
     assert batch["text_features"].shape == (3, max(lengths[:3]), 48)
     assert batch["text_mask"].sum(1).tolist() == lengths[:3]
-    torch.testing.assert_close(batch["text_features"][0, : lengths[0]], task.text_tokens[2][0, : lengths[0]].half().float())
+    torch.testing.assert_close(
+        batch["text_features"][0, : lengths[0]], task.text_tokens[2][0, : lengths[0]].half().float()
+    )
 
 
 def test_features_from_tensors_checks_shapes():
-    with pytest.raises(ValueError, match=r"mismatched sample counts between feature sets: \{'vision layer 0': 3, 'text layer 0': 4\}"):
+    with pytest.raises(
+        ValueError, match=r"mismatched sample counts between feature sets: \{'vision layer 0': 3, 'text layer 0': 4\}"
+    ):
         features_from_tensors({0: torch.zeros(3, 2)}, {0: torch.zeros(4, 2)})
 
 
 # ------------------------------------------------------------------------------------------ bad input
 def test_missing_columns_and_empty_dataset_are_named(model, data, tmp_path):
-    with pytest.raises(ValueError, match=r"image_column='img' is not a column of the dataset; columns: \['image', 'label', 'caption'\]"):
+    with pytest.raises(
+        ValueError, match=r"image_column='img' is not a column of the dataset; columns: \['image', 'label', 'caption'\]"
+    ):
         extract_features(model, model.processor, data, image_column="img", cache_dir=tmp_path)
     with pytest.raises(ValueError, match=r"text_column='text' is not a column"):
         extract_features(model, model.processor, data, text_column="text", cache_dir=tmp_path)
@@ -113,13 +139,17 @@ def test_a_cache_without_the_model_layer_says_which_layers_it_has(tiny_vit, mini
     model = AlignerModel.from_encoders(tiny_vit, minilm, vision_layer=0, projection_dim=8)
     features = extract_features(model, model.processor, data, cache_dir=tmp_path)
     model.set_layers(vision_layer=2)
-    with pytest.raises(ValueError, match=r"no pooled vision features for vision_layer=2 .* pooled vision layers cached: \[0\]"):
+    with pytest.raises(
+        ValueError, match=r"no pooled vision features for vision_layer=2 .* pooled vision layers cached: \[0\]"
+    ):
         features_for(model, features)
 
 
 def test_collator_explains_raw_cache_rows():
     rows = [{"vision_layer_0": [0.0], "text_layer_0": [0.0]}]
-    with pytest.raises(ValueError, match=r"needs a `vision_features` column, got .* hf_align.features_for\(model, features\)"):
+    with pytest.raises(
+        ValueError, match=r"needs a `vision_features` column, got .* hf_align.features_for\(model, features\)"
+    ):
         FeatureCollator()(rows)
 
 

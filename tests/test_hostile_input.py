@@ -81,7 +81,10 @@ def test_undecodable_images_raise_naming_the_row(model, tmp_path):
     cases = [
         (truncated_jpeg(), r"row 2: 'image': cannot be decoded as an image \(OSError: image file is truncated"),
         ({"bytes": b"%PDF-1.4 definitely not an image", "path": None}, r"row 2: 'image': cannot be decoded"),
-        ({"bytes": None, "path": str(tmp_path / "missing.png")}, r"row 2: 'image': cannot be decoded.*FileNotFoundError"),
+        (
+            {"bytes": None, "path": str(tmp_path / "missing.png")},
+            r"row 2: 'image': cannot be decoded.*FileNotFoundError",
+        ),
     ]
     for bad, message in cases:
         with pytest.raises(BadSampleError, match=message):
@@ -103,7 +106,9 @@ def test_skip_policy_leaves_bad_samples_out_and_records_them(model, tmp_path):
     assert "cannot be decoded" in skipped[0]["reason"] and "truncated" in skipped[1]["reason"]
     assert skipped[2]["reason"] == "'caption': empty caption"
     # the surviving rows are exactly what they are without the bad ones in their batch
-    clean = extract_features(model, model.processor, image_dataset([goods[0], goods[1]], ["one", "three"]), cache_dir=tmp_path)
+    clean = extract_features(
+        model, model.processor, image_dataset([goods[0], goods[1]], ["one", "three"]), cache_dir=tmp_path
+    )
     torch.testing.assert_close(vision(features), vision(clean), rtol=0, atol=1e-6)
     torch.testing.assert_close(text(features), text(clean), rtol=0, atol=1e-6)
     assert skipped_samples(clean) == []
@@ -145,8 +150,12 @@ def test_caption_bytes_are_decoded_or_refused(model, tmp_path):
         text(extract_features(model, model.processor, as_bytes, cache_dir=tmp_path)),
         text(extract_features(model, model.processor, as_text, cache_dir=tmp_path)),
     )
-    latin1 = datasets.Dataset.from_dict({"image": [image, image], "caption": [b"ok", "café".encode("latin-1")]}, features=schema)
-    with pytest.raises(BadSampleError, match=r"row 1: 'caption': the caption bytes are not valid UTF-8 \(at byte 3: b'\\xe9'\)"):
+    latin1 = datasets.Dataset.from_dict(
+        {"image": [image, image], "caption": [b"ok", "café".encode("latin-1")]}, features=schema
+    )
+    with pytest.raises(
+        BadSampleError, match=r"row 1: 'caption': the caption bytes are not valid UTF-8 \(at byte 3: b'\\xe9'\)"
+    ):
         extract_features(model, model.processor, latin1, cache_dir=tmp_path)
 
 
@@ -155,8 +164,13 @@ def test_100k_character_caption_is_truncated_with_a_warning(model, tmp_path, cap
     # the tiny BERT has 128 positions although its (MiniLM) tokenizer allows 512: the encoder's limit wins
     long_caption = "word " * 20_000
     with caplog.at_level(logging.WARNING, logger="hf_align.features"):
-        features = extract_features(model, model.processor, image_dataset([image, image], ["short", long_caption]), cache_dir=tmp_path)
-    assert "1 caption(s) longer than the text encoder's limit of 128 tokens were truncated to it: rows [1] (longest: 20002 tokens)" in caplog.text
+        features = extract_features(
+            model, model.processor, image_dataset([image, image], ["short", long_caption]), cache_dir=tmp_path
+        )
+    assert (
+        "1 caption(s) longer than the text encoder's limit of 128 tokens were truncated to it: rows [1] (longest: 20002 tokens)"
+        in caplog.text
+    )
     cut = extract_features(model, model.processor, image_dataset([image], ["word " * 126]), cache_dir=tmp_path)
     torch.testing.assert_close(text(features)[1], text(cut)[0], rtol=0, atol=1e-5)
 
@@ -199,7 +213,10 @@ def test_model_refuses_nan_and_inf_features_by_argument_name():
 def test_nan_pixels_are_blamed_on_the_encoder_output(model):
     pixel_values = torch.zeros(2, 3, 32, 32)
     pixel_values[1, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"the vision encoder's output for `pixel_values` \(vision_layer=-1\) holds NaN or Inf in 1 of 2 rows \(rows \[1\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the vision encoder's output for `pixel_values` \(vision_layer=-1\) holds NaN or Inf in 1 of 2 rows \(rows \[1\]\)",
+    ):
         model.get_image_features(pixel_values=pixel_values)
 
 

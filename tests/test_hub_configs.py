@@ -37,9 +37,13 @@ def test_recipe_parses_and_its_aligner_builds(recipe, tmp_path):
     # the method and regulariser settings are valid: the aligner builds (on small feature widths, no download)
     method_kwargs = json.loads(model_args.method_kwargs)  # recipe mappings arrive as the JSON a flag would carry
     model = hf_align.AlignerModel.from_feature_dims(
-        8, 8, method=model_args.method, vision_pooling=model_args.vision_pooling, text_pooling=model_args.text_pooling,
+        8,
+        8,
+        method=model_args.method,
+        vision_pooling=model_args.vision_pooling,
+        text_pooling=model_args.text_pooling,
         **method_kwargs,
-    )  # fmt: skip
+    )
     assert model.config.method == model_args.method
     if "structure_weight" in method_kwargs:
         assert model.config.regularizers["structure"]["weight"] == 10.0

@@ -51,7 +51,9 @@ def use_hub(monkeypatch, endpoint=None, cache=None, offline=False):
     if endpoint is not None:
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
         monkeypatch.setattr(
-            huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+            huggingface_hub.constants,
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            endpoint + "/{repo_id}/resolve/{revision}/{filename}",
         )
     if cache is not None:
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
@@ -61,11 +63,18 @@ def use_hub(monkeypatch, endpoint=None, cache=None, offline=False):
 # ---------------------------------------------------------------------------------------------- olah mirror
 def git_commit(path) -> str:
     """Commit everything in `path` (a new repository) and return the commit hash."""
-    env = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@e.st", "GIT_COMMITTER_NAME": "test",
-           "GIT_COMMITTER_EMAIL": "t@e.st"}  # fmt: skip
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "t@e.st",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "t@e.st",
+    }
     for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "upload"]):
         subprocess.run(command, cwd=path, check=True, env=env)
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=path, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def free_port() -> int:
@@ -91,7 +100,9 @@ def olah_mirror(tmp_path_factory):
         f'mirrors-path = ["{root / "mirrors"}"]\n[accessibility]\noffline = true\n'
     )
     log = open(root / "olah.out", "w")
-    server = subprocess.Popen([sys.executable, "-m", "olah.server", "-c", str(root / "olah.toml")], cwd=root, stdout=log, stderr=log)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "olah.server", "-c", str(root / "olah.toml")], cwd=root, stdout=log, stderr=log
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     try:
@@ -121,7 +132,9 @@ def test_from_pretrained_round_trip_through_olah(olah_mirror, tmp_path, monkeypa
     assert (model.config.vision_encoder, model.config.vision_revision) == ("org/tiny-vit", shas["org/tiny-vit"])
     assert (model.config.text_encoder, model.config.text_revision) == ("org/tiny-bert", shas["org/tiny-bert"])
     digits = digits_dataset(12)
-    metrics = hf_align.evaluate_retrieval(model, model.processor, digits, dataset_name="sklearn/digits", dataset_split="test")
+    metrics = hf_align.evaluate_retrieval(
+        model, model.processor, digits, dataset_name="sklearn/digits", dataset_split="test"
+    )
     model.save_pretrained(org / "aligner")
     git_commit(org / "aligner")
 
@@ -299,16 +312,22 @@ def test_push_with_bundled_encoders_uploads_their_folders(stand_in_hub, evaluate
     model.push_to_hub("me/bundled", bundle_encoders=True)
     files = stand_in_hub.repos["me/bundled"]
     check_uploaded_aligner(files, "me/bundled", metrics)
-    assert {"vision_encoder/config.json", "vision_encoder/model.safetensors", "text_encoder/model.safetensors"} <= set(files)
+    assert {"vision_encoder/config.json", "vision_encoder/model.safetensors", "text_encoder/model.safetensors"} <= set(
+        files
+    )
     assert json.loads(files["config.json"])["bundled_encoders"] is True
     # transformers 5 saves under the checkpoint's original key names: compare the tensors, not the names
     uploaded = load_safetensors(files["vision_encoder/model.safetensors"]).values()
     own = model.vision_model.state_dict().values()
-    assert sorted(t.double().sum().item() for t in uploaded) == pytest.approx(sorted(t.double().sum().item() for t in own))
+    assert sorted(t.double().sum().item() for t in uploaded) == pytest.approx(
+        sorted(t.double().sum().item() for t in own)
+    )
     assert "bundled under `vision_encoder/` and `text_encoder/`" in files["README.md"].decode()
     assert model.config.bundled_encoders is False  # the in-memory model is unchanged
 
 
 def test_cli_push_needs_a_saved_folder(tmp_path):
-    with pytest.raises(ValueError, match=r"model_dir='.*missing' is not a folder; give the output_dir of a saved aligner"):
+    with pytest.raises(
+        ValueError, match=r"model_dir='.*missing' is not a folder; give the output_dir of a saved aligner"
+    ):
         cli_main(["push", "--model_dir", str(tmp_path / "missing"), "--repo_id", "me/x"])

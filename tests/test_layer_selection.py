@@ -44,7 +44,9 @@ def test_scores_equal_the_pairwise_functions(cache):
     rows = sorted(torch.randperm(len(cache), generator=torch.Generator().manual_seed(0))[:300].tolist())
     table = cache.select(rows).with_format("torch")[:]
     for i, v in enumerate([1, 2]):
-        assert report.scores[i][0] == pytest.approx(hf_align.cka(table[f"vision_layer_{v}"], table["text_layer_0"]), rel=1e-9)
+        assert report.scores[i][0] == pytest.approx(
+            hf_align.cka(table[f"vision_layer_{v}"], table["text_layer_0"]), rel=1e-9
+        )
 
 
 def test_one_caption_per_image_is_sampled():
@@ -52,7 +54,9 @@ def test_one_caption_per_image_is_sampled():
     images = torch.randn(40, 6, generator=g)
     # three captions per image: rows 3i, 3i+1, 3i+2 share image i
     cache = features_from_tensors(
-        {0: images.repeat_interleave(3, 0)}, {0: torch.randn(120, 5, generator=g)}, image_id=torch.arange(40).repeat_interleave(3)
+        {0: images.repeat_interleave(3, 0)},
+        {0: torch.randn(120, 5, generator=g)},
+        image_id=torch.arange(40).repeat_interleave(3),
     )
     report = hf_align.select_layers(cache, n_samples=1000, k=3)
     assert report.n_samples == 40
@@ -101,7 +105,9 @@ def test_widths_come_from_the_cache_and_a_fixed_layer_is_kept():
 def test_train_resolves_auto_layers(cache):
     model = AlignerModel.from_feature_dims(64, 48, method="linear", projection_dim=16)
     model.config.vision_layer = model.config.text_layer = "auto"
-    args = hf_align.AlignmentArguments(max_steps=3, per_device_train_batch_size=256, eval_fraction=0.0, mixed_precision="no")
+    args = hf_align.AlignmentArguments(
+        max_steps=3, per_device_train_batch_size=256, eval_fraction=0.0, mixed_precision="no"
+    )
     hf_align.train(model, cache, args)
     assert (model.config.vision_layer, model.config.text_layer) == PLANTED
     assert model.config.training_summary["layer_selection"]["best_vision_layer"] == PLANTED[0]
@@ -110,8 +116,21 @@ def test_train_resolves_auto_layers(cache):
 def test_cli_writes_report_and_heatmap(cache, tmp_path, capsys):
     cache.save_to_disk(str(tmp_path / "cache"))
     out = tmp_path / "out"
-    code = main(["select-layers", "--features", str(tmp_path / "cache"), "--output_dir", str(out), "--n_samples", "300",
-                 "--metric", "cka", "--vision_layers", "1,2"])  # fmt: skip
+    code = main(
+        [
+            "select-layers",
+            "--features",
+            str(tmp_path / "cache"),
+            "--output_dir",
+            str(out),
+            "--n_samples",
+            "300",
+            "--metric",
+            "cka",
+            "--vision_layers",
+            "1,2",
+        ]
+    )
     assert code == 0
     report = LayerSelectionReport.load(str(out / "layer_selection.json"))
     assert report.best_pair == PLANTED and report.vision_layers == [1, 2] and report.n_samples == 300
@@ -121,8 +140,11 @@ def test_cli_writes_report_and_heatmap(cache, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------- bad input
 def test_cache_without_the_requested_layers(cache):
-    with pytest.raises(ValueError, match=r"vision_layers=\[2, 7\] asks for layers the feature cache does not hold: \[7\]; "
-                                          r"pooled vision layers cached: \[0, 1, 2, 3\]"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"vision_layers=\[2, 7\] asks for layers the feature cache does not hold: \[7\]; "
+        r"pooled vision layers cached: \[0, 1, 2, 3\]",
+    ):
         hf_align.select_layers(cache, vision_layers=[2, 7])
     with pytest.raises(ValueError, match=r"the feature cache holds no pooled text layers \(no text_layer_<l> columns"):
         hf_align.select_layers(cache.remove_columns(["text_layer_0", "text_layer_1", "text_layer_2"]))

@@ -87,9 +87,13 @@ def test_zero_shot_is_skipped_without_a_label_column():
     task = make_paired_task(n=200, seed=1)
     cache = features_from_tensors(task.vision, task.text)
     result = compare(
-        cache, methods=["linear"], similarities=["cosine"], args=AlignmentArguments(**BUDGET), verbose=False,
+        cache,
+        methods=["linear"],
+        similarities=["cosine"],
+        args=AlignmentArguments(**BUDGET),
+        verbose=False,
         method_kwargs={"linear": {"projection_dim": 8}},
-    )  # fmt: skip
+    )
     entry = result.get("linear", "cosine")
     assert entry.status == "ok"
     assert not any(k.startswith("zero_shot") for k in entry.metrics)
@@ -109,9 +113,13 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(small_cache, monkeypatch
 
     monkeypatch.setattr(hf_align.training, "train", flaky_train)
     result = compare(
-        small_cache, methods=["linear"], similarities=["euclidean", "cosine"], verbose=False,
-        args=AlignmentArguments(**{**BUDGET, "max_steps": 2}), method_kwargs={"linear": {"projection_dim": 8}},
-    )  # fmt: skip
+        small_cache,
+        methods=["linear"],
+        similarities=["euclidean", "cosine"],
+        verbose=False,
+        args=AlignmentArguments(**{**BUDGET, "max_steps": 2}),
+        method_kwargs={"linear": {"projection_dim": 8}},
+    )
     failed, ok = result.get("linear", "euclidean"), result.get("linear", "cosine")
     assert failed.status == "failed" and failed.reason == "FloatingPointError: non-finite training loss nan at step 3"
     assert ok.status == "ok" and "mean_R@1" in ok.metrics
@@ -143,10 +151,23 @@ def test_compare_cli_on_the_synthetic_task(tmp_path, capsys):
 
     code = main(
         [
-            "compare", "--features", "synthetic", "--synthetic_size", "300", "--methods", "linear",
-            "--similarities", "cosine,dot", "--seeds", "0", "--max_steps", "3", "--output_dir", str(tmp_path),
+            "compare",
+            "--features",
+            "synthetic",
+            "--synthetic_size",
+            "300",
+            "--methods",
+            "linear",
+            "--similarities",
+            "cosine,dot",
+            "--seeds",
+            "0",
+            "--max_steps",
+            "3",
+            "--output_dir",
+            str(tmp_path),
         ]
-    )  # fmt: skip
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| # | method | similarity |" in printed

@@ -137,9 +137,11 @@ def test_lora_aligner_trains_end_to_end_and_round_trips(encoders, random_images,
 
 def test_lora_dropout_follows_train_mode_inside_frozen_encoders(encoders):
     model = AlignerModel.from_encoders(
-        *encoders, method="linear", projection_dim=16,
+        *encoders,
+        method="linear",
+        projection_dim=16,
         encoder_lora={"vision": LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[-1], lora_dropout=0.1)},
-    )  # fmt: skip
+    )
     assert isinstance(model.vision_model, PeftModel) and not isinstance(model.text_model, PeftModel)
     assert model.config.encoder_lora == ["vision"]
 
@@ -218,9 +220,16 @@ def test_trainer_trains_lora_end_to_end_on_raw_pairs(encoders, tmp_path):
     head_before = model.aligner.vision_head.weight.detach().clone()
     pairs = digits_dataset(8)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-        remove_unused_columns=False, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        remove_unused_columns=False,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=pairs, data_collator=ImageTextCollator(model.processor))
     assert trainer.train().global_step == 2
     assert all(p.abs().max() > 0 for name, p in model.named_parameters() if ".lora_B." in name)

@@ -65,7 +65,11 @@ def test_segmentation_miou_hand_checked():
     predictions = [[[0, 1, 1], [2, 3, 1]], [[1, 1]]]
     references = [[[0, 0, 1], [2, 2, 255]], [[1, 1]]]
     out = miou.compute(
-        predictions=predictions, references=references, num_labels=4, class_names=["sky", "road", "car", "bg"], num_scored=3
+        predictions=predictions,
+        references=references,
+        num_labels=4,
+        class_names=["sky", "road", "car", "bg"],
+        num_scored=3,
     )
     # confusion over the 7 scored pixels (rows = reference): sky -> sky 1, road 1; road -> road 3; car -> car 1, bg 1
     # IoU sky 1/(1+2-1) = 50, road 3/(4+3-3) = 75, car 1/(1+2-1) = 50; pixel accuracy 5/7
@@ -76,7 +80,9 @@ def test_segmentation_miou_hand_checked():
 
 def test_segmentation_shapes_and_labels_checked():
     miou = hf_align.metrics.load("segmentation_miou")
-    with pytest.raises(ValueError, match=r"image 0: prediction of shape \(1, 2\) and reference of shape \(2, 1\) differ"):
+    with pytest.raises(
+        ValueError, match=r"image 0: prediction of shape \(1, 2\) and reference of shape \(2, 1\) differ"
+    ):
         miou.compute(predictions=[[[0, 1]]], references=[[[0], [1]]], num_labels=2)
     with pytest.raises(ValueError, match=r"num_labels must be a positive int \(the number of classes\), got 0"):
         miou.compute(predictions=[[[0]]], references=[[[0]]], num_labels=0)

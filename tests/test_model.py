@@ -20,7 +20,9 @@ def _inputs(model, n=3):
 
 @pytest.mark.parametrize("kind", ["vit", "dinov2", "clip", "convnext"])
 def test_round_trip_through_automodel_gives_identical_embeddings(kind, tiny_vision_encoders, tiny_bert, tmp_path):
-    model = AlignerModel.from_encoders(tiny_vision_encoders[kind], tiny_bert, method="mlp", projection_dim=16, hidden_dim=8)
+    model = AlignerModel.from_encoders(
+        tiny_vision_encoders[kind], tiny_bert, method="mlp", projection_dim=16, hidden_dim=8
+    )
     inputs = _inputs(model)
     before = model(**inputs)
     model.save_pretrained(tmp_path)
@@ -75,7 +77,9 @@ def test_precomputed_features_give_the_same_embeddings_as_raw_inputs(tiny_vit, m
     states = model.vision_model(pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states
     cls = states[1][:, 0]
     torch.testing.assert_close(model.get_image_features(vision_features=cls), model.get_image_features(**inputs))
-    text_states = model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True).hidden_states
+    text_states = model.text_model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], output_hidden_states=True
+    ).hidden_states
     mask = inputs["attention_mask"].unsqueeze(-1).float()
     mean = (text_states[3] * mask).sum(1) / mask.sum(1)
     torch.testing.assert_close(
@@ -123,7 +127,9 @@ def test_infonce_matches_hand_computed_value():
     # rows: CE(row0, 0) = -log(e^2/(e^2+1)), CE(row1, 1) = -log(e^3/(e+e^3))
     rows = (-torch.log(torch.tensor(7.389056 / 8.389056)) - torch.log(torch.tensor(20.085537 / 22.803819))) / 2
     # columns: col0 = [2, 1] target 0, col1 = [0, 3] target 1
-    cols = (-torch.log(torch.tensor(7.389056 / (7.389056 + 2.718282))) - torch.log(torch.tensor(20.085537 / 21.085537))) / 2
+    cols = (
+        -torch.log(torch.tensor(7.389056 / (7.389056 + 2.718282))) - torch.log(torch.tensor(20.085537 / 21.085537))
+    ) / 2
     torch.testing.assert_close(hf_align.symmetric_infonce(logits), (rows + cols) / 2, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"square \(B, B\)"):
         hf_align.symmetric_infonce(torch.zeros(2, 3))
@@ -154,14 +160,19 @@ def test_unknown_method_argument_is_named():
 
 
 def test_layer_out_of_range_is_explained(tiny_vit, minilm):
-    with pytest.raises(ValueError, match=r"vision_layer=7 is out of range: the encoder exposes 3 hidden states \(valid indices -3\.\.2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"vision_layer=7 is out of range: the encoder exposes 3 hidden states \(valid indices -3\.\.2\)",
+    ):
         AlignerModel.from_encoders(tiny_vit, minilm, vision_layer=7)
     with pytest.raises(ValueError, match=r"text_layer must be an int hidden-state index .* got 'last'"):
         AlignerModel.from_encoders(tiny_vit, minilm, text_layer="last")
 
 
 def test_unresolvable_encoder_id_fails_clearly(minilm):
-    with pytest.raises(EncoderLoadError, match=r"vision_encoder='no-such-org/no-such-model' could not be loaded .*HF_HUB_OFFLINE"):
+    with pytest.raises(
+        EncoderLoadError, match=r"vision_encoder='no-such-org/no-such-model' could not be loaded .*HF_HUB_OFFLINE"
+    ):
         AlignerModel.from_encoders("no-such-org/no-such-model", minilm)
 
 

@@ -36,7 +36,9 @@ def evaluated(tmp_path_factory):
     zero_shot = hf_align.evaluate_zero_shot(
         model, model.processor, data, templates=["a digit {}"], dataset_name="sklearn/digits", dataset_split="test"
     )
-    retrieval = hf_align.evaluate_retrieval(model, model.processor, data, dataset_name="sklearn/digits", dataset_split="test")
+    retrieval = hf_align.evaluate_retrieval(
+        model, model.processor, data, dataset_name="sklearn/digits", dataset_split="test"
+    )
     # What from_encoders records for Hub encoders (id + resolved commit); the card only reads the config.
     model.config.update(
         {"vision_encoder": VISION_ID, "vision_revision": VISION_SHA, "text_encoder": TEXT_ID, "text_revision": TEXT_SHA}
@@ -82,7 +84,9 @@ def test_card_yaml_round_trips(saved_card):
     assert name == os.fspath(folder)  # the usage snippet and model-index name the folder save_pretrained wrote
     reparsed = ModelCard(text)
     assert reparsed.data.to_dict() == card.data.to_dict()
-    assert [(r.metric_type, r.metric_value) for r in results] == [(r.metric_type, r.metric_value) for r in card.data.eval_results]
+    assert [(r.metric_type, r.metric_value) for r in results] == [
+        (r.metric_type, r.metric_value) for r in card.data.eval_results
+    ]
 
 
 def test_card_body_reports_evaluations_and_setup(saved_card):
@@ -103,7 +107,9 @@ def test_reevaluation_replaces_and_new_split_adds(evaluated):
     before = len(model.config.training_summary["evaluations"])
     record_evaluation(model, TASK_RETRIEVAL, {"mean_R@1": 1.5}, dataset_name="sklearn/digits", dataset_split="test")
     assert len(model.config.training_summary["evaluations"]) == before
-    record_evaluation(model, TASK_RETRIEVAL, {"mean_R@1": 2.5}, dataset_name="sklearn/digits", dataset_split="validation")
+    record_evaluation(
+        model, TASK_RETRIEVAL, {"mean_R@1": 2.5}, dataset_name="sklearn/digits", dataset_split="validation"
+    )
     runs = model.config.training_summary["evaluations"]
     assert len(runs) == before + 1
     assert [r["metrics"] for r in runs[-2:]] == [{"mean_R@1": 1.5}, {"mean_R@1": 2.5}]
@@ -111,7 +117,9 @@ def test_reevaluation_replaces_and_new_split_adds(evaluated):
 
 def test_local_encoders_are_not_base_models(tmp_path):
     model = hf_align.AlignerModel.from_encoders(
-        save_tiny_vision_encoder(str(tmp_path / "vit"), "vit"), save_tiny_text_encoder(str(tmp_path / "bert")), projection_dim=4
+        save_tiny_vision_encoder(str(tmp_path / "vit"), "vit"),
+        save_tiny_text_encoder(str(tmp_path / "bert")),
+        projection_dim=4,
     )
     data = card_data(model)
     assert data.base_model is None and data.eval_results is None
@@ -149,8 +157,12 @@ def test_describe_dataset_reads_hub_origin():
     )
     dataset = datasets.Dataset.from_dict({"caption": ["a", "b", "c"]}, info=info, split="test")
     assert describe_dataset(dataset) == {
-        "name": "flickr30k", "split": "test", "id": "nlphuji/flickr30k", "revision": revision, "num_rows": 3
-    }  # fmt: skip
+        "name": "flickr30k",
+        "split": "test",
+        "id": "nlphuji/flickr30k",
+        "revision": revision,
+        "num_rows": 3,
+    }
     assert describe_dataset(dataset, name="Flickr30k (Karpathy)", split="test[:2]")["name"] == "Flickr30k (Karpathy)"
 
 

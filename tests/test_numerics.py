@@ -132,8 +132,14 @@ ARGS = dict(max_steps=12, per_device_train_batch_size=20, eval_fraction=0.0, sav
 
 def test_nan_features_are_refused_before_the_first_step_and_checkpoints_stay(tmp_path):
     out = str(tmp_path / "run")
-    train(AlignerModel.from_feature_dims(8, 6, projection_dim=4), _task_features(), AlignmentArguments(output_dir=out, **ARGS))
-    before = {name: _files_digest(os.path.join(out, name)) for name in os.listdir(out) if name.startswith("checkpoint-")}
+    train(
+        AlignerModel.from_feature_dims(8, 6, projection_dim=4),
+        _task_features(),
+        AlignmentArguments(output_dir=out, **ARGS),
+    )
+    before = {
+        name: _files_digest(os.path.join(out, name)) for name in os.listdir(out) if name.startswith("checkpoint-")
+    }
     assert sorted(before) == ["checkpoint-12", "checkpoint-9"]
     poisoned = _task_features(poison_row=17, value=float("nan"))
     args = AlignmentArguments(output_dir=out, resume_from_checkpoint="latest", **{**ARGS, "max_steps": 15})

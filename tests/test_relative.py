@@ -167,7 +167,9 @@ def test_relative_trains_only_anchors_and_beats_chance(task, tmp_path):
 
 def test_relative_bad_input(task):
     model = AlignerModel.from_feature_dims(64, 48, method="relative", num_anchors=128)
-    with pytest.raises(ValueError, match=r"relative wants num_anchors=128 paired anchors but init_from_data got only 50"):
+    with pytest.raises(
+        ValueError, match=r"relative wants num_anchors=128 paired anchors but init_from_data got only 50"
+    ):
         model.aligner.init_from_data(task.vision[LAYER][:50], task.text[LAYER][:50])
     with pytest.raises(ValueError, match=r"relative anchors are pairs: got 60 images and 50 texts"):
         model.aligner.init_from_data(task.vision[LAYER][:60], task.text[LAYER][:50])

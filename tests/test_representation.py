@@ -146,7 +146,9 @@ def test_fewer_samples_than_k_is_a_clear_error():
     # rice rule for n = 3: ⌈2 · 1.442⌉ = 3 > n - 1
     with pytest.raises(ValueError, match=r"k=3 \(rule 'rice'\) neighbours .* only 3 were given: use k <= 2"):
         hf_align.mutual_knn(x[:3], x[:3], k="rice")
-    with pytest.raises(ValueError, match=r"k must be a positive int or one of \('rice', 'sqrt', 'sturges'\), got 'log'"):
+    with pytest.raises(
+        ValueError, match=r"k must be a positive int or one of \('rice', 'sqrt', 'sturges'\), got 'log'"
+    ):
         hf_align.mutual_knn(x, x, k="log")
 
 

@@ -113,9 +113,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(setup):
     out = str(tmp_path / "killed")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
     process = subprocess.Popen(
-        [sys.executable, str(tmp_path / "run.py"), cache, out], env=env, stdout=subprocess.DEVNULL,
+        [sys.executable, str(tmp_path / "run.py"), cache, out],
+        env=env,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 240
     while _latest_checkpoint(out) is None and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -170,7 +172,9 @@ def test_resume_from_incomplete_folder_is_refused(tmp_path):
     (partial / "aligner.safetensors").write_bytes(b"")
     features = make_paired_task(n=40, vision_dim=4, text_dim=4, n_vision_layers=1, n_text_layers=1).to_features()
     args = AlignmentArguments(resume_from_checkpoint=str(partial), output_dir=str(tmp_path), eval_fraction=0.0)
-    with pytest.raises(ValueError, match=r"resume_from_checkpoint=.*checkpoint-8.* is not a complete checkpoint folder"):
+    with pytest.raises(
+        ValueError, match=r"resume_from_checkpoint=.*checkpoint-8.* is not a complete checkpoint folder"
+    ):
         train(AlignerModel.from_feature_dims(4, 4, projection_dim=2), features, args)
 
 
@@ -180,11 +184,21 @@ def test_codebook_resume_restores_the_ema_teacher(tmp_path, monkeypatch):
 
     def run(out, die_at=None):
         torch.manual_seed(0)
-        model = AlignerModel.from_feature_dims(64, 48, method="codebook", projection_dim=16, num_codes=8, usage_window=5)
+        model = AlignerModel.from_feature_dims(
+            64, 48, method="codebook", projection_dim=16, num_codes=8, usage_window=5
+        )
         args = AlignmentArguments(
-            output_dir=out, max_steps=12, per_device_train_batch_size=32, eval_fraction=0.2, eval_steps=4,
-            save_steps=4, logging_steps=4, learning_rate=5e-3, seed=1, resume_from_checkpoint="latest",
-        )  # fmt: skip
+            output_dir=out,
+            max_steps=12,
+            per_device_train_batch_size=32,
+            eval_fraction=0.2,
+            eval_steps=4,
+            save_steps=4,
+            logging_steps=4,
+            learning_rate=5e-3,
+            seed=1,
+            resume_from_checkpoint="latest",
+        )
         if die_at is not None:
             step = model.aligner.after_optimizer_step
 

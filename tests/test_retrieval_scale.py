@@ -41,7 +41,9 @@ def test_topk_matches_the_dense_topk_and_never_scores_more_than_a_block(k, chunk
 def test_topk_with_a_head_scores_text_queries_against_an_image_gallery():
     head = build_similarity("euclidean", 8)
     images, texts = unit(30, 8, 2), unit(11, 8, 3)
-    scores, index = topk_similarity(texts, images, 3, chunk_size=7, query_chunk_size=4, similarity=lambda q, g: head(g, q).t())
+    scores, index = topk_similarity(
+        texts, images, 3, chunk_size=7, query_chunk_size=4, similarity=lambda q, g: head(g, q).t()
+    )
     expected = head(images, texts).t().topk(3, dim=1)
     torch.testing.assert_close(scores, expected.values, rtol=0, atol=1e-6)
     assert torch.equal(index, expected.indices)
@@ -72,7 +74,13 @@ def test_chunked_recall_equals_the_dense_recall(chunk_size, query_chunk_size):
     dense = retrieval_metrics(images @ texts.t(), owner, ks=(1, 5, 10))
     recorder = BlockRecorder()
     chunked = chunked_retrieval_metrics(
-        images, texts, owner, ks=(1, 5, 10), similarity=recorder, chunk_size=chunk_size, query_chunk_size=query_chunk_size
+        images,
+        texts,
+        owner,
+        ks=(1, 5, 10),
+        similarity=recorder,
+        chunk_size=chunk_size,
+        query_chunk_size=query_chunk_size,
     )
     assert chunked == dense
     assert 0 < dense["text_to_image_R@1"] < 100 and 0 < dense["image_to_text_R@1"] < 100
@@ -88,12 +96,24 @@ def test_chunked_recall_counts_exact_ties_against_the_query_like_the_dense_one()
     # by hand (rank = other candidates scoring >= the positive): text->image ranks are 2, 3, 2, 0, 1 (text 4 ties
     # image 2 at 3); image->text: image 0's best caption (1) ties text 0 and trails text 3 -> rank 2, image 1's (1)
     # ties text 2 and trails text 3 -> rank 2, image 3's (3) tops every other caption -> rank 0
-    assert dense == pytest.approx({
-        "image_to_text_R@1": 100 / 3, "text_to_image_R@1": 20.0, "mean_R@1": (100 / 3 + 20) / 2,
-        "image_to_text_R@2": 100 / 3, "text_to_image_R@2": 40.0, "mean_R@2": (100 / 3 + 40) / 2,
-    }, rel=1e-6)  # fmt: skip
+    assert dense == pytest.approx(
+        {
+            "image_to_text_R@1": 100 / 3,
+            "text_to_image_R@1": 20.0,
+            "mean_R@1": (100 / 3 + 20) / 2,
+            "image_to_text_R@2": 100 / 3,
+            "text_to_image_R@2": 40.0,
+            "mean_R@2": (100 / 3 + 40) / 2,
+        },
+        rel=1e-6,
+    )
     for chunk_size, query_chunk_size in [(1, 1), (2, 3), (5, 4)]:
-        assert chunked_retrieval_metrics(images, texts, owner, ks=(1, 2), chunk_size=chunk_size, query_chunk_size=query_chunk_size) == dense
+        assert (
+            chunked_retrieval_metrics(
+                images, texts, owner, ks=(1, 2), chunk_size=chunk_size, query_chunk_size=query_chunk_size
+            )
+            == dense
+        )
 
 
 def test_chunked_recall_with_the_models_head_and_unmatched_images():
@@ -103,7 +123,10 @@ def test_chunked_recall_with_the_models_head_and_unmatched_images():
     images, texts = unit(9, 8, 9), unit(6, 8, 10)
     owner = torch.tensor([0, 0, 2, 5, 5, 8])  # images 1, 3, 4, 6, 7 have no caption: left out of image->text
     dense = retrieval_metrics(head(images, texts), owner, ks=(1, 3))
-    assert chunked_retrieval_metrics(images, texts, owner, ks=(1, 3), similarity=head, chunk_size=4, query_chunk_size=2) == dense
+    assert (
+        chunked_retrieval_metrics(images, texts, owner, ks=(1, 3), similarity=head, chunk_size=4, query_chunk_size=2)
+        == dense
+    )
 
 
 def test_bad_input_is_named():

@@ -61,7 +61,10 @@ def test_pickle_only_checkpoint_is_refused_without_being_unpickled(saved, tmp_pa
         AlignerModel.from_pretrained(folder)
     with pytest.raises(OSError, match=message):
         AutoModel.from_pretrained(folder)  # the Auto class goes through the same door
-    with pytest.raises(ValueError, match=r"use_safetensors=False is not supported: hf_align loads aligner weights from safetensors only"):
+    with pytest.raises(
+        ValueError,
+        match=r"use_safetensors=False is not supported: hf_align loads aligner weights from safetensors only",
+    ):
         AlignerModel.from_pretrained(folder, use_safetensors=False)
     assert not marker.exists()
 
@@ -90,10 +93,17 @@ def test_encoder_with_remote_code_is_never_executed(tiny_bert, tmp_path):
     repo.mkdir()
     marker = tmp_path / "remote_code_ran"
     (repo / "config.json").write_text(
-        json.dumps({"model_type": "my_custom_encoder", "auto_map": {"AutoConfig": "modeling_custom.MyConfig", "AutoModel": "modeling_custom.MyModel"}})
+        json.dumps(
+            {
+                "model_type": "my_custom_encoder",
+                "auto_map": {"AutoConfig": "modeling_custom.MyConfig", "AutoModel": "modeling_custom.MyModel"},
+            }
+        )
     )
     (repo / "modeling_custom.py").write_text(f"import os\nos.makedirs({str(marker)!r})\n")
-    with pytest.raises(EncoderLoadError, match=r"vision_encoder=.*custom_encoder' could not be loaded as a transformers AutoModel"):
+    with pytest.raises(
+        EncoderLoadError, match=r"vision_encoder=.*custom_encoder' could not be loaded as a transformers AutoModel"
+    ):
         AlignerModel.from_encoders(str(repo), tiny_bert)
     assert not marker.exists()
 
@@ -165,7 +175,9 @@ def test_config_records_version_and_names_fields_from_a_newer_version(saved, cap
         "(config written by hf_align 9.0.0)"
     ) in caplog.text
     features = torch.randn(2, 32)
-    torch.testing.assert_close(reloaded.get_image_features(vision_features=features), model.get_image_features(vision_features=features))
+    torch.testing.assert_close(
+        reloaded.get_image_features(vision_features=features), model.get_image_features(vision_features=features)
+    )
     # saving again stamps the version that wrote the file
     reloaded.save_pretrained(folder)
     with open(os.path.join(folder, "config.json")) as handle:
@@ -182,16 +194,22 @@ def test_output_loading_info_is_still_available(saved):
 def test_checkpoint_optimizer_state_is_loaded_with_weights_only(tmp_path):
     features = make_paired_task(n=64, vision_dim=4, text_dim=4, n_vision_layers=1, n_text_layers=1).to_features()
     out = str(tmp_path / "run")
-    args = AlignmentArguments(output_dir=out, max_steps=2, save_steps=2, per_device_train_batch_size=16, eval_fraction=0.0)
+    args = AlignmentArguments(
+        output_dir=out, max_steps=2, save_steps=2, per_device_train_batch_size=16, eval_fraction=0.0
+    )
     train(AlignerModel.from_feature_dims(4, 4, projection_dim=2), features, args)
     checkpoint = os.path.join(out, "checkpoint-2")
     marker = tmp_path / "optimizer_code_ran"
     write_malicious_pickle(os.path.join(checkpoint, "optimizer.pt"), marker)
     shutil.rmtree(os.path.join(out, "model.safetensors"), ignore_errors=True)
     args = AlignmentArguments(
-        output_dir=out, max_steps=4, save_steps=2, per_device_train_batch_size=16, eval_fraction=0.0,
+        output_dir=out,
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=16,
+        eval_fraction=0.0,
         resume_from_checkpoint="latest",
-    )  # fmt: skip
+    )
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         train(AlignerModel.from_feature_dims(4, 4, projection_dim=2), features, args)
     assert not marker.exists()

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_token_relative import fit
 
 import hf_align
 from hf_align import AlignerModel
@@ -22,7 +23,6 @@ from hf_align.segmentation import (
     segmentation_metrics,
 )
 from hf_align.testing import make_paired_task
-from test_token_relative import fit
 
 LAYER = 2
 CLASSES = ["cat", "dog", "car"]
@@ -52,11 +52,15 @@ def test_miou_matches_a_hand_computed_confusion_matrix():
     assert five["mIoU"] == pytest.approx((0 / 3 + 200 / 3 + 0 + 0) / 4)
     # only the first num_scored classes enter the mean (a background prompt is not a class of the masks)
     scored = segmentation_metrics(confusion_matrix(predicted_bird, target, num_classes=4), CLASSES, num_scored=3)
-    assert scored["mIoU"] == pytest.approx((0 / 3 + 200 / 3 + 0) / 3) and scored["pixel_accuracy"] == pytest.approx(40.0)
+    assert scored["mIoU"] == pytest.approx((0 / 3 + 200 / 3 + 0) / 3) and scored["pixel_accuracy"] == pytest.approx(
+        40.0
+    )
 
 
 def test_metric_errors():
-    with pytest.raises(ValueError, match=r"mask labels \[7\] are outside the 3 classes \[0, 3\) and are not ignore_index=255"):
+    with pytest.raises(
+        ValueError, match=r"mask labels \[7\] are outside the 3 classes \[0, 3\) and are not ignore_index=255"
+    ):
         confusion_matrix(torch.zeros(2, 2), torch.tensor([[0, 7], [1, 255]]), num_classes=3)
     with pytest.raises(ValueError, match=r"no labelled pixel to score"):
         segmentation_metrics(confusion_matrix(torch.zeros(4), torch.full((4,), 255), num_classes=3))
@@ -67,7 +71,9 @@ def test_metric_errors():
 def test_patch_grid():
     assert patch_grid(257, 1) == (16, 16)
     assert patch_grid(16, 0) == (4, 4)
-    with pytest.raises(ValueError, match=r"cannot lay 15 vision tokens \(0 prefix token\(s\) dropped, 15 left\) on a square"):
+    with pytest.raises(
+        ValueError, match=r"cannot lay 15 vision tokens \(0 prefix token\(s\) dropped, 15 left\) on a square"
+    ):
         patch_grid(15, 0)
 
 
@@ -118,7 +124,9 @@ def test_scores_are_patch_anchor_cosines_times_class_profiles(planted):
     # bilinear upsampling (half-pixel centres): 4 -> 12 puts patch (k, j)'s centre exactly on pixel (3k+1, 3j+1)
     big = segmentation_logits(model, tokens, profiles, output_size=(12, 12), num_prefix_tokens=0)
     torch.testing.assert_close(big[:, :, 1::3, 1::3], logits)
-    assert torch.equal(segment_tokens(model, tokens, profiles, output_size=(12, 12), num_prefix_tokens=0), big.argmax(1))
+    assert torch.equal(
+        segment_tokens(model, tokens, profiles, output_size=(12, 12), num_prefix_tokens=0), big.argmax(1)
+    )
     with pytest.raises(ValueError, match=r"cannot lay 17 vision tokens"):
         segment_tokens(model, with_cls, profiles, num_prefix_tokens=0)
 
@@ -196,7 +204,9 @@ def test_overlay(vit_model):
     assert (full[5, 20] == colours[2]).all() and (full[5, 5] == colours[0]).all()
     assert (full[0, 0] == np.asarray(image)[0, 0]).all()  # ignored pixel left as it was
     assert (np.asarray(overlay_segmentation(image, labels, alpha=0.0)) == np.asarray(image)).all()
-    with pytest.raises(ValueError, match=r"label_map of shape \(10, 10\) does not match the image's \(H, W\) \(20, 30\)"):
+    with pytest.raises(
+        ValueError, match=r"label_map of shape \(10, 10\) does not match the image's \(H, W\) \(20, 30\)"
+    ):
         overlay_segmentation(image, torch.zeros(10, 10, dtype=torch.long))
 
 
@@ -207,13 +217,20 @@ def test_bad_input(vit_model, tmp_path):
     model = vit_model
     images = random_images([(40, 50), (24, 24)])
     wrong = datasets.Dataset.from_dict(
-        {"image": images, "mask": [Image.fromarray(np.zeros((40, 50), np.uint8)), Image.fromarray(np.zeros((20, 24), np.uint8))]}
+        {
+            "image": images,
+            "mask": [Image.fromarray(np.zeros((40, 50), np.uint8)), Image.fromarray(np.zeros((20, 24), np.uint8))],
+        }
     )
-    with pytest.raises(ValueError, match=r"row 1: mask of shape \(20, 24\) does not match its image of size \(24, 24\)"):
+    with pytest.raises(
+        ValueError, match=r"row 1: mask of shape \(20, 24\) does not match its image of size \(24, 24\)"
+    ):
         evaluate_segmentation(model, None, wrong, CLASSES, templates=["a {}."])
     with pytest.raises(ValueError, match=r"mask_column='segmentation' is not a column of the dataset"):
         evaluate_segmentation(model, None, wrong, CLASSES, mask_column="segmentation")
-    labels_out_of_range = datasets.Dataset.from_dict({"image": images[:1], "mask": [Image.fromarray(np.full((40, 50), 9, np.uint8))]})
+    labels_out_of_range = datasets.Dataset.from_dict(
+        {"image": images[:1], "mask": [Image.fromarray(np.full((40, 50), 9, np.uint8))]}
+    )
     with pytest.raises(ValueError, match=r"mask labels \[9\] are outside the 3 classes"):
         evaluate_segmentation(model, None, labels_out_of_range, CLASSES, templates=["a {}."])
     model.save_pretrained(tmp_path)

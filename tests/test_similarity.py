@@ -20,7 +20,16 @@ Y = torch.tensor([[4.0, 3.0]])
 
 
 def test_registry_holds_the_paper_metrics_and_the_extras():
-    assert set(SIMILARITIES) >= {"cosine", "dot", "euclidean", "manhattan", "chi_square", "wasserstein", "mlp", "bilinear"}
+    assert set(SIMILARITIES) >= {
+        "cosine",
+        "dot",
+        "euclidean",
+        "manhattan",
+        "chi_square",
+        "wasserstein",
+        "mlp",
+        "bilinear",
+    }
     with pytest.raises(ValueError, match="unknown similarity 'cos'.*available"):
         build_similarity("cos", 4)
     with pytest.raises(TypeError, match="unknown similarity_config key.*'hiden'"):
@@ -239,7 +248,9 @@ def test_token_set_head_with_a_pooled_method_fails_at_configuration_time():
     with pytest.raises(ValueError, match="sets of token embeddings"):
         AlignerModel.from_encoders("/nonexistent/vision", "/nonexistent/text", method="mlp", similarity="wasserstein")
     with pytest.raises(TypeError, match="unknown similarity_config"):
-        AlignerModel.from_encoders("/nonexistent/vision", "/nonexistent/text", similarity="mlp", similarity_config={"width": 3})
+        AlignerModel.from_encoders(
+            "/nonexistent/vision", "/nonexistent/text", similarity="mlp", similarity_config={"width": 3}
+        )
     with pytest.raises(ValueError, match="unknown similarity"):
         AlignerModel.from_encoders("/nonexistent/vision", "/nonexistent/text", similarity="cosinus")
 
@@ -274,7 +285,9 @@ def test_learned_head_with_a_training_free_method_fails_at_configuration_time():
 @pytest.mark.parametrize("name", ["bilinear", "mlp"])
 def test_learned_head_trains_with_the_aligner_and_is_saved(name, tmp_path):
     torch.manual_seed(6)
-    model = AlignerModel.from_feature_dims(8, 6, similarity=name, similarity_config={} if name == "bilinear" else {"hidden_dim": 16})
+    model = AlignerModel.from_feature_dims(
+        8, 6, similarity=name, similarity_config={} if name == "bilinear" else {"hidden_dim": 16}
+    )
     params = dict(model.named_parameters())
     head_params = [k for k in params if k.startswith("similarity.")]
     assert head_params and all(params[k].requires_grad for k in head_params)
@@ -295,6 +308,7 @@ def test_learned_head_trains_with_the_aligner_and_is_saved(name, tmp_path):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(
-            reloaded(vision_features=x, text_features=y).logits_per_image, model(vision_features=x, text_features=y).logits_per_image
+            reloaded(vision_features=x, text_features=y).logits_per_image,
+            model(vision_features=x, text_features=y).logits_per_image,
         )
     assert reloaded.config.similarity == name

@@ -8,7 +8,7 @@ import torch
 
 import hf_align
 from hf_align import AlignerModel
-from hf_align.regularizers.structure import StructureRegularizer, StructureConfig
+from hf_align.regularizers.structure import StructureConfig, StructureRegularizer
 
 # A 4-sample batch: frozen features (4, 3) and aligned embeddings (4, 2).
 FROZEN = [[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 1.0, 1.0], [-1.0, 0.5, 0.0]]
@@ -50,7 +50,9 @@ def hand_structure(levels, tau, divergence, weighting="none", margin=0.0):
     p_frozen, p_aligned = hand_transition(FROZEN, tau), hand_transition(ALIGNED, tau)
     total = 0.0
     for level in range(1, levels + 1):
-        d = hand_divergence(np.linalg.matrix_power(p_frozen, level), np.linalg.matrix_power(p_aligned, level), divergence)
+        d = hand_divergence(
+            np.linalg.matrix_power(p_frozen, level), np.linalg.matrix_power(p_aligned, level), divergence
+        )
         weight = 1.0 if weighting == "none" else 1.0 / level
         total += weight * max(d - margin, 0.0)
     return total / levels
@@ -71,7 +73,9 @@ def test_matches_hand_computation(levels, divergence, tau):
 
 def test_js_is_bounded_and_the_authors_variant_is_not_js():
     js = hf_align.structure_regularizer(torch.tensor(FROZEN), torch.tensor(ALIGNED), tau=0.05, divergence="js")
-    rkl = hf_align.structure_regularizer(torch.tensor(FROZEN), torch.tensor(ALIGNED), tau=0.05, divergence="authors_rkl")
+    rkl = hf_align.structure_regularizer(
+        torch.tensor(FROZEN), torch.tensor(ALIGNED), tau=0.05, divergence="authors_rkl"
+    )
     assert 0 < js.item() <= math.log(2)
     assert rkl.item() > js.item()  # KL from the mixture to a peaked row exceeds the JS of the same rows
 
@@ -100,7 +104,9 @@ def test_zero_when_aligned_is_a_rotation_and_scaling_of_frozen():
     for divergence in ("js", "authors_rkl"):
         for levels in (1, 2, 3):
             same = hf_align.structure_regularizer(frozen, aligned, levels=levels, divergence=divergence)
-            other = hf_align.structure_regularizer(frozen, torch.randn(32, 12, generator=g), levels=levels, divergence=divergence)
+            other = hf_align.structure_regularizer(
+                frozen, torch.randn(32, 12, generator=g), levels=levels, divergence=divergence
+            )
             assert same.item() == pytest.approx(0.0, abs=1e-6)
             assert other.item() > 1e-3
 
@@ -166,7 +172,10 @@ def test_fresh_model_reports_zero_weight_in_eval_and_no_warmup_means_full_weight
     assert fresh.regularizers["structure"].current_weight() == 0.0
     out = fresh(vision_features=torch.randn(8, 6), text_features=torch.randn(8, 5), return_loss=True)
     assert out.loss_terms["structure"].item() == 0.0 and int(fresh.regularizers["structure"].steps_done) == 0
-    assert model_with_structure(structure_weight=3.0, structure_warmup_steps=0).regularizers["structure"].current_weight() == 3.0
+    assert (
+        model_with_structure(structure_weight=3.0, structure_warmup_steps=0).regularizers["structure"].current_weight()
+        == 3.0
+    )
 
 
 def test_warmup_clock_survives_save_and_load(tmp_path):
@@ -203,5 +212,7 @@ def test_bad_functional_arguments():
 
 
 def test_structure_with_a_token_method_is_refused_when_the_model_is_built():
-    with pytest.raises(ValueError, match=r"regulariser 'structure' works on pooled features, but method 'token_relative' takes tokens"):
+    with pytest.raises(
+        ValueError, match=r"regulariser 'structure' works on pooled features, but method 'token_relative' takes tokens"
+    ):
         AlignerModel.from_feature_dims(8, 8, method="token_relative", structure_weight=1.0)

@@ -89,7 +89,9 @@ def test_padding_changes_nothing():
         images = model.get_image_features(vision_features=IMAGES)
         padded_images = torch.cat([IMAGES, 9 * torch.ones(2, 2, 2)], dim=1)
         image_mask = torch.tensor([[True, True, False, False]] * 2)
-        torch.testing.assert_close(model.get_image_features(vision_features=padded_images, vision_mask=image_mask), images)
+        torch.testing.assert_close(
+            model.get_image_features(vision_features=padded_images, vision_mask=image_mask), images
+        )
         # without the mask the padding would count: the check above is not vacuous
         assert not torch.allclose(model.get_text_features(text_features=padded), reference)
 
@@ -100,7 +102,10 @@ def test_late_interaction_equals_hand_computed_value():
     images = [[unit(row) for row in tokens] for tokens in R_IMAGES]
     captions = [[unit(row) for row in tokens] for tokens in R_CAPTIONS]
     expected = torch.tensor(
-        [[sum(max(dot(p, w) for p in image) for w in caption) / len(caption) for caption in captions] for image in images]
+        [
+            [sum(max(dot(p, w) for p in image) for w in caption) / len(caption) for caption in captions]
+            for image in images
+        ]
     )
     scores = late_interaction_scores(model, IMAGES, CAPTIONS, text_mask=CAPTION_MASK)
     torch.testing.assert_close(scores, expected)
@@ -112,7 +117,9 @@ def test_late_interaction_equals_hand_computed_value():
     blocked = model.aligner.late_interaction_scores(padded_images, CAPTIONS, image_mask, CAPTION_MASK, block_elements=1)
     torch.testing.assert_close(blocked, expected)
     with pytest.raises(ValueError, match=r"late interaction scores need a token_relative aligner, .* 'relative'"):
-        late_interaction_scores(AlignerModel.from_feature_dims(2, 2, method="relative", num_anchors=2), IMAGES, CAPTIONS)
+        late_interaction_scores(
+            AlignerModel.from_feature_dims(2, 2, method="relative", num_anchors=2), IMAGES, CAPTIONS
+        )
 
 
 def test_anchors_are_unit_gaussian_directions_and_the_only_trained_parameters():

@@ -9,8 +9,8 @@ from huggingface_hub import ModelCard
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 import hf_align
-from hf_align.trainer_callback import CardDataCallback, non_default_training_args
 from hf_align.testing import make_paired_task
+from hf_align.trainer_callback import CardDataCallback, non_default_training_args
 
 
 def training_args(tmp_path, **overrides):
@@ -100,7 +100,9 @@ def test_evaluation_step_returns_a_loss(views, tmp_path):
 
 def test_codebook_is_initialised_from_data_and_trains_under_trainer(views, tmp_path):
     train, _ = views
-    model = hf_align.AlignerModel.from_feature_dims(24, 16, method="codebook", projection_dim=8, num_codes=8, kmeans_iters=2)
+    model = hf_align.AlignerModel.from_feature_dims(
+        24, 16, method="codebook", projection_dim=8, num_codes=8, kmeans_iters=2
+    )
     seen = []
     original_init = model.aligner.init_from_data
 
@@ -133,13 +135,17 @@ def test_resumed_run_is_not_reinitialised(views, tmp_path):
     model.aligner.init_from_data = lambda *a, **k: pytest.fail("a resumed run must keep the checkpoint's codebook")
     loader = torch.utils.data.DataLoader(train)
     state = TrainerState(global_step=5)
-    CardDataCallback().on_train_begin(training_args(tmp_path), state, TrainerControl(), model=model, train_dataloader=loader)
+    CardDataCallback().on_train_begin(
+        training_args(tmp_path), state, TrainerControl(), model=model, train_dataloader=loader
+    )
 
 
 def test_data_initialised_method_needs_a_dataset_view(tmp_path):
     model = hf_align.AlignerModel.from_feature_dims(24, 16, method="codebook", projection_dim=8, num_codes=8)
     loader = torch.utils.data.DataLoader([{"vision_features": [0.0] * 24, "text_features": [0.0] * 16}])
-    with pytest.raises(ValueError, match=r"method 'codebook' initialises from data, but the Trainer's training set is a list"):
+    with pytest.raises(
+        ValueError, match=r"method 'codebook' initialises from data, but the Trainer's training set is a list"
+    ):
         CardDataCallback().on_train_begin(
             training_args(tmp_path), TrainerState(), TrainerControl(), model=model, train_dataloader=loader
         )
@@ -149,7 +155,9 @@ def test_callback_arguments_checked(tmp_path):
     with pytest.raises(ValueError, match="init_samples must be a positive int, got 0"):
         CardDataCallback(init_samples=0)
     with pytest.raises(TypeError, match="CardDataCallback works with hf_align.AlignerModel, got Linear"):
-        CardDataCallback().on_step_end(training_args(tmp_path), TrainerState(), TrainerControl(), model=torch.nn.Linear(2, 2))
+        CardDataCallback().on_step_end(
+            training_args(tmp_path), TrainerState(), TrainerControl(), model=torch.nn.Linear(2, 2)
+        )
 
 
 def test_non_default_arguments_leave_out_paths(tmp_path):

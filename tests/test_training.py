@@ -22,7 +22,13 @@ def test_aligner_learns_held_out_retrieval_far_above_chance(method, task_feature
     result = train(
         model,
         train_features,
-        AlignmentArguments(output_dir=str(tmp_path), num_train_epochs=15, per_device_train_batch_size=250, learning_rate=3e-3, logging_steps=10),
+        AlignmentArguments(
+            output_dir=str(tmp_path),
+            num_train_epochs=15,
+            per_device_train_batch_size=250,
+            learning_rate=3e-3,
+            logging_steps=10,
+        ),
     )
     after = evaluate_retrieval(model, dataset=test_features)
     # 500 held-out pairs: chance R@1 is 0.2%. Measured on this machine: linear ~38%, mlp ~70% (seed 0).
@@ -32,7 +38,9 @@ def test_aligner_learns_held_out_retrieval_far_above_chance(method, task_feature
     assert losses[-1] < losses[0]
     assert result.metrics["eval_mean_R@1"] > 20.0
     summary = model.config.training_summary
-    assert summary["train_pairs"] == 900 and summary["eval_pairs"] == 100 and summary["global_step"] == result.global_step
+    assert (
+        summary["train_pairs"] == 900 and summary["eval_pairs"] == 100 and summary["global_step"] == result.global_step
+    )
     reloaded = AlignerModel.from_pretrained(tmp_path, load_encoders=False)
     torch.testing.assert_close(evaluate_retrieval(reloaded, dataset=test_features)["mean_R@1"], after["mean_R@1"])
 
@@ -47,10 +55,16 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
         model,
         features,
         AlignmentArguments(
-            output_dir=str(tmp_path), max_steps=100, eval_steps=2, per_device_train_batch_size=100, eval_fraction=0.3,
-            learning_rate=1e-2, lr_scheduler_type="constant", early_stopping_patience=3,
+            output_dir=str(tmp_path),
+            max_steps=100,
+            eval_steps=2,
+            per_device_train_batch_size=100,
+            eval_fraction=0.3,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            early_stopping_patience=3,
         ),
-    )  # fmt: skip
+    )
     evals = [h for h in result.history if "eval_loss" in h]
     best = min(evals, key=lambda h: h["eval_loss"])
     assert result.global_step < 100 and result.global_step == evals[-1]["step"]  # stopped early

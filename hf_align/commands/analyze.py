@@ -19,12 +19,15 @@ from . import CommandSpec
 @dataclass
 class AnalyzeArguments:
     features: str = field(
-        metadata={"help": "Feature cache folder (from extract_features or save_to_disk), or 'synthetic' for the synthetic task."}
+        metadata={
+            "help": "Feature cache folder (from extract_features or save_to_disk), or 'synthetic' for the synthetic task."
+        }
     )
     output_dir: str = field(metadata={"help": "Where analysis.json and the plots are written."})
     model: str | None = field(default=None, metadata={"help": "Saved aligner folder for the 'after' stage (optional)."})
     vision_layer: int | None = field(
-        default=None, metadata={"help": "Cached vision layer for 'before' (default: the aligner's layer, else the last)."}
+        default=None,
+        metadata={"help": "Cached vision layer for 'before' (default: the aligner's layer, else the last)."},
     )
     text_layer: int | None = field(
         default=None, metadata={"help": "Cached text layer for 'before' (default: the aligner's layer, else the last)."}
@@ -53,7 +56,9 @@ def load_feature_cache(path: str):
     try:
         return datasets.load_from_disk(path)
     except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"{path!r} holds neither an hf_align feature cache nor a save_to_disk dataset: {err}") from None
+        raise ValueError(
+            f"{path!r} holds neither an hf_align feature cache nor a save_to_disk dataset: {err}"
+        ) from None
 
 
 def _resolve(features, modality: str, layer: int | None) -> int:
@@ -70,9 +75,15 @@ def _resolve(features, modality: str, layer: int | None) -> int:
 
 
 def analyze(
-    features, output_dir: str, model=None, vision_layer: int | None = None, text_layer: int | None = None,
-    max_samples: int = 2000, seed: int = 0, plots: bool = True,
-) -> dict:  # fmt: skip
+    features,
+    output_dir: str,
+    model=None,
+    vision_layer: int | None = None,
+    text_layer: int | None = None,
+    max_samples: int = 2000,
+    seed: int = 0,
+    plots: bool = True,
+) -> dict:
     """The `hf-align analyze` report for a feature cache (and optionally a loaded aligner); also the API entry."""
     import numpy as np
     import torch
@@ -153,7 +164,9 @@ def _plot_projection(images, texts, stage: str, stats: dict, output_dir: str) ->
     ax.scatter(py[:, 0], py[:, 1], s=4, alpha=0.5, label="text", color="tab:orange")
     for points, color in ((px, "tab:blue"), (py, "tab:orange")):
         ax.scatter(*points.mean(0), s=150, marker="X", color=color, edgecolor="black")
-    ax.set_title(f"{stage}: PCA of L2-normalised embeddings\ngap {stats['modality_gap']:.3f}, W2 {stats['sample_w2']:.3f}")
+    ax.set_title(
+        f"{stage}: PCA of L2-normalised embeddings\ngap {stats['modality_gap']:.3f}, W2 {stats['sample_w2']:.3f}"
+    )
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(markerscale=3)

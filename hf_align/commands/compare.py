@@ -21,13 +21,20 @@ from . import CommandSpec
 class CompareArguments:
     features: str = field(
         default="synthetic",
-        metadata={"help": "Feature cache folder (extract_features / save_to_disk), or 'synthetic' (the synthetic task)."},
+        metadata={
+            "help": "Feature cache folder (extract_features / save_to_disk), or 'synthetic' (the synthetic task)."
+        },
     )
     test_features: str | None = field(
-        default=None, metadata={"help": "Held-out feature cache (default: --test_fraction of the images of --features)."}
+        default=None,
+        metadata={"help": "Held-out feature cache (default: --test_fraction of the images of --features)."},
     )
-    methods: str | None = field(default=None, metadata={"help": "Comma-separated method names (default: all registered)."})
-    similarities: str | None = field(default=None, metadata={"help": "Comma-separated similarity heads (default: all)."})
+    methods: str | None = field(
+        default=None, metadata={"help": "Comma-separated method names (default: all registered)."}
+    )
+    similarities: str | None = field(
+        default=None, metadata={"help": "Comma-separated similarity heads (default: all)."}
+    )
     seeds: str = field(default="0,1,2", metadata={"help": "Comma-separated training seeds, the same for every run."})
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -36,9 +43,13 @@ class CompareArguments:
     text_layer: int = -1
     method_kwargs: str = field(default="{}", metadata={"help": 'JSON: {"linear": {"projection_dim": 64}, ...}'})
     similarity_kwargs: str = field(default="{}", metadata={"help": 'JSON: {"mlp": {"hidden_dim": 128}, ...}'})
-    model_kwargs: str = field(default="{}", metadata={"help": 'JSON settings for every model, e.g. {"temperature": 0.05}'})
+    model_kwargs: str = field(
+        default="{}", metadata={"help": 'JSON settings for every model, e.g. {"temperature": 0.05}'}
+    )
     rank_by: str = field(default="mean_R@1", metadata={"help": "Metric the table is sorted by, e.g. zero_shot_top1."})
-    synthetic_size: int = field(default=3000, metadata={"help": "Pairs of the synthetic task (with --features synthetic)."})
+    synthetic_size: int = field(
+        default=3000, metadata={"help": "Pairs of the synthetic task (with --features synthetic)."}
+    )
 
 
 def _json(name: str, value) -> dict:

@@ -13,7 +13,8 @@ from . import CommandSpec
 class DataEfficiencyArguments:
     output_dir: str = field(metadata={"help": "Where data_efficiency.json / .md / .png are written."})
     features: str | None = field(
-        default=None, metadata={"help": "Feature cache folder with all layers (extract_features cache or save_to_disk)."}
+        default=None,
+        metadata={"help": "Feature cache folder with all layers (extract_features cache or save_to_disk)."},
     )
     split: str = field(default="train", metadata={"help": "Split to use when the folder holds a DatasetDict."})
     synthetic: bool = field(default=False, metadata={"help": "Use the synthetic clustered task instead of a cache."})
@@ -28,7 +29,8 @@ class DataEfficiencyArguments:
     method: str = field(default="linear", metadata={"help": "Aligner method (registry name)."})
     method_kwargs: str = field(default="{}", metadata={"help": 'JSON object, e.g. {"projection_dim": 512}.'})
     structure: str = field(
-        default='{"weight": 10.0}', metadata={"help": 'STRUCTURE settings (JSON, no prefix), e.g. {"weight": 10, "levels": 2}.'}
+        default='{"weight": 10.0}',
+        metadata={"help": 'STRUCTURE settings (JSON, no prefix), e.g. {"weight": 10, "levels": 2}.'},
     )
     metric: str = field(default="mean_R@1", metadata={"help": "Retrieval metric tabulated and plotted."})
     selection_metric: str = field(default="mutual_knn", metadata={"help": "Layer-selection score."})
@@ -64,7 +66,9 @@ def run(args: DataEfficiencyArguments) -> int:
 
         shared = _ints("synthetic_shared_layers", args.synthetic_shared_layers)
         if len(shared) != 2:
-            raise ValueError(f"synthetic_shared_layers must be two ints 'vision,text', got {args.synthetic_shared_layers!r}")
+            raise ValueError(
+                f"synthetic_shared_layers must be two ints 'vision,text', got {args.synthetic_shared_layers!r}"
+            )
         features = make_paired_task(n=args.synthetic_pairs, shared_layers=tuple(shared), seed=0).to_features()
     else:
         from ..layer_selection import open_feature_cache
@@ -74,8 +78,9 @@ def run(args: DataEfficiencyArguments) -> int:
         features,
         sizes=_ints("sizes", args.sizes),
         seeds=_ints("seeds", args.seeds),
-        variants=default_variants(args.method, _json_object("method_kwargs", args.method_kwargs),
-                                  _json_object("structure", args.structure)),  # fmt: skip
+        variants=default_variants(
+            args.method, _json_object("method_kwargs", args.method_kwargs), _json_object("structure", args.structure)
+        ),
         n_test=args.n_test,
         training_args=AlignmentArguments(
             max_steps=args.max_steps,

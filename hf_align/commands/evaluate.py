@@ -54,9 +54,15 @@ def run(args: EvaluateArguments) -> int:
         )
     if "retrieval" in tasks:
         results["retrieval"] = evaluate_retrieval(
-            model, model.processor, data, args.image_column, args.text_column, args.batch_size,
-            dataset_name=args.dataset, dataset_split=args.split,
-        )  # fmt: skip
+            model,
+            model.processor,
+            data,
+            args.image_column,
+            args.text_column,
+            args.batch_size,
+            dataset_name=args.dataset,
+            dataset_split=args.split,
+        )
     print(json.dumps(results, indent=2))
     if os.path.isdir(args.model):  # a local aligner: its card now carries these results
         write_model_card(model, args.model)

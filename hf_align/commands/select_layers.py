@@ -16,14 +16,18 @@ HEATMAP_FILE = "layer_selection.png"
 @dataclass
 class SelectLayersArguments:
     features: str = field(
-        metadata={"help": "Feature cache folder holding all layers: an extract_features cache or a save_to_disk folder."}
+        metadata={
+            "help": "Feature cache folder holding all layers: an extract_features cache or a save_to_disk folder."
+        }
     )
     output_dir: str = field(metadata={"help": f"Where {REPORT_FILE} and {HEATMAP_FILE} are written."})
     metric: str = field(default="mutual_knn", metadata={"help": "mutual_knn | cka | unbiased_cka"})
     n_samples: int = field(default=5000, metadata={"help": "Pairs sampled from the cache (one caption per image)."})
     seed: int = 0
     k: str = field(default="rice", metadata={"help": "Neighbours for mutual_knn: an int, or rice | sqrt | sturges."})
-    vision_layers: str | None = field(default=None, metadata={"help": "Candidate vision layers '0,4,8' (default: all)."})
+    vision_layers: str | None = field(
+        default=None, metadata={"help": "Candidate vision layers '0,4,8' (default: all)."}
+    )
     text_layers: str | None = field(default=None, metadata={"help": "Candidate text layers (default: all)."})
     split: str = field(default="train", metadata={"help": "Split to use when the folder holds a DatasetDict."})
 
@@ -47,8 +51,19 @@ def run(args: SelectLayersArguments) -> int:
     report.save(os.path.join(args.output_dir, REPORT_FILE))
     report.plot(os.path.join(args.output_dir, HEATMAP_FILE))
     vision_layer, text_layer = report.best_pair
-    print(json.dumps({"metric": report.metric, "best_vision_layer": vision_layer, "best_text_layer": text_layer,
-                      "best_score": report.best_score, "n_samples": report.n_samples, "k": report.k}, indent=2))
+    print(
+        json.dumps(
+            {
+                "metric": report.metric,
+                "best_vision_layer": vision_layer,
+                "best_text_layer": text_layer,
+                "best_score": report.best_score,
+                "n_samples": report.n_samples,
+                "k": report.k,
+            },
+            indent=2,
+        )
+    )
     print(f"report and heatmap written to {args.output_dir}")
     return 0
 

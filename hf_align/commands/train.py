@@ -20,7 +20,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Ali
     record_training_dataset(model, data, name=data_args.dataset, split=data_args.split)
     features = data_args.extract(model, data)
     result = train(model, features, training_args)
-    print(json.dumps({"global_step": result.global_step, "train_runtime_s": result.train_runtime, **result.metrics}, indent=2))
+    print(
+        json.dumps(
+            {"global_step": result.global_step, "train_runtime_s": result.train_runtime, **result.metrics}, indent=2
+        )
+    )
     print(f"aligner saved to {training_args.output_dir}")
     return 0
 

@@ -16,7 +16,7 @@ class MethodConfig:
     """Base class of a method's settings. Subclasses are dataclasses; unknown keys are rejected by name."""
 
     @classmethod
-    def from_kwargs(cls, owner: str, kwargs: dict[str, Any]) -> "MethodConfig":
+    def from_kwargs(cls, owner: str, kwargs: dict[str, Any]) -> MethodConfig:
         """Build from keyword arguments; `owner` (the method or regulariser name) is named in errors."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)

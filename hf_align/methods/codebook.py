@@ -104,9 +104,7 @@ def swapped_prediction_loss(
 
 
 @torch.no_grad()
-def kmeans(
-    points: torch.Tensor, k: int, n_iters: int = 20, seed: int = 0, batch_size: int = 16384
-) -> torch.Tensor:
+def kmeans(points: torch.Tensor, k: int, n_iters: int = 20, seed: int = 0, batch_size: int = 16384) -> torch.Tensor:
     """Seeded Lloyd k-means, batched over points so memory stays at `batch_size × k`. Returns (k, d) centroids.
 
     Initial centroids are k distinct points drawn with `torch.Generator().manual_seed(seed)`; a cluster that
@@ -221,7 +219,9 @@ class CodebookAligner(AlignerMethod):
         params = dict(self.named_parameters())
         required = {f"teacher.{name}" for name in params} | {"usage", "agreed", "counters"}
         if not required <= set(state) <= required | {"recent"}:
-            raise ValueError(f"training state must have keys {sorted(required)} (+ optional 'recent'), got {sorted(state)}")
+            raise ValueError(
+                f"training state must have keys {sorted(required)} (+ optional 'recent'), got {sorted(state)}"
+            )
         self._reset_training_state()
         self._teacher = {
             name: state[f"teacher.{name}"].to(device=p.device, dtype=p.dtype).clone() for name, p in params.items()
@@ -284,7 +284,9 @@ class CodebookAligner(AlignerMethod):
         teacher and the diagnostics."""
         n, k = vision_features.shape[0], self.config.num_codes
         if text_features.shape[0] != n:
-            raise ValueError(f"init_from_data needs paired features, got {n} image and {text_features.shape[0]} text rows")
+            raise ValueError(
+                f"init_from_data needs paired features, got {n} image and {text_features.shape[0]} text rows"
+            )
         if k > n:
             raise ValueError(
                 f"codebook initialisation: num_codes={k} is larger than the {n} training pairs given to k-means; "

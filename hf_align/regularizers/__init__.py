@@ -15,11 +15,11 @@ from torch import nn
 
 from ..methods.base import MethodConfig
 
-REGULARIZERS: dict[str, type["Regularizer"]] = {}
+REGULARIZERS: dict[str, type[Regularizer]] = {}
 
 
 def register_regularizer(name: str):
-    def decorator(cls: type["Regularizer"]) -> type["Regularizer"]:
+    def decorator(cls: type[Regularizer]) -> type[Regularizer]:
         REGULARIZERS[name] = cls
         cls.regularizer_name = name
         return cls

@@ -48,7 +48,9 @@ __all__ = ["DIVERGENCES", "WEIGHTINGS", "StructureConfig", "StructureRegularizer
 def _check_levels(levels) -> list[int]:
     if isinstance(levels, int) and not isinstance(levels, bool):
         if levels < 1:
-            raise ValueError(f"levels must be a positive int (the number of levels) or a list of powers, got {levels!r}")
+            raise ValueError(
+                f"levels must be a positive int (the number of levels) or a list of powers, got {levels!r}"
+            )
         return list(range(1, levels + 1))
     if isinstance(levels, Sequence) and not isinstance(levels, str) and levels:
         out = list(levels)
@@ -64,7 +66,9 @@ def _check_options(tau, weighting, margin, divergence) -> None:
         raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if not (isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin) and margin >= 0):
+    if not (
+        isinstance(margin, (int, float)) and not isinstance(margin, bool) and math.isfinite(margin) and margin >= 0
+    ):
         raise ValueError(f"margin must be a finite float >= 0, got {margin!r}")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
@@ -176,7 +180,9 @@ class StructureConfig(MethodConfig):
     def __post_init__(self):
         if not (isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool) and self.weight >= 0):
             raise ValueError(f"structure weight must be a float >= 0, got {self.weight!r}")
-        if not (isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool) and self.warmup_steps >= 0):
+        if not (
+            isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool) and self.warmup_steps >= 0
+        ):
             raise ValueError(f"structure warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if not isinstance(self.centering, bool):
             raise ValueError(f"structure centering must be a bool, got {self.centering!r}")

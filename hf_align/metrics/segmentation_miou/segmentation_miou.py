@@ -6,8 +6,7 @@ import evaluate
 import torch
 
 from hf_align.metrics import metric_info
-from hf_align.segmentation import confusion_matrix
-from hf_align.segmentation import segmentation_metrics
+from hf_align.segmentation import confusion_matrix, segmentation_metrics
 
 _DESCRIPTION = """
 Mean intersection-over-union and pixel accuracy, in percent, of predicted label maps against reference label maps,
