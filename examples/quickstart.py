@@ -1,6 +1,6 @@
 """Offline quickstart as a script: `python examples/quickstart.py` (same as `hf-align quickstart`)."""
 
-from hf_align.quickstart import QuickstartArguments, run_quickstart
+from hf_align.experiments.quickstart import QuickstartArguments, run_quickstart
 
 if __name__ == "__main__":
     run_quickstart(QuickstartArguments())

@@ -20,8 +20,7 @@ from .losses import symmetric_infonce
 from .methods import METHODS, register_method
 from .modeling import AlignerModel, AlignerOutput
 from .processing import AlignerProcessor
-
-__version__ = "0.1.0"
+from .version import __version__
 
 AutoConfig.register(AlignerConfig.model_type, AlignerConfig)
 AutoModel.register(AlignerConfig, AlignerModel)
@@ -50,7 +49,7 @@ _LAZY = {
     "select_layers": "layer_selection",
     "LayerSelectionReport": "layer_selection",
     "resolve_auto_layers": "layer_selection",
-    "run_data_efficiency": "data_efficiency",
+    "run_data_efficiency": "experiments.data_efficiency",
     "structure_regularizer": "regularizers.structure",
     "sinkhorn": "ot",
     "relative_representation": "relative",
@@ -82,6 +81,7 @@ def __getattr__(name):
 
 __all__ = [
     "METHODS",
+    "__version__",
     "AlignerConfig",
     "AlignerModel",
     "AlignerOutput",

@@ -202,7 +202,7 @@ class AlignerConfig(PretrainedConfig):
         unknown = sorted(set(kwargs) - _TRANSFORMERS_KEYS)
         if unknown:
             # A newer hf_align may have added fields: load what we understand, but say what is being ignored.
-            from . import __version__
+            from .version import __version__
 
             writer = f"hf_align {hf_align_version}" if hf_align_version else "an unknown hf_align version"
             logger.warning(
@@ -239,7 +239,7 @@ class AlignerConfig(PretrainedConfig):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
         """Write `config.json`, stamped with the hf_align version that wrote it (a later version can then tell which
         fields it may not know)."""
-        from . import __version__
+        from .version import __version__
 
         self.hf_align_version = __version__
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)

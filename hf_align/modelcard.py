@@ -420,7 +420,7 @@ def upload_aligner(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from . import __version__
+    from .version import __version__
 
     folder = os.fspath(folder)
     config_path = os.path.join(folder, "config.json")
@@ -470,7 +470,7 @@ def _uploaded_files(folder: str) -> list[str]:
 def library_versions() -> list[tuple[str, str]]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from .version import __version__
 
     versions = [("Python", platform.python_version()), ("hf_align", __version__)]
     for package in _VERSIONED_PACKAGES:

@@ -7,7 +7,7 @@ import pytest
 from hf_align.arguments import DataArguments, ModelArguments, parse_layer
 from hf_align.cli import main, parse_command_args
 from hf_align.commands import COMMANDS
-from hf_align.quickstart import QuickstartArguments, run_quickstart
+from hf_align.experiments.quickstart import QuickstartArguments, run_quickstart
 from hf_align.training import AlignmentArguments
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import hf_align
 from hf_align.cli import main
-from hf_align.data_efficiency import DataEfficiencyResult, Variant, default_variants, run_data_efficiency
+from hf_align.experiments.data_efficiency import DataEfficiencyResult, Variant, default_variants, run_data_efficiency
 from hf_align.testing import make_paired_task
 
 FAST = hf_align.AlignmentArguments(

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from hf_align.experiments.compare import Leaderboard, compare, split_features, synthetic_features
 from hf_align.features import features_from_tensors
-from hf_align.leaderboard import Leaderboard, compare, split_features, synthetic_features
 from hf_align.testing import make_paired_task
 from hf_align.training import AlignmentArguments
 

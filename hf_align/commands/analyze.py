@@ -45,7 +45,7 @@ def load_feature_cache(path: str):
     from ..features import load_cache
 
     if path == "synthetic":
-        from ..leaderboard import synthetic_features
+        from ..experiments.compare import synthetic_features
 
         return synthetic_features()
     if not os.path.isdir(path):

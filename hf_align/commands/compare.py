@@ -4,7 +4,7 @@ Every combination gets the same training arguments (the `AlignmentArguments` fla
 rate, ...) and the same seeds, and is scored on one held-out split. Prints the leaderboard as Markdown and writes
 `leaderboard.md` and `leaderboard.json` into `--output_dir`. `--features synthetic` runs on the synthetic
 limited-data task; then, for every setting still at its default, a preset sized for that task is used (see
-`hf_align.leaderboard.SYNTHETIC_PRESET`).
+`hf_align.experiments.compare.SYNTHETIC_PRESET`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _names(value: str | None) -> list[str] | None:
 
 
 def run(args: CompareArguments, training_args: AlignmentArguments) -> int:
-    from ..leaderboard import SYNTHETIC_PRESET, compare, synthetic_features
+    from ..experiments.compare import SYNTHETIC_PRESET, compare, synthetic_features
     from .analyze import load_feature_cache
 
     if training_args.output_dir is None:

@@ -56,13 +56,13 @@ def _ints(name: str, text: str) -> list[int]:
 
 
 def run(args: DataEfficiencyArguments) -> int:
-    from ..data_efficiency import default_variants, run_data_efficiency
+    from ..experiments.data_efficiency import default_variants, run_data_efficiency
     from ..training import AlignmentArguments
 
     if args.synthetic == (args.features is not None):
         raise ValueError("give exactly one of --features <cache folder> or --synthetic")
     if args.synthetic:
-        from ..testing import make_paired_task
+        from ..experiments.synthetic import make_paired_task
 
         shared = _ints("synthetic_shared_layers", args.synthetic_shared_layers)
         if len(shared) != 2:

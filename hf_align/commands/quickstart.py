@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..quickstart import QuickstartArguments, run_quickstart
+from ..experiments.quickstart import QuickstartArguments, run_quickstart
 from . import CommandSpec
 
 
