@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import datasets
+
+from .features import extract_features
+from .features.decode import load_dataset_split
 
 
 def parse_layer(name: str, value: str | int) -> int | str:
@@ -86,8 +88,6 @@ class DataArguments:
 
     def extract(self, model, data: datasets.Dataset) -> datasets.Dataset:
         """The feature cache of `data` for `model`, as these arguments ask (reused when it exists)."""
-        from .features import extract_features
-
         return extract_features(
             model,
             model.processor,
@@ -102,20 +102,3 @@ class DataArguments:
             on_bad_sample=self.on_bad_sample,
             num_workers=self.num_workers,
         )
-
-
-def load_dataset_split(
-    name: str, config: str | None = None, split: str = "train", max_samples: int | None = None, seed: int = 0
-) -> datasets.Dataset:
-    """A `datasets.Dataset` from a `save_to_disk` folder or through `datasets.load_dataset`."""
-    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "state.json")):
-        data = datasets.load_from_disk(name)
-    elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "dataset_dict.json")):
-        data = datasets.load_from_disk(name)[split]
-    else:
-        data = datasets.load_dataset(name, config, split=split)
-    if max_samples is not None:
-        if max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-        data = data.shuffle(seed=seed).select(range(min(max_samples, len(data))))
-    return data

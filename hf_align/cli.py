@@ -41,7 +41,7 @@ def parse_command_args(argument_classes, argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(prog="hf-align", description=__doc__.splitlines()[0])
-    top.add_argument("command", choices=sorted(COMMANDS), help="what to run; `hf-align <command> -h` for its options")
+    top.add_argument("command", choices=COMMANDS.names(), help="what to run; `hf-align <command> -h` for its options")
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0

@@ -278,3 +278,11 @@ def resolve_layer_index(name: str, layer: int, num_hidden_states: int | None) ->
             f"(valid indices {-num_hidden_states}..{num_hidden_states - 1})"
         )
     return layer % num_hidden_states
+
+
+# The tasks an evaluation record in `AlignerConfig.training_summary["evaluations"]` can name, as Hub task ids: the
+# `evaluate_*` functions label their results with them and the model card's `model-index` lists them. Defined here,
+# below both, so that evaluation need not import the card.
+TASK_ZERO_SHOT = "zero-shot-image-classification"
+TASK_RETRIEVAL = "image-text-retrieval"
+TASK_SEGMENTATION = "image-segmentation"

@@ -2,20 +2,67 @@
 
 The metric functions work on score matrices; the `evaluate_*` functions embed a dataset first, from raw images and
 captions (encoders run) or from a feature cache (no encoder runs for what the cache holds).
+
+An `evaluate_*` function returns its metrics and writes nothing into the model. The result (an `EvaluationResult`:
+the metrics dict, plus the task, data and protocol of the run) is what the caller records on the model card:
+
+```python
+results = hf_align.evaluate_zero_shot(model, processor, test_set, dataset_name="cifar10", dataset_split="test")
+model.model_card_data.add_evaluation(results)  # or hf_align.record_evaluation(model, results)
+model.save_pretrained("out")  # the card's model-index lists the run
+```
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import datasets
 import torch
-import torch.nn.functional as F
 
+from .configuration import TASK_RETRIEVAL, TASK_ZERO_SHOT
 from .features import FeatureCollator, column_array, features_for
-from .modelcard import TASK_RETRIEVAL, TASK_ZERO_SHOT, record_evaluation
 from .retrieval import check_ks, check_text_image_index, chunked_retrieval_metrics, recall_metrics
-from .templates import DEFAULT_TEMPLATES
+from .templates import DEFAULT_TEMPLATES, class_prototypes, embed_texts
+
+
+class EvaluationResult(dict):
+    """What an `evaluate_*` function returns: its metrics (this dict, as before), and what a model card needs to
+    record the run.
+
+    Record it with `model.model_card_data.add_evaluation(result)` or `hf_align.record_evaluation(model, result)`.
+
+    Attributes:
+        task (`str`): the task evaluated, `hf_align.configuration.TASK_ZERO_SHOT`, `TASK_RETRIEVAL` or
+            `TASK_SEGMENTATION`.
+        card_metrics (`dict[str, float]`): the metrics the card lists (default: all of them; segmentation leaves out
+            its per-class IoU and image count).
+        dataset: the evaluated data (a Hub-loaded `datasets.Dataset` names its own id, split and revision).
+        dataset_name, dataset_split (`str`, *optional*): how the card names the data, over what `dataset` says.
+        num_samples (`int`, *optional*): samples evaluated. details (`str`, *optional*): one line of protocol.
+    """
+
+    def __init__(
+        self,
+        metrics: Mapping[str, Any],
+        *,
+        task: str,
+        card_metrics: Mapping[str, float] | None = None,
+        dataset=None,
+        dataset_name: str | None = None,
+        dataset_split: str | None = None,
+        num_samples: int | None = None,
+        details: str | None = None,
+    ):
+        super().__init__(metrics)
+        self.task = task
+        self.card_metrics = dict(metrics if card_metrics is None else card_metrics)
+        self.dataset = dataset
+        self.dataset_name = dataset_name
+        self.dataset_split = dataset_split
+        self.num_samples = num_samples
+        self.details = details
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -102,18 +149,6 @@ def is_feature_cache(dataset: datasets.Dataset) -> bool:
 
 
 @torch.no_grad()
-def embed_texts(model, processor, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """Aligned embeddings (n, D) of raw strings through the frozen text encoder."""
-    out = []
-    for start in range(0, len(texts), batch_size):
-        inputs = processor.tokenizer(
-            list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt"
-        )
-        out.append(model.get_text_features(**inputs.to(model.device)))
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def embed_images(model, processor, images, batch_size: int = 64) -> torch.Tensor:
     """Aligned embeddings (n, D) of images through the frozen vision encoder."""
     out = []
@@ -138,25 +173,6 @@ def embed_feature_cache(model, features: datasets.Dataset, batch_size: int = 102
     return torch.cat(images), torch.cat(texts)
 
 
-@torch.no_grad()
-def class_prototypes(
-    model, processor, class_names: Sequence[str], templates: Sequence[str] | None = None
-) -> torch.Tensor:
-    """(C, D) class embeddings: per class, the mean of its normalised template embeddings, renormalised."""
-    if not class_names:
-        raise ValueError("class_names is empty: zero-shot classification needs at least one class")
-    if len(set(class_names)) != len(class_names):
-        duplicated = sorted({c for c in class_names if list(class_names).count(c) > 1})
-        raise ValueError(f"class_names has duplicates {duplicated}: each class needs its own name")
-    templates = list(templates or DEFAULT_TEMPLATES)
-    for template in templates:
-        if "{}" not in template:
-            raise ValueError(f"every template needs a '{{}}' placeholder for the class name, got {template!r}")
-    prompts = [t.format(name) for name in class_names for t in templates]
-    embeds = embed_texts(model, processor, prompts).view(len(class_names), len(templates), -1)
-    return F.normalize(embeds.mean(1), dim=-1)
-
-
 # ---------------------------------------------------------------------------------------------- protocols
 @torch.no_grad()
 def evaluate_zero_shot(
@@ -170,13 +186,16 @@ def evaluate_zero_shot(
     batch_size: int = 64,
     dataset_name: str | None = None,
     dataset_split: str | None = None,
-) -> dict[str, float]:
+) -> EvaluationResult:
     """Zero-shot classification: top-1, top-5 and mean per-class recall (percent).
 
     `dataset` holds images (raw, or a feature cache with the image features) and integer labels. Class names default
-    to the label column's `ClassLabel` names; `templates` default to CLIP's 80 ImageNet prompts. The result is
-    recorded in `model.config.training_summary["evaluations"]` (the model card's `model-index`) under
-    `dataset_name` / `dataset_split` (default: what a Hub-loaded `dataset` knows about itself).
+    to the label column's `ClassLabel` names; `templates` default to CLIP's 80 ImageNet prompts.
+
+    Returns an `EvaluationResult`, the dict `top1`, `top5`, `mean_per_class_recall`; nothing is written into the
+    model. To list the run on the model card (under `dataset_name` / `dataset_split`, default: what a Hub-loaded
+    `dataset` knows about itself), record it: `model.model_card_data.add_evaluation(result)` (or
+    `hf_align.record_evaluation(model, result)`).
     """
     model.eval()
     if label_column not in dataset.column_names:
@@ -205,18 +224,16 @@ def evaluate_zero_shot(
     logits = 100.0 * images @ prototypes.t()
     metrics = zero_shot_metrics(logits, labels)
     n_templates = len(templates or DEFAULT_TEMPLATES)
-    record_evaluation(
-        model,
-        TASK_ZERO_SHOT,
+    return EvaluationResult(
         metrics,
-        dataset,
-        dataset_name,
-        dataset_split,
+        task=TASK_ZERO_SHOT,
+        dataset=dataset,
+        dataset_name=dataset_name,
+        dataset_split=dataset_split,
         num_samples=len(labels),
         details=f"{len(labels)} images, {len(class_names)} classes, {n_templates} prompt template"
         f"{'s' if n_templates > 1 else ''} per class",
     )
-    return metrics
 
 
 @torch.no_grad()
@@ -229,13 +246,16 @@ def evaluate_retrieval(
     batch_size: int = 64,
     dataset_name: str | None = None,
     dataset_split: str | None = None,
-) -> dict[str, float]:
+) -> EvaluationResult:
     """Image↔text retrieval R@1/5/10 both ways (percent), several captions per image allowed.
 
     `dataset` is a feature cache (rows sharing an `image_id` are captions of one image; `processor` unused) or raw
-    data with an image column and a caption column holding a string or a list of strings per image. The result is
-    recorded in `model.config.training_summary["evaluations"]` (the model card's `model-index`) under
-    `dataset_name` / `dataset_split` (default: what a Hub-loaded `dataset` knows about itself).
+    data with an image column and a caption column holding a string or a list of strings per image.
+
+    Returns an `EvaluationResult`, the dict `image_to_text_R@k`, `text_to_image_R@k`, `mean_R@k`; nothing is written
+    into the model. To list the run on the model card (under `dataset_name` / `dataset_split`, default: what a
+    Hub-loaded `dataset` knows about itself), record it: `model.model_card_data.add_evaluation(result)` (or
+    `hf_align.record_evaluation(model, result)`).
     """
     model.eval()
     if dataset is None or len(dataset) == 0:
@@ -268,17 +288,15 @@ def evaluate_retrieval(
     metrics = chunked_retrieval_metrics(
         image_embeds, text_embeds, owner.to(image_embeds.device), similarity=model.similarity
     )
-    record_evaluation(
-        model,
-        TASK_RETRIEVAL,
+    return EvaluationResult(
         metrics,
-        dataset,
-        dataset_name,
-        dataset_split,
+        task=TASK_RETRIEVAL,
+        dataset=dataset,
+        dataset_name=dataset_name,
+        dataset_split=dataset_split,
         num_samples=len(image_embeds),
         details=f"{len(text_embeds)} captions of {len(image_embeds)} images, every image against every caption",
     )
-    return metrics
 
 
 def _first_row_per_image(dataset: datasets.Dataset) -> list[int]:
@@ -290,3 +308,17 @@ def _first_row_per_image(dataset: datasets.Dataset) -> list[int]:
             seen.add(image_id)
             first.append(row)
     return first
+
+
+__all__ = [
+    "EvaluationResult",
+    "class_prototypes",
+    "embed_feature_cache",
+    "embed_images",
+    "embed_texts",
+    "evaluate_retrieval",
+    "evaluate_zero_shot",
+    "is_feature_cache",
+    "retrieval_metrics",
+    "zero_shot_metrics",
+]

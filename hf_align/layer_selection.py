@@ -4,8 +4,8 @@ cache by representational similarity on a sample of pairs, and train on the best
 `select_layers(features)` reads the cache's pooled columns `vision_layer_{l}` / `text_layer_{l}` (`hf_align.features`),
 draws `n_samples` pairs (one caption per image, so duplicated image rows cannot fake neighbourhood agreement), and
 fills a (n_vision_layers, n_text_layers) matrix with `mutual_knn` (default, k by the Rice rule), `cka` or
-`unbiased_cka` (`hf_align.representation`). Per-layer work (neighbour tables, centred statistics) is done once per
-layer, so the pair loop is cheap.
+`unbiased_cka` (`hf_align.representation_similarity`). Per-layer work (neighbour tables, centred statistics) is
+done once per layer, so the pair loop is cheap.
 
 `resolve_auto_layers(model, features)` is what `hf_align.train` calls when a layer is `"auto"`: it selects, points the
 model at the best pair (`model.set_layers`) and records the report in `model.config.training_summary`.
@@ -21,8 +21,9 @@ import datasets
 import numpy as np
 import torch
 
-from .features import _cache_layer, cached_layers, layer_column, load_cache
-from .representation import (
+from .features import cached_layers, layer_column, open_feature_cache  # open_feature_cache: re-exported, it lived here
+from .features.schema import _cache_layer
+from .representation_similarity import (
     cka_from_stats,
     knn_indices,
     linear_kernel_stats,
@@ -293,14 +294,3 @@ def resolve_auto_layers(model, features: datasets.Dataset, **kwargs) -> LayerSel
     )
     config.training_summary = {**config.training_summary, "layer_selection": report.summary()}
     return report
-
-
-def open_feature_cache(path: str, split: str = "train") -> datasets.Dataset:
-    """Open a feature cache folder: an `extract_features` cache (`hf_align_cache.json`), a `save_to_disk` folder
-    (a `DatasetDict` gives its `split`) or anything else `datasets.load_dataset` reads from a local folder."""
-    from .arguments import load_dataset_split
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"feature cache folder {path!r} does not exist")
-    cache = load_cache(path)
-    return cache if cache is not None else load_dataset_split(path, split=split)

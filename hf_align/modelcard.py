@@ -1,31 +1,39 @@
 """Model cards written from what happened to an aligner (sentence-transformers' approach).
 
 Everything the card says comes from the model itself: its config (encoders and pinned revisions, layers, pooling,
-method and settings) and `config.training_summary`, the record that `hf_align.train` / `CardDataCallback` (training
-data sizes, steps, runtime, hardware, non-default arguments, validation metrics, losses), layer selection (chosen
-layers and their scores) and `record_evaluation` (every `evaluate_*` run) fill in. The summary travels in
-`config.json`, so a reloaded model re-saves the same card.
+method and settings) and its card data, `model.model_card_data` (an `AlignerModelCardData`), onto which each run
+records what it did: `hf_align.train` / `CardDataCallback` the training run (data sizes, steps, runtime, hardware,
+non-default arguments, validation metrics, losses), layer selection the chosen layers and their scores, and the
+caller every evaluation it wants listed (`model.model_card_data.add_evaluation(hf_align.evaluate_zero_shot(...))`).
+The card data is kept in `config.training_summary`, which travels in `config.json`, so a reloaded model re-saves the
+same card.
 
 The YAML header carries `base_model` (both encoders, when they are Hub ids), `datasets` and a `model-index` with one
 `EvalResult` per recorded metric, so the Hub shows the evaluation results.
+
+This module renders; it imports the model only for type annotations. Uploading lives in `hf_align.hub`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-TASK_ZERO_SHOT = "zero-shot-image-classification"
-TASK_RETRIEVAL = "image-text-retrieval"
-TASK_SEGMENTATION = "image-segmentation"
+from .configuration import TASK_RETRIEVAL, TASK_SEGMENTATION, TASK_ZERO_SHOT
+from .hub import upload_aligner
+from .modelcard_template import TEMPLATE
+
+if TYPE_CHECKING:
+    from .evaluation import EvaluationResult
+    from .modeling import AlignerModel
+
 TASK_NAMES = {
     TASK_ZERO_SHOT: "Zero-shot image classification",
     TASK_RETRIEVAL: "Image-text retrieval",
@@ -43,117 +51,9 @@ _METRIC_NAMES = {
 }
 _SELECTION_METRICS = {"mutual_knn": "mutual k-NN alignment", "cka": "linear CKA", "unbiased_cka": "unbiased linear CKA"}
 _MAX_LOG_ROWS = 25
+# What describes the setup rather than the weights: kept when a new training run starts.
+_KEPT_ACROSS_RUNS = ("layer_selection", "train_datasets")
 _VERSIONED_PACKAGES = ("transformers", "torch", "datasets", "accelerate", "huggingface_hub", "evaluate", "safetensors")
-
-TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-A CLIP-style image–text model built with `hf_align`: the frozen vision encoder \
-{{ vision.link }} and the frozen text encoder {{ text.link }}, joined by a small trained `{{ method }}` aligner\
-{% if train_pairs %} fitted on {{ train_pairs }} image–text pairs{% endif %}. Only the aligner's weights live in \
-this repository; the encoders are loaded from their own repositories at the pinned revisions below\
-{% if bundled %} (a copy of each is also bundled under `vision_encoder/` and `text_encoder/` for offline use){% endif %}.
-
-## Model details
-
-| | Vision | Text |
-|---|---|---|
-| Encoder | {{ vision.link }} | {{ text.link }} |
-| Revision | {{ vision.revision }} | {{ text.revision }} |
-| Layer (hidden-state index) | {{ vision.layer }} | {{ text.layer }} |
-| Pooling | {{ vision.pooling }} | {{ text.pooling }} |
-| Feature width | {{ vision.width }} | {{ text.width }} |
-
-- **Aligner method:** `{{ method }}`{% if method_settings %} with {{ method_settings }}{% endif %}
-- **Regularisers:** {{ regularizers if regularizers else "none" }}
-- **Similarity head:** `{{ similarity }}`{% if similarity_settings %} with {{ similarity_settings }}{% endif %}
-- **Temperature:** {{ temperature }}{% if learnable_temperature %} (learned){% endif %}
-- **Embedding dimension:** {{ embed_dim }}
-- **Trainable aligner parameters:** {{ num_parameters }}
-{% if layer_selection %}
-## Layer selection
-
-{{ layer_selection }}
-{% endif %}
-## Usage
-
-```bash
-pip install hf_align
-```
-
-```python
-import torch
-from PIL import Image
-from transformers import pipeline
-
-import hf_align  # registers the aligner classes with transformers
-
-model = hf_align.AlignerModel.from_pretrained("{{ model_id }}")
-processor = hf_align.AlignerProcessor.from_pretrained("{{ model_id }}")
-inputs = processor(images=Image.open("photo.jpg"), text=["a photo of a cat", "a photo of a dog"])
-with torch.no_grad():
-    probs = model(**inputs).logits_per_image.softmax(dim=-1)
-
-# embeddings for search: (n, {{ embed_dim }}) L2-normalised tensors
-image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"])
-
-# or the stock zero-shot pipeline
-classifier = pipeline("zero-shot-image-classification", model="{{ model_id }}")
-classifier("photo.jpg", candidate_labels=["cat", "dog"])
-```
-{% if evaluations %}
-## Evaluation
-{% for run in evaluations %}
-### {{ run.task_name }}: {{ run.dataset }}
-
-{% if run.details %}{{ run.details }}
-
-{% endif %}| Metric | Value |
-|---|---|
-{% for name, value in run.metrics %}| {{ name }} | {{ value }} |
-{% endfor %}{% endfor %}{% endif %}
-## Training details
-{% if train_datasets %}
-### Training data
-
-| Dataset | Split | Rows |
-|---|---|---|
-{% for dataset in train_datasets %}| {{ dataset.label }} | {{ dataset.split }} | {{ dataset.num_rows }} |
-{% endfor %}{% endif %}{% if training %}
-### Training run
-
-| | |
-|---|---|
-{% for name, value in training %}| {{ name }} | {{ value }} |
-{% endfor %}{% endif %}{% if hyperparameters %}
-### Non-default hyperparameters
-
-| Argument | Value |
-|---|---|
-{% for name, value in hyperparameters %}| `{{ name }}` | `{{ value }}` |
-{% endfor %}{% endif %}{% if final_eval %}
-### Validation metrics (held-out training pairs, final weights)
-
-| Metric | Value |
-|---|---|
-{% for name, value in final_eval %}| {{ name }} | {{ value }} |
-{% endfor %}{% endif %}{% if training_logs %}
-### Training logs
-
-| Epoch | Step | Training loss | Validation loss |
-|---|---|---|---|
-{% for row in training_logs %}| {{ row.epoch }} | {{ row.step }} | {{ row.training_loss }} | {{ row.validation_loss }} |
-{% endfor %}{% endif %}{% if not (train_datasets or training) %}
-This aligner has not been trained with `hf_align.train` or \
-`transformers.Trainer` + `hf_align.CardDataCallback`; no training record is available.
-{% endif %}
-## Framework versions
-
-{% for name, version in versions %}- {{ name }}: {{ version }}
-{% endfor %}"""
 
 
 # ---------------------------------------------------------------------------------------------- recording
@@ -196,56 +96,166 @@ def describe_dataset(
     return info
 
 
+class AlignerModelCardData:
+    """What the model card says beyond the config, recorded onto the model as it happens (sentence-transformers'
+    `SentenceTransformerModelCardData`): the training run, its datasets and the evaluations the caller records; layer
+    selection adds its report. A view over `model.config.training_summary`, so the record is saved in `config.json`.
+    Reach it as `model.model_card_data`; `generate_model_card` renders it.
+
+    Args:
+        model (`AlignerModel`): the model described.
+    """
+
+    def __init__(self, model: AlignerModel):
+        self.model = model
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The record as stored (`config.training_summary`); change it through the methods of this class."""
+        return self.model.config.training_summary
+
+    def _update(self, **entries: Any) -> None:
+        self.model.config.training_summary = {**self.summary, **entries}
+
+    def add_evaluation(
+        self,
+        task: str | EvaluationResult,
+        metrics: Mapping[str, float] | None = None,
+        dataset=None,
+        dataset_name: str | None = None,
+        dataset_split: str | None = None,
+        num_samples: int | None = None,
+        details: str | None = None,
+    ) -> dict[str, Any]:
+        """Add one evaluation run to the card's `model-index` (`summary["evaluations"]`); returns the stored entry.
+
+        Args:
+            task: what an `evaluate_*` function returned (an `EvaluationResult`: the task, metrics, data and protocol
+                come from it; `dataset*`, `num_samples` and `details` given here win over its own), or a task id
+                (`TASK_ZERO_SHOT`, `TASK_RETRIEVAL`, `TASK_SEGMENTATION`) with `metrics`.
+            metrics: metric name -> number, with a task id only.
+            dataset / dataset_name / dataset_split / num_samples: the evaluated data (see `describe_dataset`).
+            details: one line of protocol for the card (e.g. "80 CLIP templates, 10 classes").
+
+        A later run of the same task on the same dataset and split replaces the earlier one, so the card lists what
+        the model scores now.
+        """
+        if not isinstance(task, str):
+            if metrics is not None or not hasattr(task, "card_metrics"):
+                raise TypeError(
+                    "add_evaluation takes what an evaluate_* function returned (alone), or a task id with metrics; "
+                    f"got task={type(task).__name__} and metrics={type(metrics).__name__}"
+                )
+            result, task, metrics = task, task.task, task.card_metrics
+            dataset = result.dataset if dataset is None else dataset
+            dataset_name = result.dataset_name if dataset_name is None else dataset_name
+            dataset_split = result.dataset_split if dataset_split is None else dataset_split
+            num_samples = result.num_samples if num_samples is None else num_samples
+            details = result.details if details is None else details
+        if task not in TASK_NAMES:
+            raise ValueError(f"task must be one of {sorted(TASK_NAMES)}, got {task!r}")
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"metrics must be a mapping of metric name -> number, got {type(metrics).__name__}")
+        values = {}
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"metric {key!r} must be a number, got {value!r}")
+            values[key] = float(value)
+        entry = {
+            "task": task,
+            "dataset": describe_dataset(dataset, dataset_name, dataset_split, num_samples),
+            "metrics": values,
+        }
+        if details:
+            entry["details"] = details
+        key = _evaluation_key(entry)
+        kept = [e for e in self.summary.get("evaluations", []) if _evaluation_key(e) != key]
+        self._update(evaluations=kept + [entry])
+        return entry
+
+    def add_training_dataset(
+        self, dataset=None, name: str | None = None, split: str | None = None, num_rows: int | None = None
+    ) -> dict[str, Any]:
+        """Note a source dataset the aligner was trained on (the feature cache itself no longer knows its name); a
+        dataset already listed with the same id (or name) and split is replaced. Returns the stored entry."""
+        info = describe_dataset(dataset, name, split, num_rows)
+        if "name" not in info and "id" not in info:
+            raise ValueError("a training dataset needs a name: pass name=... or a datasets.Dataset loaded from the Hub")
+        same = (info.get("id") or info.get("name"), info.get("split"))
+        kept = [
+            d for d in self.summary.get("train_datasets", []) if (d.get("id") or d.get("name"), d.get("split")) != same
+        ]
+        self._update(train_datasets=kept + [info])
+        return info
+
+    def start_training_run(self) -> None:
+        """Forget what described the previous weights (an earlier run, evaluations of the old weights); the layer
+        selection and the training datasets, which describe the setup, are kept."""
+        summary = self.summary
+        self.model.config.training_summary = {k: summary[k] for k in _KEPT_ACROSS_RUNS if k in summary}
+
+    def set_training_run(
+        self,
+        *,
+        trainer: str,
+        train_pairs: int | None,
+        eval_pairs: int,
+        global_step: int,
+        best_step: int | None,
+        runtime_s: float,
+        device: torch.device | str,
+        mixed_precision: str,
+        training_args: Mapping[str, Any],
+        final_eval: Mapping[str, float],
+        training_logs: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Record a finished training run: who trained (`"hf_align.train"`, `"transformers.Trainer"`), on how many
+        pairs, for how many optimiser steps (the kept best one), how long and on which `device`, the non-default
+        arguments, the last validation metrics and the loss log (rows of `epoch`, `step`, `training_loss`,
+        `validation_loss`)."""
+        self._update(
+            trainer=trainer,
+            train_pairs=train_pairs,
+            eval_pairs=eval_pairs,
+            global_step=global_step,
+            best_step=best_step,
+            train_runtime_s=round(runtime_s, 3),
+            hardware=hardware_description(device),
+            mixed_precision=mixed_precision,
+            training_args=dict(training_args),
+            final_eval=dict(final_eval),
+            training_logs=list(training_logs),
+        )
+
+    def generate_model_card(
+        self, model_id: str | None = None, tags: Sequence[str] = (), bundled: bool | None = None
+    ) -> ModelCard:
+        """The model's card (see the module function `generate_model_card`)."""
+        return generate_model_card(self.model, model_id, tags, bundled)
+
+
 def record_evaluation(
-    model,
-    task: str,
-    metrics: Mapping[str, float],
+    model: AlignerModel,
+    task: str | EvaluationResult,
+    metrics: Mapping[str, float] | None = None,
     dataset=None,
     dataset_name: str | None = None,
     dataset_split: str | None = None,
     num_samples: int | None = None,
     details: str | None = None,
 ) -> dict[str, Any]:
-    """Add one evaluation run to `model.config.training_summary["evaluations"]` (the card's `model-index`).
-
-    A later run of the same task on the same dataset and split replaces the earlier one, so the card lists what the
-    model scores now. `details` is one line of protocol for the card (e.g. "80 CLIP templates, 10 classes").
-    Returns the stored entry.
-    """
-    if task not in TASK_NAMES:
-        raise ValueError(f"task must be one of {sorted(TASK_NAMES)}, got {task!r}")
-    values = {}
-    for key, value in metrics.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"metric {key!r} must be a number, got {value!r}")
-        values[key] = float(value)
-    entry = {
-        "task": task,
-        "dataset": describe_dataset(dataset, dataset_name, dataset_split, num_samples),
-        "metrics": values,
-    }
-    if details:
-        entry["details"] = details
-    summary = dict(model.config.training_summary)
-    key = _evaluation_key(entry)
-    summary["evaluations"] = [e for e in summary.get("evaluations", []) if _evaluation_key(e) != key] + [entry]
-    model.config.training_summary = summary
-    return entry
+    """Add one evaluation run to the model's card: `AlignerModelCardData.add_evaluation` (same arguments), e.g.
+    `hf_align.record_evaluation(model, hf_align.evaluate_retrieval(model, processor, test_set))`."""
+    return AlignerModelCardData(model).add_evaluation(
+        task, metrics, dataset, dataset_name, dataset_split, num_samples, details
+    )
 
 
-def record_training_dataset(model, dataset=None, name: str | None = None, split: str | None = None, num_rows=None):
-    """Note the source dataset the aligner was trained on (the feature cache itself no longer knows its name)."""
-    info = describe_dataset(dataset, name, split, num_rows)
-    if "name" not in info and "id" not in info:
-        raise ValueError(
-            "record_training_dataset needs a name: pass name=... or a datasets.Dataset loaded from the Hub"
-        )
-    summary = dict(model.config.training_summary)
-    same = (info.get("id") or info.get("name"), info.get("split"))
-    kept = [d for d in summary.get("train_datasets", []) if (d.get("id") or d.get("name"), d.get("split")) != same]
-    summary["train_datasets"] = kept + [info]
-    model.config.training_summary = summary
-    return info
+def record_training_dataset(
+    model: AlignerModel, dataset=None, name: str | None = None, split: str | None = None, num_rows: int | None = None
+) -> dict[str, Any]:
+    """Note a source dataset the aligner was trained on: `AlignerModelCardData.add_training_dataset`."""
+    return AlignerModelCardData(model).add_training_dataset(dataset, name, split, num_rows)
 
 
 def hardware_description(device: torch.device | str) -> str:
@@ -261,8 +271,8 @@ def _evaluation_key(entry: Mapping) -> tuple:
     return entry["task"], dataset.get("id") or dataset.get("name"), dataset.get("config"), dataset.get("split")
 
 
-# ---------------------------------------------------------------------------------------------- card data
-def eval_results(model) -> list[EvalResult]:
+# ---------------------------------------------------------------------------------------------- YAML header
+def eval_results(model: AlignerModel) -> list[EvalResult]:
     """One `EvalResult` per metric of every recorded evaluation run, values exactly as recorded."""
     results = []
     for run in model.config.training_summary.get("evaluations", []):
@@ -330,7 +340,7 @@ def default_model_name(config) -> str:
     return "-".join(parts + [config.method, "aligner"])
 
 
-def card_data(model, model_id: str | None = None, tags: Sequence[str] = ()) -> ModelCardData:
+def card_data(model: AlignerModel, model_id: str | None = None, tags: Sequence[str] = ()) -> ModelCardData:
     """The YAML header: library, pipeline tag, tags, `base_model` (both encoders), datasets and `model-index`."""
     config = model.config
     summary = config.training_summary
@@ -356,7 +366,7 @@ def card_data(model, model_id: str | None = None, tags: Sequence[str] = ()) -> M
 
 # ---------------------------------------------------------------------------------------------- rendering
 def generate_model_card(
-    model, model_id: str | None = None, tags: Sequence[str] = (), bundled: bool | None = None
+    model: AlignerModel, model_id: str | None = None, tags: Sequence[str] = (), bundled: bool | None = None
 ) -> ModelCard:
     """The full card of `model`; `model_id` (repo id or folder) is what the usage snippet loads. `bundled` says whether
     the encoders are saved alongside (default: what the model's config says)."""
@@ -393,78 +403,13 @@ def generate_model_card(
     )
 
 
-def write_model_card(model, save_directory: str | os.PathLike, model_id: str | None = None, tags=()) -> str:
+def write_model_card(
+    model: AlignerModel, save_directory: str | os.PathLike, model_id: str | None = None, tags: Sequence[str] = ()
+) -> str:
     """Write `README.md` into `save_directory` (what `save_pretrained` calls); returns its path."""
     path = os.path.join(save_directory, "README.md")
     generate_model_card(model, model_id or os.fspath(save_directory), tags).save(path)
     return path
-
-
-def upload_aligner(
-    model,
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    private: bool | None = None,
-    token: bool | str | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    tags: Sequence[str] = (),
-):
-    """Upload a folder `save_pretrained` wrote for `model` to the Hub repo `repo_id` (created if missing).
-
-    Every file goes up except training leftovers (`checkpoint-*/`, `runs/`, hidden files); `README.md` is
-    regenerated for `repo_id` so the card's usage snippet names the repo. Returns the `CommitInfo`.
-    """
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    from .version import __version__
-
-    folder = os.fspath(folder)
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"folder={folder!r} holds no config.json: save the aligner there with save_pretrained first")
-    with open(config_path, encoding="utf-8") as handle:
-        bundled = bool(json.load(handle).get("bundled_encoders", False))
-    api = HfApi(library_name="hf_align", library_version=__version__)
-    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    if revision is not None and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
-    operations = [
-        CommitOperationAdd(path_in_repo=path, path_or_fileobj=os.path.join(folder, path))
-        for path in _uploaded_files(folder)
-        if path != "README.md"
-    ]
-    card = str(generate_model_card(model, repo_id, tags, bundled)).encode("utf-8")
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
-    return api.create_commit(
-        repo_id,
-        operations,
-        commit_message=commit_message or "Upload hf_align aligner",
-        commit_description=commit_description,
-        token=token,
-        revision=revision,
-        create_pr=create_pr,
-    )
-
-
-def _uploaded_files(folder: str) -> list[str]:
-    """Repo paths (POSIX) of the files under `folder`, leaving out checkpoints, logs and hidden files."""
-    paths = []
-    for root, directories, files in os.walk(folder):
-        relative = os.path.relpath(root, folder)
-        top_level = relative == "."
-        directories[:] = sorted(
-            d
-            for d in directories
-            if not d.startswith(".") and not (top_level and (d.startswith("checkpoint-") or d == "runs"))
-        )
-        for name in sorted(files):
-            if not name.startswith("."):
-                paths.append(name if top_level else "/".join([*relative.split(os.sep), name]))
-    return paths
 
 
 def library_versions() -> list[tuple[str, str]]:
@@ -512,10 +457,10 @@ def _non_default_method_settings(config) -> dict[str, Any]:
     return {k: v for k, v in config.method_config.items() if k not in defaults or defaults[k] != v}
 
 
-def _aligner_parameter_count(model) -> int:
-    from .modeling import ENCODER_PREFIXES
-
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(ENCODER_PREFIXES) and p.requires_grad)
+def _aligner_parameter_count(model: AlignerModel) -> int:
+    """Trainable parameters of the checkpoint (`aligner_state_dict`: everything but the frozen encoders)."""
+    saved = model.aligner_state_dict().keys()
+    return sum(p.numel() for n, p in model.named_parameters() if n in saved and p.requires_grad)
 
 
 def _layer_selection_text(selection: Mapping | None) -> str:
@@ -611,6 +556,7 @@ def _duration(seconds: float) -> str:
 
 
 __all__ = [
+    "AlignerModelCardData",
     "TASK_RETRIEVAL",
     "TASK_SEGMENTATION",
     "TASK_ZERO_SHOT",

@@ -14,22 +14,21 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 from . import lora
-from .configuration import AlignerConfig, check_layer, check_pooling, check_settings, resolve_layer_index
+from .aligner_parts import AlignerParts, aligner_settings, resolve_parts
+from .configuration import AlignerConfig, check_layer, resolve_layer_index
 from .encoders import EncoderInfo, load_encoder, non_finite_rows, pool_text, pool_vision, probe_text, probe_vision
+from .hub import upload_aligner
 from .losses import symmetric_infonce
-from .methods import build_method_config, get_method
-from .modelcard import upload_aligner, write_model_card
+from .methods import AlignerMethod, MethodConfig
+from .modelcard import AlignerModelCardData, write_model_card
 from .processing import AlignerProcessor
-from .regularizers import _registry as regularizer_registry
-from .regularizers import build_regularizers, split_regularizer_kwargs
-from .similarity import build_similarity, check_similarity
+from .safe_loading import BUNDLE_SUBFOLDERS, check_loading_info, load_bundled_encoder, raise_if_pickle_only
+from .segmentation_inference import segment_images
 
 logger = logging.get_logger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learnable temperature
 ENCODER_PREFIXES = ("vision_model.", "text_model.")
-BUNDLE_SUBFOLDERS = {"vision": "vision_encoder", "text": "text_encoder"}
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass
@@ -72,23 +71,23 @@ class AlignerModel(PreTrainedModel):
         config: AlignerConfig,
         vision_model: PreTrainedModel | None = None,
         text_model: PreTrainedModel | None = None,
+        _parts: AlignerParts | None = None,
     ):
+        # `_parts`: what `from_encoders` / `from_feature_dims` already validated for this config (before loading
+        # anything), so that each check runs once per model; any other caller leaves it to be resolved here.
         super().__init__(config)
         if config.vision_hidden_size is None or config.text_hidden_size is None:
             raise ValueError(
                 "AlignerConfig needs vision_hidden_size and text_hidden_size; build the model with "
                 "AlignerModel.from_encoders(...) rather than from a bare config"
             )
-        self.aligner = self._build_aligner()
-        check_similarity(config.similarity, self.aligner, config.similarity_config)  # e.g. token heads need token sets
-        self.similarity = build_similarity(config.similarity, self.aligner.embed_dim, **config.similarity_config)
-        self.regularizers = build_regularizers(config.regularizers)
-        for name, regularizer in self.regularizers.items():
-            if self.aligner.input_kind not in regularizer.input_kinds:
-                raise ValueError(
-                    f"regulariser {name!r} works on {' or '.join(regularizer.input_kinds)} features, but method "
-                    f"{config.method!r} takes {self.aligner.input_kind} features"
-                )
+        if _parts is None:
+            _parts = resolve_parts(config)
+        if config.resolved_vision_pooling == "cls" and not config.vision_has_cls:
+            raise ValueError("vision_pooling='cls' but this vision encoder has no CLS token; use 'mean' or 'auto'")
+        self.aligner = self._build_aligner(_parts.method, _parts.method_config)
+        self.similarity = self._build_similarity(_parts.similarity)
+        self.regularizers = _parts.regularizers
         self.logit_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / config.contrastive_temperature)), requires_grad=config.learnable_temperature
         )
@@ -99,21 +98,13 @@ class AlignerModel(PreTrainedModel):
             self.attach_encoders(vision_model, text_model)
 
     # ------------------------------------------------------------------ construction
-    def _build_aligner(self) -> nn.Module:
-        method_cls = get_method(self.config.method)
-        _check_settings(method_cls, self.config.method, self.config.method_config, self.config.regularizers)
-        method_config = method_cls.config_class.from_kwargs(self.config.method, self.config.method_config)
-        if self.config.resolved_vision_pooling == "cls" and not self.config.vision_has_cls:
-            raise ValueError("vision_pooling='cls' but this vision encoder has no CLS token; use 'mean' or 'auto'")
-        wants_tokens = method_cls.input_kind == "tokens"
-        for modality in ("vision", "text"):
-            pooling = getattr(self.config, f"resolved_{modality}_pooling")
-            if wants_tokens != (pooling == "tokens"):
-                raise ValueError(
-                    f"method {self.config.method!r} needs {modality}_pooling="
-                    f"{'tokens' if wants_tokens else 'cls or mean'}, got {pooling!r}"
-                )
+    def _build_aligner(self, method_cls: type[AlignerMethod], method_config: MethodConfig) -> AlignerMethod:
+        """The method at the config's layer widths (its settings were validated in `hf_align.aligner_parts`)."""
         return method_cls(method_config, self.config.vision_hidden_size, self.config.text_hidden_size)
+
+    def _build_similarity(self, similarity_cls: type[nn.Module]) -> nn.Module:
+        """The similarity head for the aligner's embedding width (`similarity_config` checked in `aligner_parts`)."""
+        return similarity_cls(self.aligner.embed_dim, **self.config.similarity_config)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -151,11 +142,13 @@ class AlignerModel(PreTrainedModel):
             encoder_lora: a `peft.LoraConfig` for both encoders, or `{"vision": LoraConfig, "text": LoraConfig}`:
                 LoRA adapters on the encoders' last blocks, trained with the aligner on raw inputs (`hf_align.lora`).
             **kwargs: `similarity`, `similarity_config`, `temperature`, `learnable_temperature`, the method's own
-                settings (e.g. `projection_dim=512`) and `<regulariser>_<field>` settings (e.g. `structure_weight=10`).
+                settings (e.g. `projection_dim=512`) and regulariser settings, as a mapping
+                (`regularizers={"structure": {"weight": 10.0}}`) and/or as `<regulariser>_<field>` keywords
+                (`structure_weight=10.0`); one field given both ways is a `ValueError`.
         """
         check_layer("vision_layer", vision_layer)
         check_layer("text_layer", text_layer)
-        settings = _aligner_settings(method, vision_pooling, text_pooling, kwargs)  # validated before any loading
+        settings, parts = aligner_settings(method, vision_pooling, text_pooling, kwargs)  # before any loading
         lora_configs = lora.split_encoder_lora(encoder_lora) if encoder_lora is not None else {}
         vision = load_encoder("vision", vision_encoder, vision_revision, dtype)
         text = load_encoder("text", text_encoder, text_revision, dtype)
@@ -175,7 +168,7 @@ class AlignerModel(PreTrainedModel):
             vision_has_cls=vision_info.has_cls,
             **settings,
         )
-        model = cls(config, vision_model=vision, text_model=text)
+        model = cls(config, vision_model=vision, text_model=text, _parts=parts)
         model.processor = _try_load_processor(
             vision_info.name_or_path, text_info.name_or_path, config.vision_revision, config.text_revision
         )
@@ -200,9 +193,9 @@ class AlignerModel(PreTrainedModel):
         for name, value in (("vision_hidden_size", vision_hidden_size), ("text_hidden_size", text_hidden_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        settings = _aligner_settings(method, vision_pooling, text_pooling, kwargs)
+        settings, parts = aligner_settings(method, vision_pooling, text_pooling, kwargs)
         config = AlignerConfig(vision_hidden_size=vision_hidden_size, text_hidden_size=text_hidden_size, **settings)
-        return cls(config).eval()
+        return cls(config, _parts=parts).eval()
 
     def attach_encoders(self, vision_model: PreTrainedModel, text_model: PreTrainedModel) -> None:
         """Register the frozen encoders after checking they produce what the aligner was built for."""
@@ -256,12 +249,10 @@ class AlignerModel(PreTrainedModel):
             if width != getattr(self.config, f"{modality}_hidden_size"):
                 setattr(self.config, f"{modality}_hidden_size", width)
                 rebuild = True
-        if rebuild:
+        if rebuild:  # same method, settings and head as validated at construction, at the new widths
             device = self.logit_scale.device
-            self.aligner = self._build_aligner().to(device)
-            self.similarity = build_similarity(
-                self.config.similarity, self.aligner.embed_dim, **self.config.similarity_config
-            ).to(device)
+            self.aligner = self._build_aligner(type(self.aligner), self.aligner.config).to(device)
+            self.similarity = self._build_similarity(type(self.similarity)).to(device)
 
     def train(self, mode: bool = True) -> AlignerModel:
         super().train(mode)
@@ -322,8 +313,8 @@ class AlignerModel(PreTrainedModel):
     def _require_encoders(self, argument: str) -> None:
         if not self.has_encoders:
             raise ValueError(
-                f"`{argument}` given but this AlignerModel has no encoders attached (loaded with load_encoders=False?); "
-                "pass precomputed vision_features/text_features instead"
+                f"`{argument}` given but this AlignerModel has no encoders attached (loaded with "
+                "load_encoders=False?); pass precomputed vision_features/text_features instead"
             )
 
     # ------------------------------------------------------------------ embeddings
@@ -379,7 +370,7 @@ class AlignerModel(PreTrainedModel):
         tokens = self.aligner.input_kind == "tokens"
         expected_rank = 3 if tokens else 2
         if features.dim() != expected_rank or features.shape[-1] != expected_dim:
-            shape = "(B, T, %d)" % expected_dim if tokens else "(B, %d)" % expected_dim
+            shape = f"(B, T, {expected_dim})" if tokens else f"(B, {expected_dim})"
             raise ValueError(
                 f"{modality}_features must have shape {shape} for method {self.config.method!r} at "
                 f"{modality}_layer={getattr(self.config, f'{modality}_layer')}, got {tuple(features.shape)}"
@@ -453,12 +444,16 @@ class AlignerModel(PreTrainedModel):
 
     def segment(self, images, class_names, templates=None, **kwargs):
         """Zero-shot segmentation: an (H, W) int64 label map per image, at the image's size (label c = class_names[c]);
-        one image in, one map out. Protocol and options (`background`, `batch_size`): `hf_align.segmentation`."""
-        from .segmentation import segment_images
-
+        one image in, one map out. Protocol and options (`background`, `batch_size`): `segmentation_inference`."""
         return segment_images(self, self.processor, images, class_names, templates, **kwargs)
 
     # ------------------------------------------------------------------ save / load
+    @property
+    def model_card_data(self) -> AlignerModelCardData:
+        """What the model card says beyond the config: the training run, its datasets, layer selection and the
+        evaluations recorded with `add_evaluation` (kept in `config.training_summary`, so saved in config.json)."""
+        return AlignerModelCardData(self)
+
     def aligner_state_dict(self) -> dict[str, torch.Tensor]:
         """The checkpoint's content: every tensor of the model except the frozen encoders'."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(ENCODER_PREFIXES)}
@@ -566,9 +561,9 @@ class AlignerModel(PreTrainedModel):
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
             )
         except OSError as err:
-            _raise_if_pickle_only(pretrained_model_name_or_path, kwargs, err)
+            raise_if_pickle_only(pretrained_model_name_or_path, kwargs, err)
             raise
-        _check_loading_info(pretrained_model_name_or_path, info)
+        check_loading_info(pretrained_model_name_or_path, info)
         model.logit_scale.requires_grad_(model.config.learnable_temperature)
         if not load_encoders:
             return (model, info) if return_info else model
@@ -580,7 +575,7 @@ class AlignerModel(PreTrainedModel):
             if given is not None:
                 encoders[modality] = load_encoder(modality, given)
             elif config.bundled_encoders:
-                encoders[modality] = _load_bundled(modality, pretrained_model_name_or_path, revision, dtype)
+                encoders[modality] = load_bundled_encoder(modality, pretrained_model_name_or_path, revision, dtype)
             else:
                 source = getattr(config, f"{modality}_encoder")
                 encoders[modality] = load_encoder(modality, source, getattr(config, f"{modality}_revision"), dtype)
@@ -591,61 +586,6 @@ class AlignerModel(PreTrainedModel):
         except (OSError, ValueError, TypeError) as err:
             logger.warning(f"no processor found with the aligner at {pretrained_model_name_or_path!r}: {err}")
         return (model, info) if return_info else model
-
-
-def _check_loading_info(path, info: dict) -> None:
-    """Refuse a checkpoint that does not fill the aligner its config describes (transformers only warns)."""
-    problems = {
-        "missing from the checkpoint (would be random)": info.get("missing_keys"),
-        "in the checkpoint but not in the model": info.get("unexpected_keys"),
-        "of another shape than the config gives": info.get("mismatched_keys"),
-    }
-    found = {what: sorted(map(_describe_key, keys))[:10] for what, keys in problems.items() if keys}
-    if found:
-        details = "; ".join(f"{what}: {keys}" for what, keys in found.items())
-        raise ValueError(
-            f"the aligner weights at {os.fspath(path)!r} do not match its config.json (method, method_config or "
-            f"layer widths differ from what the weights were trained with): {details}"
-        )
-
-
-def _describe_key(key) -> str:
-    # mismatched keys come as (name, checkpoint shape, model shape)
-    if isinstance(key, tuple) and len(key) == 3:
-        return f"{key[0]} (checkpoint {tuple(key[1])}, config {tuple(key[2])})"
-    return str(key)
-
-
-def _raise_if_pickle_only(path, kwargs: dict, err: OSError) -> None:
-    """After transformers found no safetensors weights: say so in our words when the repo holds pickle ones."""
-    pickle_file = _pickle_checkpoint(path, kwargs)
-    if pickle_file is not None:
-        raise OSError(
-            f"{os.fspath(path)!r} holds only a pickle checkpoint ({pickle_file}) and no model.safetensors; hf_align "
-            "refuses pickle weights because loading them can run arbitrary code. If you trust its author, convert it: "
-            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')"
-        ) from err
-
-
-def _pickle_checkpoint(path, kwargs: dict) -> str | None:
-    """The pickle weight file a repo or folder holds (for the refusal message), or None."""
-    subfolder = kwargs.get("subfolder") or ""
-    if os.path.isdir(path):
-        found = [f for f in PICKLE_WEIGHTS if os.path.isfile(os.path.join(path, subfolder, f))]
-        return (f"{subfolder}/{found[0]}" if subfolder else found[0]) if found else None
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError
-
-    for filename in PICKLE_WEIGHTS:
-        name = f"{subfolder}/{filename}" if subfolder else filename
-        if isinstance(huggingface_hub.try_to_load_from_cache(str(path), name, revision=kwargs.get("revision")), str):
-            return name
-        try:
-            if huggingface_hub.file_exists(str(path), name, revision=kwargs.get("revision"), token=kwargs.get("token")):
-                return name
-        except (HfHubHTTPError, OSError, ValueError):  # offline or no such repo: only the original error remains
-            continue
-    return None
 
 
 def _source_name(given: str | PreTrainedModel, model: PreTrainedModel) -> str:
@@ -672,55 +612,3 @@ def _try_load_processor(vision: str, text: str, vision_revision, text_revision) 
     except (OSError, ValueError, TypeError) as err:
         logger.warning(f"could not build an AlignerProcessor for ({vision!r}, {text!r}): {err}")
         return None
-
-
-def _load_bundled(modality: str, repo: str | os.PathLike, revision: str | None, dtype) -> PreTrainedModel:
-    from transformers import AutoModel
-
-    subfolder = BUNDLE_SUBFOLDERS[modality]
-    # Bundled encoders come from the aligner's own repo, so the aligner's rule holds for them: safetensors only.
-    kwargs = {"subfolder": subfolder, "revision": revision, "use_safetensors": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    try:
-        return load_encoder(modality, AutoModel.from_pretrained(str(repo), **kwargs))
-    except OSError as err:
-        _raise_if_pickle_only(repo, kwargs, err)
-        raise
-
-
-def _check_settings(method_cls, method: str, method_settings: dict, regularizers: dict) -> None:
-    """Type-check method and regulariser settings before their dataclasses are built (see `check_settings`)."""
-    check_settings(method, method_cls.config_class, method_settings)
-    registry = regularizer_registry()
-    for name, values in regularizers.items():
-        if name in registry:  # an unknown name is reported by build_regularizers, with the known ones
-            check_settings(name, registry[name].config_class, values)
-
-
-def _aligner_settings(method: str, vision_pooling: str, text_pooling: str, kwargs: dict) -> dict:
-    """Validate and sort `from_encoders`-style keywords into `AlignerConfig` fields."""
-    kwargs = dict(kwargs)
-    settings = {
-        "similarity": kwargs.pop("similarity", "cosine"),
-        "similarity_config": kwargs.pop("similarity_config", None),
-        "contrastive_temperature": kwargs.pop("temperature", 0.05),
-        "learnable_temperature": kwargs.pop("learnable_temperature", False),
-    }
-    method_cls = get_method(method)
-    check_similarity(settings["similarity"], method_cls, settings["similarity_config"])  # before any loading
-    regularizers, method_kwargs = split_regularizer_kwargs(kwargs)
-    _check_settings(method_cls, method, method_kwargs, regularizers)
-    method_config = build_method_config(method, method_kwargs)
-    build_regularizers(regularizers)
-    if method_cls.input_kind == "tokens":
-        vision_pooling = "tokens" if vision_pooling == "auto" else vision_pooling
-        text_pooling = "tokens" if text_pooling == "auto" else text_pooling
-    settings.update(
-        method=method,
-        method_config=method_config.to_dict(),
-        regularizers=regularizers,
-        vision_pooling=check_pooling("vision_pooling", vision_pooling),
-        text_pooling=check_pooling("text_pooling", text_pooling),
-    )
-    return settings

@@ -37,6 +37,7 @@ from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY, Pipeline, ZeroShotImageClassificationPipeline
 
 from .modeling import AlignerModel
+from .templates import embed_texts
 
 ZERO_SHOT_TASK = "hf-align-zero-shot-image-classification"
 RETRIEVAL_TASK = "hf-align-image-text-retrieval"
@@ -171,7 +172,7 @@ class AlignerImageTextRetrievalPipeline(Pipeline):
         Stores `gallery_embeds`, (N, D) aligned L2-normalised embeddings on the pipeline's device.
         """
         # Imported here: evaluation pulls in `datasets`, which `import hf_align` (registering this module) avoids.
-        from .evaluation import embed_images, embed_texts
+        from .evaluation import embed_images
 
         if (images is None) == (texts is None):
             raise ValueError("set_gallery needs exactly one of `images` or `texts`")

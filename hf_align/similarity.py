@@ -11,37 +11,33 @@ everywhere it scores pairs: the training logits (`logits = similarity / τ`), va
 | `euclidean` | `−‖x − y‖₂` | — |
 | `manhattan` | `−‖x − y‖₁` | — |
 | `chi_square` | `−½ Σ_k (x_k − y_k)² / (|x_k| + |y_k|)` (see `ChiSquareSimilarity` for signed inputs) | — |
-| `wasserstein` | `−OT_ε(tokens of x, tokens of y)`, entropic OT between two *sets* of token embeddings | — |
 | `mlp` | `w₂ᵀ GELU(A x + B y + b₁) + b₂` (an MLP on the concatenated pair) | yes |
 | `bilinear` | `xᵀ (I + Δ) y`, Δ learned (starts as the dot product) | yes |
 
 The first four distances plus chi-square are the paper's standard metrics and the last two its learned ones (Xu &
 Leiva, METHODS.md §5). The model feeds heads its L2-normalised embeddings, so there `dot` equals `cosine` and
 `euclidean` is a monotone function of it (`√(2 − 2 cos)`); they still train differently (gradients and logit ranges
-differ), and on unnormalised inputs (`score_pairs`, `rerank`) they are distinct metrics.
+differ), and on unnormalised inputs they are distinct metrics.
 
 Contract of a head (`SimilarityHead`):
     * `forward(x, y)`: (Bi, D) and (Bt, D) -> (Bi, Bt) raw scores, higher = more similar; the model divides by τ.
-    * `score_pairs(x, y)`: (N, D) and (N, D) -> (N,), the score of row i with row i only (re-ranking, diagnostics).
-    * `input_kind`: `"pooled"` (one vector per sample) or `"tokens"` (a set of token vectors per sample, with masks).
+    * `score_pairs(x, y)`: (N, D) and (N, D) -> (N,), the score of row i with row i only (diagnostics).
     * `learned`: whether the head has trainable parameters (they train with the aligner and are saved with it).
 
-Memory: heads whose pairwise score is not a matrix product (`manhattan`, `chi_square`, `mlp`, `wasserstein`) build
-an intermediate of size Bi·Bt·w per batch (w = D, the MLP's hidden width, or T_i·T_t). They evaluate it in blocks
-of at most `max_chunk_elements` numbers and, when gradients are needed, recompute each block in the backward pass
-(`torch.utils.checkpoint`), so peak memory is bounded by the block size, not by Bi·Bt·w.
+Every head scores pooled embeddings, one vector per sample: that is what every registered method outputs.
 
-Retrieval with a learned head over a large gallery: `rerank` scores every pair with a cheap first stage (cosine),
-keeps each query's `top_k` candidates and re-scores only those with the head (`score_pairs`), O(n_query · top_k)
-head evaluations instead of O(n_query · n_gallery).
+Memory: heads whose pairwise score is not a matrix product (`manhattan`, `chi_square`, `mlp`) build an intermediate of
+size Bi·Bt·w per batch (w = D or the MLP's hidden width). They evaluate it in blocks of at most `max_chunk_elements`
+numbers and, when gradients are needed, recompute each block in the backward pass (`torch.utils.checkpoint`), so peak
+memory is bounded by the block size, not by Bi·Bt·w.
 
 Compatibility: `check_similarity(name, method, similarity_config)` runs when an aligner is configured (before any
-encoder is loaded) and rejects a head the method cannot feed, e.g. the token-set `wasserstein` head with a method
-that embeds each sample as one pooled vector.
+encoder is loaded) and rejects a learned head with a training-free method, whose head would never train.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -52,31 +48,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-SIMILARITIES: dict[str, type[nn.Module]] = {}
-INPUT_KINDS = ("pooled", "tokens")
+from .registry import Registry
+
+SIMILARITIES: Registry[type[nn.Module]] = Registry(
+    "similarity", nn.Module, name_attribute="similarity_name", plural="similarities"
+)
 DEFAULT_MAX_CHUNK_ELEMENTS = 2**25  # 32M numbers = 128 MiB in fp32 per block of a pairwise intermediate
 
 
-def register_similarity(name: str):
-    """Class decorator: make a head available as `similarity=name`."""
-
-    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in SIMILARITIES and SIMILARITIES[name] is not cls:
-            raise ValueError(f"similarity name {name!r} is already registered to {SIMILARITIES[name].__name__}")
-        if getattr(cls, "input_kind", "pooled") not in INPUT_KINDS:
-            raise ValueError(f"{cls.__name__}.input_kind must be one of {INPUT_KINDS}")
-        SIMILARITIES[name] = cls
-        cls.similarity_name = name
-        return cls
-
-    return decorator
+def register_similarity(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make a head (an `nn.Module` subclass, normally of `SimilarityHead`) available as
+    `similarity=name` (sets its `similarity_name`). A name already taken is a `ValueError` naming both classes."""
+    return functools.partial(SIMILARITIES.register, name)
 
 
 def get_similarity(name: str) -> type[nn.Module]:
-    try:
-        return SIMILARITIES[name]
-    except KeyError:
-        raise ValueError(f"unknown similarity {name!r}; available: {sorted(SIMILARITIES)}") from None
+    """The head class registered as `name`; `ValueError` listing the registered heads when there is none."""
+    return SIMILARITIES.get(name)
 
 
 def build_similarity(name: str, dim: int, **kwargs) -> nn.Module:
@@ -95,25 +83,10 @@ def _check_kwargs(name: str, cls: type[nn.Module], kwargs: dict[str, Any]) -> No
         )
 
 
-def method_gives_tokens(method: Any) -> bool:
-    """Whether a method (class or instance) outputs aligned *token sets*, which token heads need.
-
-    A method opts in by setting `outputs_token_sets = True` and implementing `embed_image_tokens(features, mask)` /
-    `embed_text_tokens(features, mask)` -> ((B, T, D) embeddings, (B, T) mask). No built-in method does yet:
-    every registered aligner pools each sample to one vector before scoring, and `AlignerModel` scores pooled
-    embeddings only, so today token heads are rejected at configuration time for every method and are used
-    directly on token tensors (`WassersteinSimilarity(dim)(image_tokens, text_tokens, image_mask, text_mask)`).
-    """
-    return bool(getattr(method, "outputs_token_sets", False)) and all(
-        callable(getattr(method, f"embed_{m}_tokens", None)) for m in ("image", "text")
-    )
-
-
 def check_similarity(name: str, method: Any = None, similarity_config: dict | None = None) -> type[nn.Module]:
     """Validate a head choice at configuration time: the name, its `similarity_config` keys, and that `method` (an
-    `AlignerMethod` class or instance, or `None` to skip) can use it: a token-set head needs a method that outputs
-    aligned token sets, and a learned head needs a trainable method (a training-free one never runs an optimiser
-    step, so the head would stay untrained). Returns the head class.
+    `AlignerMethod` class or instance, or `None` to skip) can use it: a learned head needs a trainable method (a
+    training-free one never runs an optimiser step, so the head would stay untrained). Returns the head class.
 
     Raises `ValueError` (unknown name, incompatible method) or `TypeError` (unknown config key).
     """
@@ -121,25 +94,12 @@ def check_similarity(name: str, method: Any = None, similarity_config: dict | No
     _check_kwargs(name, cls, dict(similarity_config or {}))
     if method is None:
         return cls
-    method_name = getattr(method, "method_name", getattr(method, "__name__", type(method).__name__))
     if getattr(cls, "learned", False) and not getattr(method, "trainable", True):
+        method_name = getattr(method, "method_name", getattr(method, "__name__", type(method).__name__))
         raise ValueError(
             f"similarity {name!r} has trainable parameters, but method {method_name!r} is training-free "
             "(trainable=False: training only runs its data-dependent initialisation), so the head would stay at its "
             "initial weights. Use a fixed similarity (e.g. cosine) with this method, or a trainable method."
-        )
-    if getattr(cls, "input_kind", "pooled") == "tokens" and not method_gives_tokens(method):
-        pooled = sorted(n for n, c in SIMILARITIES.items() if getattr(c, "input_kind", "pooled") == "pooled")
-        reads = (
-            "reads token features but pools them" if getattr(method, "input_kind", "pooled") == "tokens" else "embeds"
-        )
-        raise ValueError(
-            f"similarity {name!r} compares *sets of token embeddings* (B, T, D), but method {method_name!r} {reads} "
-            "into one vector per image and per text (B, D) before scoring, so there is no token set to transport. "
-            f"Choose a pooled "
-            f"similarity ({', '.join(pooled)}), or a method that outputs aligned token sets (outputs_token_sets=True). "
-            f"To compare token sets outside a model, call {cls.__name__}(dim)(image_tokens, text_tokens, "
-            "image_mask, text_mask) directly."
         )
     return cls
 
@@ -149,7 +109,6 @@ class SimilarityHead(nn.Module):
     """Base class of the heads (see the module docstring for the contract)."""
 
     similarity_name: ClassVar[str] = ""
-    input_kind: ClassVar[str] = "pooled"
     learned: ClassVar[bool] = False
 
     def __init__(self, dim: int):
@@ -369,122 +328,6 @@ class ChiSquareSimilarity(_DistanceHead):
         return f"dim={self.dim}, scale={self.scale}, signed={self.signed!r}"
 
 
-# ---------------------------------------------------------------------------------------------- token sets
-@register_similarity("wasserstein")
-class WassersteinSimilarity(SimilarityHead):
-    """Negative entropic Wasserstein distance between two *sets* of token embeddings.
-
-    Each sample is a uniform measure over its real tokens (mask); the ground cost between tokens u, v is
-    `1 − cos(u, v)` (`cost="cosine"`, in [0, 2]) or `‖u − v‖²` (`cost="sqeuclidean"`). The transport plan P comes
-    from log-domain Sinkhorn (`hf_align.ot.log_sinkhorn`, entropic regularisation `epsilon`, `n_iters` rounds) and
-    the score is `−⟨P, C⟩` (the transport cost of the entropic plan, without the entropy term). Differentiable.
-
-    Inputs are token sets: `forward(image_tokens (Bi, Ti, D), text_tokens (Bt, Tt, D), image_mask (Bi, Ti) = None,
-    text_mask (Bt, Tt) = None)` -> (Bi, Bt). A pooled (B, D) input is rejected: a single vector per sample is not a
-    set to transport (the distance would collapse to the cost between the two vectors). Cost per call:
-    Bi·Bt·Ti·Tt·n_iters, evaluated in memory-bounded blocks.
-    """
-
-    input_kind = "tokens"
-
-    def __init__(
-        self,
-        dim: int,
-        epsilon: float = 0.05,
-        n_iters: int = 50,
-        cost: str = "cosine",
-        max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
-    ):
-        super().__init__(dim)
-        if cost not in ("cosine", "sqeuclidean"):
-            raise ValueError(f"wasserstein cost must be 'cosine' or 'sqeuclidean', got {cost!r}")
-        if not (isinstance(epsilon, (int, float)) and epsilon > 0):
-            raise ValueError(f"wasserstein epsilon must be > 0, got {epsilon!r}")
-        if not (isinstance(n_iters, int) and n_iters >= 1):
-            raise ValueError(f"wasserstein n_iters must be a positive int, got {n_iters!r}")
-        self.epsilon = float(epsilon)
-        self.n_iters = n_iters
-        self.cost = cost
-        self.max_chunk_elements = int(max_chunk_elements)
-
-    def _tokens(self, name: str, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if tokens.dim() != 3 or tokens.shape[-1] != self.dim:
-            raise ValueError(
-                f"similarity 'wasserstein' compares sets of token embeddings (B, T, {self.dim}) (+ a (B, T) mask); "
-                f"{name} has shape {tuple(tokens.shape)}. Pooled (B, D) embeddings have no token set: use a pooled "
-                "similarity (cosine, euclidean, ...) for them"
-            )
-        if mask is None:
-            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        if mask.shape != tokens.shape[:2]:
-            raise ValueError(f"{name} mask must have shape {tuple(tokens.shape[:2])}, got {tuple(mask.shape)}")
-        mask = mask.bool()
-        if not mask.any(1).all():
-            raise ValueError(f"{name}: every sample needs at least one real token (a row of its mask is all False)")
-        if self.cost == "cosine":
-            tokens = F.normalize(tokens, dim=-1)
-        return tokens, mask
-
-    def _weights(self, mask: torch.Tensor) -> torch.Tensor:
-        mask = mask.float()
-        return mask / mask.sum(-1, keepdim=True)
-
-    def _transport_cost(self, x, xm, y, ym) -> torch.Tensor:
-        """x (N, Ti, D), y (N, Tt, D) matched sets -> (N,) transport cost of the entropic plan."""
-        from .ot import log_sinkhorn
-
-        if self.cost == "cosine":
-            cost = 1.0 - x @ y.transpose(-1, -2)
-        else:
-            cost = (
-                (x * x).sum(-1)[:, :, None] + (y * y).sum(-1)[:, None, :] - 2.0 * x @ y.transpose(-1, -2)
-            ).clamp_min(0)
-        plan = log_sinkhorn(cost, self._weights(xm), self._weights(ym), epsilon=self.epsilon, n_iters=self.n_iters)
-        return (plan * cost.to(plan.dtype)).sum((-2, -1))
-
-    def forward(self, image_embeds, text_embeds, image_mask=None, text_mask=None):
-        x, xm = self._tokens("image_embeds", image_embeds, image_mask)
-        y, ym = self._tokens("text_embeds", text_embeds, text_mask)
-        n_x, t_x, n_y, t_y = x.shape[0], x.shape[1], y.shape[0], y.shape[1]
-
-        def block(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-            # rows / cols index the two sets; every (row, col) pair is one OT problem
-            r, c = rows.shape[0], cols.shape[0]
-            i, j = rows.repeat_interleave(c), cols.repeat(r)
-            return -self._transport_cost(x[i], xm[i], y[j], ym[j]).view(r, c).to(x.dtype)
-
-        width = 4 * t_x * t_y + (t_x + t_y) * self.dim
-        index_x = torch.arange(n_x, device=x.device)
-        index_y = torch.arange(n_y, device=y.device)
-        return _pairwise_by_index(block, index_x, index_y, width, self.max_chunk_elements, (x, y))
-
-    def score_pairs(self, image_embeds, text_embeds, image_mask=None, text_mask=None):
-        x, xm = self._tokens("image_embeds", image_embeds, image_mask)
-        y, ym = self._tokens("text_embeds", text_embeds, text_mask)
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"score_pairs needs as many image as text sets, got {x.shape[0]} and {y.shape[0]}")
-        return -self._transport_cost(x, xm, y, ym).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, epsilon={self.epsilon}, n_iters={self.n_iters}, cost={self.cost!r}"
-
-
-def _pairwise_by_index(block, index_x, index_y, width, max_elements, tensors) -> torch.Tensor:
-    """`pairwise_chunked` over index vectors (the block closes over the actual, larger tensors)."""
-    n_x, n_y = index_x.shape[0], index_y.shape[0]
-    cols = n_y if n_y * width <= max_elements else max(1, max_elements // width)
-    rows = max(1, max_elements // (cols * width))
-    use_checkpoint = _needs_grad(*tensors) and n_x * n_y * width > max_elements
-    out_rows = []
-    for i in range(0, n_x, rows):
-        pieces = []
-        for j in range(0, n_y, cols):
-            xb, yb = index_x[i : i + rows], index_y[j : j + cols]
-            pieces.append(checkpoint(block, xb, yb, use_reentrant=False) if use_checkpoint else block(xb, yb))
-        out_rows.append(torch.cat(pieces, dim=1))
-    return torch.cat(out_rows, dim=0)
-
-
 # ---------------------------------------------------------------------------------------------- learned metrics
 @register_similarity("mlp")
 class MLPSimilarity(SimilarityHead):
@@ -497,7 +340,7 @@ class MLPSimilarity(SimilarityHead):
     layer starts at zero (all pairs score 0, InfoNCE at log B) so the head learns its scale from the data.
 
     Cost: O(Bi·Bt·hidden_dim) memory per forward, evaluated in blocks of at most `max_chunk_elements` activations and
-    recomputed blockwise in the backward pass. For retrieval over large galleries prefer `rerank`.
+    recomputed blockwise in the backward pass.
     """
 
     learned = True
@@ -604,57 +447,6 @@ class BilinearSimilarity(SimilarityHead):
         return f"dim={self.dim}, init={self.init!r}"
 
 
-# ---------------------------------------------------------------------------------------------- re-ranking
-@torch.no_grad()
-def rerank(
-    similarity: nn.Module | Callable,
-    image_embeds: torch.Tensor,
-    text_embeds: torch.Tensor,
-    top_k: int = 100,
-    direction: str = "text_to_image",
-    first_stage: nn.Module | Callable | None = None,
-    batch_size: int = 1024,
-) -> torch.Tensor:
-    """Two-stage retrieval scores: a cheap first stage shortlists, an expensive (e.g. learned) head re-scores.
-
-    For each query (a text for `direction="text_to_image"`, an image for `"image_to_text"`), the `top_k` candidates
-    of the first stage (default: cosine; any head or `f(x, y) -> (n_x, n_y)` callable) are re-scored with
-    `similarity.score_pairs` (a head, or an `AlignerModel`, whose `.similarity` is used). The head is evaluated on
-    n_query · top_k pairs instead of n_query · n_gallery.
-
-    Returns an (n_images, n_texts) matrix in the orientation of `logits_per_image`, ranked correctly along the query
-    axis (columns for text→image, rows for image→text): shortlisted candidates carry the head's score and every other
-    candidate keeps its first-stage order strictly below them. Pass it to `hf_align.evaluation.retrieval_metrics` and
-    read the metrics of that direction; recall@k is exact for k ≤ top_k (beyond, it is the first stage's).
-    """
-    head = getattr(similarity, "similarity", similarity)
-    if direction not in ("text_to_image", "image_to_text"):
-        raise ValueError(f"direction must be 'text_to_image' or 'image_to_text', got {direction!r}")
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-    if not callable(getattr(head, "score_pairs", None)):
-        raise TypeError("rerank needs a similarity head (or a model with one) that implements score_pairs")
-    first = first_stage if first_stage is not None else _cosine_scores
-    queries, gallery = (text_embeds, image_embeds) if direction == "text_to_image" else (image_embeds, text_embeds)
-    k = min(top_k, gallery.shape[0])
-    out = torch.empty(queries.shape[0], gallery.shape[0], device=queries.device, dtype=torch.float32)
-    for start in range(0, queries.shape[0], batch_size):
-        q = queries[start : start + batch_size]
-        coarse = first(q, gallery).float()  # (nq, n_gallery)
-        shortlist = coarse.topk(k, dim=1).indices  # (nq, k)
-        fine = head.score_pairs(q.repeat_interleave(k, dim=0), gallery[shortlist.reshape(-1)]).float().view(-1, k)
-        # everything outside the shortlist: first-stage order, shifted below the worst shortlisted score
-        floor = fine.min(1, keepdim=True).values - 1.0
-        rest = coarse - coarse.max(1, keepdim=True).values + floor
-        rest.scatter_(1, shortlist, fine)
-        out[start : start + q.shape[0]] = rest
-    return out.t() if direction == "text_to_image" else out
-
-
-def _cosine_scores(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).t()
-
-
 __all__ = [
     "SIMILARITIES",
     "BilinearSimilarity",
@@ -665,12 +457,9 @@ __all__ = [
     "MLPSimilarity",
     "ManhattanSimilarity",
     "SimilarityHead",
-    "WassersteinSimilarity",
     "build_similarity",
     "check_similarity",
     "get_similarity",
-    "method_gives_tokens",
     "pairwise_chunked",
     "register_similarity",
-    "rerank",
 ]

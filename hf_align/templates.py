@@ -1,8 +1,22 @@
-"""Prompt templates for zero-shot classification: `{}` is replaced by the class name.
+"""Prompt templates for zero-shot tasks (`{}` is replaced by the class name) and the class prototypes made of them.
 
-`IMAGENET_TEMPLATES` are the 80 prompts CLIP used for ImageNet (Radford et al., 2021); class prototypes average the
-normalised text embeddings over them (METHODS.md §6).
+`IMAGENET_TEMPLATES` are the 80 prompts CLIP used for ImageNet (Radford et al., 2021); `class_prototypes` averages
+the normalised text embeddings of a class's prompts (METHODS.md §6). Zero-shot classification (`hf_align.evaluation`)
+and zero-shot segmentation (`hf_align.segmentation_inference`) both score against these prototypes; they live here,
+below the model, so that neither has to import the other. The model is only annotated, never imported.
 """
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .modeling import AlignerModel
+    from .processing import AlignerProcessor
 
 IMAGENET_TEMPLATES = [
     "a bad photo of a {}.",
@@ -88,3 +102,48 @@ IMAGENET_TEMPLATES = [
 ]
 
 DEFAULT_TEMPLATES = IMAGENET_TEMPLATES
+
+
+@torch.no_grad()
+def embed_texts(
+    model: AlignerModel, processor: AlignerProcessor, texts: Sequence[str], batch_size: int = 256
+) -> torch.Tensor:
+    """(n, D) aligned embeddings of raw strings through the frozen text encoder, `batch_size` strings per forward.
+
+    `processor` is the model's `AlignerProcessor`, or anything holding its `tokenizer` (a pipeline does).
+    """
+    out = []
+    for start in range(0, len(texts), batch_size):
+        inputs = processor.tokenizer(
+            list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt"
+        )
+        out.append(model.get_text_features(**inputs.to(model.device)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def class_prototypes(
+    model: AlignerModel,
+    processor: AlignerProcessor,
+    class_names: Sequence[str],
+    templates: Sequence[str] | None = None,
+) -> torch.Tensor:
+    """(C, D) class embeddings: per class, the mean of its normalised template embeddings, renormalised.
+
+    `templates` (each with a `{}` for the class name) default to `DEFAULT_TEMPLATES`.
+    """
+    if not class_names:
+        raise ValueError("class_names is empty: zero-shot classification needs at least one class")
+    if len(set(class_names)) != len(class_names):
+        duplicated = sorted({c for c in class_names if list(class_names).count(c) > 1})
+        raise ValueError(f"class_names has duplicates {duplicated}: each class needs its own name")
+    templates = list(templates or DEFAULT_TEMPLATES)
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"every template needs a '{{}}' placeholder for the class name, got {template!r}")
+    prompts = [t.format(name) for name in class_names for t in templates]
+    embeds = embed_texts(model, processor, prompts).view(len(class_names), len(templates), -1)
+    return F.normalize(embeds.mean(1), dim=-1)
+
+
+__all__ = ["DEFAULT_TEMPLATES", "IMAGENET_TEMPLATES", "class_prototypes", "embed_texts"]

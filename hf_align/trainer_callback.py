@@ -6,9 +6,9 @@ data_collator=hf_align.FeatureCollator(), callbacks=[hf_align.CardDataCallback()
 * before the first step, methods with a data-dependent start (anchors, codebooks) get `init_from_data` on up to
   `init_samples` training pairs, as `hf_align.train` gives them (skipped when resuming: the checkpoint holds them);
 * after every optimiser step, `aligner.after_optimizer_step()` runs (EMA teachers, codebook updates);
-* the run is written into `model.config.training_summary` with the keys `hf_align.train` uses (pairs, steps,
-  runtime, hardware, mixed precision, non-default arguments, last validation metrics) plus the loss log, so
-  `save_pretrained` / `push_to_hub` write a model card describing this run.
+* the run is recorded on the model's card data (`model.model_card_data`, kept in `config.training_summary`) as
+  `hf_align.train` records it (pairs, steps, runtime, hardware, mixed precision, non-default arguments, last
+  validation metrics) plus the loss log, so `save_pretrained` / `push_to_hub` write a model card describing this run.
 
 Evaluation loss needs nothing extra: `FeatureCollator` puts `return_loss=True` in every batch, which
 `Trainer.prediction_step` reads before its `can_return_loss` default.
@@ -21,8 +21,6 @@ import time
 import datasets
 import torch
 from transformers import TrainerCallback, TrainingArguments
-
-from .modelcard import hardware_description
 
 # TrainingArguments that say where things go, not how the model was trained: left out of the card.
 _IGNORED_ARGUMENTS = frozenset(
@@ -84,10 +82,8 @@ class CardDataCallback(TrainerCallback):
                         "(hf_align.features_for(model, features))"
                     )
                 _init_from_data(aligner_model, dataset, self.init_samples, args.seed)
-        # A summary recorded before this run (an earlier fit, evaluations of the old weights) no longer describes it.
-        summary = aligner_model.config.training_summary
-        kept = ("layer_selection", "train_datasets")
-        aligner_model.config.training_summary = {k: summary[k] for k in kept if k in summary}
+        # What was recorded before this run (an earlier fit, evaluations of the old weights) no longer describes it.
+        aligner_model.model_card_data.start_training_run()
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -108,22 +104,19 @@ class CardDataCallback(TrainerCallback):
             self._row(state)["validation_loss"] = float(metrics["eval_loss"])
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        aligner_model = _aligner_model(model)
-        summary = dict(aligner_model.config.training_summary)
-        summary.update(
+        _aligner_model(model).model_card_data.set_training_run(
             trainer="transformers.Trainer",
             train_pairs=self._train_pairs,
             eval_pairs=self._eval_pairs or 0,
             global_step=state.global_step,
             best_step=state.best_global_step,
-            train_runtime_s=round(time.perf_counter() - self._start, 3),
-            hardware=hardware_description(args.device),
+            runtime_s=time.perf_counter() - self._start,
+            device=args.device,
             mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
             training_args=non_default_training_args(args),
             final_eval=self._last_eval,
-            training_logs=list(self._logs),
+            training_logs=self._logs,
         )
-        aligner_model.config.training_summary = summary
 
     def _row(self, state) -> dict:
         if not self._logs or self._logs[-1]["step"] != state.global_step:

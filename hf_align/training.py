@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -27,21 +25,24 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from safetensors.torch import load_file, save_file
 from transformers import SchedulerType, get_scheduler
 from transformers.utils import logging
 
+from .checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    resume_dir,
+    save_checkpoint,
+)
 from .configuration import check_number, check_positive_int
+from .distributed import cpu_process_group
 from .encoders import non_finite_rows
-from .features import FeatureCollator, column_array, cpu_process_group, features_for
+from .features import FeatureCollator, column_array, features_for, split_by_image
 from .modeling import MAX_LOGIT_SCALE, AlignerOutput
 from .retrieval import chunked_retrieval_metrics
 
 logger = logging.get_logger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
-METHOD_STATE_FILE = "method_training_state.safetensors"  # e.g. the codebook's EMA teacher
 
 
 @dataclass
@@ -196,21 +197,16 @@ def _check_finite_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor) -> 
             )
 
 
-def split_by_image(view: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices of the training and validation parts; all captions of one image fall on the same side."""
-    image_ids = (
-        torch.as_tensor(column_array(view, "image_id")) if "image_id" in view.column_names else torch.arange(len(view))
-    )
-    unique = torch.unique(image_ids)
-    n_eval = int(round(eval_fraction * len(unique)))
-    if eval_fraction > 0 and (n_eval < 2 or n_eval >= len(unique)):
-        raise ValueError(
-            f"eval_fraction={eval_fraction} of {len(unique)} images gives {n_eval} validation images; need at least 2 "
-            "and fewer than all (use eval_fraction=0 to train without validation)"
+def _validation_split(view: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (n_train,), (n_eval,) of the training and validation parts (`split_by_image`): all captions of one
+    image fall on the same side; at least 2 validation images unless `eval_fraction` is 0."""
+    try:
+        train_rows, eval_rows = split_by_image(
+            view, eval_fraction, seed, min_held_out=2 if eval_fraction > 0 else 0, name="eval_fraction"
         )
-    order = unique[torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed))]
-    is_eval = torch.isin(image_ids, order[:n_eval])
-    return torch.nonzero(~is_eval).flatten(), torch.nonzero(is_eval).flatten()
+    except ValueError as err:
+        raise ValueError(f"{err} (use eval_fraction=0 to train without validation)") from None
+    return torch.from_numpy(train_rows), torch.from_numpy(eval_rows)
 
 
 def train(model, features: datasets.Dataset, args: AlignmentArguments | None = None) -> TrainingResult:
@@ -254,16 +250,16 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         project_dir=args.output_dir,
     )
     if accelerator.is_main_process:
-        _remove_partial_checkpoints(args.output_dir)
+        remove_partial_checkpoints(args.output_dir)
     view = features_for(model, features)
-    train_rows, eval_rows = split_by_image(view, args.eval_fraction, args.seed)
+    train_rows, eval_rows = _validation_split(view, args.eval_fraction, args.seed)
     source = BatchSource(view, accelerator.device)
     model.to(accelerator.device)
     world = accelerator.num_processes
     global_batch = args.per_device_train_batch_size * world
 
-    resume_dir = _resume_dir(args)
-    if resume_dir is None:
+    resume_from = resume_dir(args)
+    if resume_from is None:
         init_from_training_rows(model, source, train_rows, args, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     batches_per_epoch = math.ceil(len(train_rows) / global_batch)
@@ -283,11 +279,11 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         # computes the global batch's loss (`_global_batch_output`) and `_average_gradients` combines the gradients.
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
         best_state = None
-        if resume_dir is not None:
-            state, best_state = _load_checkpoint(
-                resume_dir, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
+        if resume_from is not None:
+            state, best_state = load_checkpoint(
+                resume_from, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.scaler
             )
-            logger.info(f"resumed from {resume_dir} at step {state['global_step']}")
+            logger.info(f"resumed from {resume_from} at step {state['global_step']}")
         if args.report_to:
             accelerator.init_trackers("hf_align", config=asdict(args))
         running, micro = [], state["global_step"] * args.gradient_accumulation_steps
@@ -308,7 +304,7 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
                         f"non-finite training loss {loss.item()} at step {state['global_step']} (epoch {epoch}, "
                         f"batch {position}, first rows {batch_rows[:8].tolist()}); terms: "
                         f"{ {k: v.item() for k, v in output.loss_terms.items()} }. The last good checkpoint is "
-                        f"{_latest_checkpoint(args.output_dir)}"
+                        f"{latest_checkpoint(args.output_dir)}"
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and world > 1:
@@ -341,7 +337,7 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
                 else:
                     state["bad_evals"] += 1
             if args.output_dir and (step % save_steps == 0 or step == total_steps):
-                _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best_state)
+                save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best_state)
             patience = args.early_stopping_patience
             if patience is not None and state["bad_evals"] >= patience:
                 logger.info(f"early stopping at step {step}: {patience} evaluations without improvement")
@@ -505,116 +501,8 @@ def _aligner_state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.aligner_state_dict().items()}
 
 
-def _resume_dir(args: AlignmentArguments) -> str | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        path = _latest_checkpoint(args.output_dir)
-        if path is None:
-            logger.info(f"resume_from_checkpoint='latest' but {args.output_dir!r} holds no checkpoint: starting fresh")
-        return path
-    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, STATE_FILE)):
-        raise ValueError(f"resume_from_checkpoint={args.resume_from_checkpoint!r} is not a complete checkpoint folder")
-    return args.resume_from_checkpoint
-
-
-def _latest_checkpoint(output_dir: str | None) -> str | None:
-    """Newest *complete* checkpoint: written under a temporary name and renamed only when whole."""
-    if not output_dir or not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if (
-            name.startswith(CHECKPOINT_PREFIX)
-            and name[len(CHECKPOINT_PREFIX) :].isdigit()
-            and os.path.isfile(os.path.join(path, STATE_FILE))
-        ):
-            steps.append((int(name[len(CHECKPOINT_PREFIX) :]), path))
-    return max(steps)[1] if steps else None
-
-
-def _remove_partial_checkpoints(output_dir: str | None) -> None:
-    """Delete the `checkpoint-<step>.tmp` folders of a run killed while saving (never read: only renamed ones are)."""
-    if not output_dir or not os.path.isdir(output_dir):
-        return
-    for name in sorted(os.listdir(output_dir)):
-        if name.startswith(CHECKPOINT_PREFIX) and name.endswith(".tmp"):
-            logger.warning(f"removing {os.path.join(output_dir, name)}: an unfinished checkpoint of an interrupted run")
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-
-
-def _save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best_state) -> None:
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{state['global_step']}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    unwrapped = accelerator.unwrap_model(model)
-    save_file(
-        {k: v.contiguous() for k, v in unwrapped.aligner_state_dict().items()}, os.path.join(tmp, "aligner.safetensors")
-    )
-    method_state = unwrapped.aligner.training_state()
-    if method_state:
-        save_file({k: v.contiguous() for k, v in method_state.items()}, os.path.join(tmp, METHOD_STATE_FILE))
-    if best_state is not None:
-        save_file({k: v.contiguous() for k, v in best_state.items()}, os.path.join(tmp, "best_aligner.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,  # fp16 loss scale
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
-        },
-        os.path.join(tmp, "optimizer.pt"),
-    )
-    with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as handle:
-        json.dump(state, handle)  # written last: its presence marks the folder complete
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    checkpoints = sorted(
-        (int(n[len(CHECKPOINT_PREFIX) :]), n)
-        for n in os.listdir(args.output_dir)
-        if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX) :].isdigit()
-    )
-    for _, name in checkpoints[: max(0, len(checkpoints) - args.save_total_limit)]:
-        shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
-
-
-def _load_checkpoint(path, model, optimizer, scheduler, scaler=None) -> tuple[dict, dict | None]:
-    model.load_state_dict(
-        load_file(os.path.join(path, "aligner.safetensors"), device=str(model.logit_scale.device)), strict=False
-    )
-    method_state_path = os.path.join(path, METHOD_STATE_FILE)
-    if os.path.isfile(method_state_path):
-        model.aligner.load_training_state(load_file(method_state_path, device=str(model.logit_scale.device)))
-    extra = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    if scaler is not None and extra.get("scaler"):
-        scaler.load_state_dict(extra["scaler"])
-    torch.set_rng_state(extra["rng"]["torch"])
-    if extra["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
-        state = json.load(handle)
-    best_path = os.path.join(path, "best_aligner.safetensors")
-    best = load_file(best_path) if os.path.isfile(best_path) else None
-    return state, best
-
-
 def _summarise(model, args, state, final, n_train, n_eval, runtime, accelerator) -> None:
-    """Record the run in the config; the model card is written from this."""
-    from .modelcard import hardware_description
-
-    # What an earlier fit or evaluations of the old weights recorded no longer describes this model.
-    kept = ("layer_selection", "train_datasets")
-    summary = {k: v for k, v in model.config.training_summary.items() if k in kept}
+    """Record the run on the model's card data (kept in the config); the model card is written from it."""
     logs = {}
     for entry in state["history"]:
         row = logs.setdefault(entry["step"], {"epoch": round(entry.get("epoch", 0.0), 4), "step": entry["step"]})
@@ -622,20 +510,21 @@ def _summarise(model, args, state, final, n_train, n_eval, runtime, accelerator)
             row["training_loss"] = entry["loss"]
         if "eval_loss" in entry:
             row["validation_loss"] = entry["eval_loss"]
-    summary.update(
+    card = model.model_card_data
+    card.start_training_run()  # what an earlier fit or evaluations of the old weights recorded no longer applies
+    card.set_training_run(
         trainer="hf_align.train",
         train_pairs=n_train,
         eval_pairs=n_eval,
         global_step=state["global_step"],
         best_step=state["best_step"],
-        train_runtime_s=round(runtime, 3),
-        hardware=hardware_description(accelerator.device),
+        runtime_s=runtime,
+        device=accelerator.device,
         mixed_precision=accelerator.mixed_precision,
         training_args=args.non_default(),
         final_eval=final,
         training_logs=list(logs.values()),
     )
-    model.config.training_summary = summary
 
 
 __all__ = [

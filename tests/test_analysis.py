@@ -200,7 +200,7 @@ def test_analyze_command_before_and_after(tmp_path):
 
 
 def test_analyze_before_is_not_applicable_for_different_widths(tmp_path):
-    from hf_align.commands.analyze import analyze
+    from hf_align.experiments.geometry import analyze
     from hf_align.features import features_from_tensors
     from hf_align.testing import make_paired_task
 

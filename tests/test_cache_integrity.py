@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from hf_align import AlignerModel
-from hf_align.features import DATA_FILE, META_FILE, FeatureCacheError, extract_features, load_cache
+from hf_align.features import DATA_FILE, META_FILE, FeatureCacheError, extract_features, load_cache, open_feature_cache
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +180,35 @@ def test_unreadable_or_old_metadata_is_refused(model, dataset, tmp_path):
         handle.write('{"parts": {')
     with pytest.raises(FeatureCacheError, match=r"hf_align_cache.json is unreadable"):
         load_cache(folder)
+
+
+def test_open_feature_cache_reads_a_cache_or_a_saved_dataset_and_names_what_it_cannot(model, dataset, tmp_path):
+    features = extract_features(model, model.processor, dataset, cache_dir=tmp_path / "caches")
+    folder = only_cache(tmp_path / "caches")
+    opened = open_feature_cache(folder)
+    assert opened.cache_files[0]["filename"] == os.path.join(folder, DATA_FILE)
+    assert opened.to_dict() == features.to_dict()
+    # save_to_disk folders: a Dataset, and a DatasetDict's `split`; other local folders go to datasets.load_dataset
+    plain = datasets.Dataset.from_dict({"vision_layer_0": [[1.0, 2.0], [3.0, 4.0]], "image_id": [0, 1]})
+    plain.save_to_disk(tmp_path / "plain")
+    assert open_feature_cache(tmp_path / "plain").to_dict() == plain.to_dict()
+    datasets.DatasetDict({"train": plain, "test": plain.select([1])}).save_to_disk(tmp_path / "dict")
+    assert open_feature_cache(tmp_path / "dict", split="test").to_dict() == {
+        "vision_layer_0": [[3.0, 4.0]],
+        "image_id": [1],
+    }
+    os.makedirs(tmp_path / "parquet")
+    plain.to_parquet(tmp_path / "parquet" / "train.parquet")
+    assert open_feature_cache(tmp_path / "parquet").to_dict() == plain.to_dict()
+    # a damaged cache is refused, never read as some other kind of folder
+    with open(os.path.join(folder, DATA_FILE), "ab") as handle:
+        handle.write(b"x")
+    with pytest.raises(FeatureCacheError, match=r"is damaged: features.arrow is \d+ bytes"):
+        open_feature_cache(folder)
+    with pytest.raises(FileNotFoundError, match=r"feature cache folder '.*missing' does not exist"):
+        open_feature_cache(tmp_path / "missing")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(
+        ValueError, match=r"'.*empty' holds neither an hf_align feature cache nor a save_to_disk dataset"
+    ):
+        open_feature_cache(tmp_path / "empty")

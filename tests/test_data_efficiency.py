@@ -119,8 +119,12 @@ def test_cli_on_the_synthetic_task(tmp_path, capsys):
 
 
 def test_bad_input(cache):
-    with pytest.raises(ValueError, match="n_test=600 held-out images must be at least 2 and fewer than the 600 images"):
+    with pytest.raises(
+        ValueError, match=r"n_test=600 gives 600 held-out images of the 600 in the cache; need at least 2"
+    ):
         run_data_efficiency(cache, n_test=600)
+    with pytest.raises(ValueError, match=r"n_test=1 gives 1 held-out images of the 600 in the cache; need at least 2"):
+        run_data_efficiency(cache, n_test=1)
     with pytest.raises(ValueError, match=r"no training size fits: sizes \[5000\] all exceed the 500 pairs"):
         run_data_efficiency(cache, sizes=(5000,), n_test=100)
     with pytest.raises(ValueError, match="sizes must be ints >= 2"):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test reads the runs of `accelerate launch` (2 processes) and of 1 process
 GLOBAL_BATCH = 96
 N_PAIRS = 301  # 271 training pairs after the 10% validation split: the last global batch of an epoch is 79 (39 + 40)
 
@@ -46,7 +47,8 @@ def _run(workdir: str) -> None:
     from safetensors.torch import save_file
 
     from hf_align import AlignerModel, AlignmentArguments, train
-    from hf_align.features import BadSampleError, FeatureCacheError, extract_features, process_state
+    from hf_align.distributed import process_state
+    from hf_align.features import BadSampleError, FeatureCacheError, extract_features
     from hf_align.testing import make_paired_task
 
     state = process_state()
@@ -182,7 +184,8 @@ def test_errors_met_by_one_process_are_raised_in_every_process(runs):
     refusals = [_report(runs, 2, rank)["not_a_cache"] for rank in (0, 1)]
     assert refusals[0] == refusals[1] and refusals[0].startswith("cache_path=")
     assert refusals[0].endswith(
-        "exists but is not a finished hf_align feature cache (no hf_align_cache.json); remove it or give another cache_path"
+        "exists but is not a finished hf_align feature cache (no hf_align_cache.json); remove it or give another "
+        "cache_path"
     )
 
 

@@ -3,9 +3,12 @@
 import pytest
 import torch
 
+import hf_align.evaluation
 from hf_align import AlignerModel, evaluate_retrieval, evaluate_zero_shot, retrieval_metrics, zero_shot_metrics
-from hf_align.evaluation import class_prototypes
+from hf_align.configuration import TASK_RETRIEVAL, TASK_ZERO_SHOT
+from hf_align.evaluation import EvaluationResult
 from hf_align.features import features_from_tensors
+from hf_align.templates import class_prototypes, embed_texts
 from hf_align.testing import DIGIT_NAMES, digits_dataset
 
 
@@ -57,8 +60,19 @@ def test_evaluate_retrieval_on_a_feature_cache_uses_image_ids():
     with torch.no_grad():
         model.aligner.vision_head.weight.copy_(torch.eye(2))
         model.aligner.text_head.weight.copy_(torch.eye(2))
-    m = evaluate_retrieval(model, dataset=features)
+    m = evaluate_retrieval(model, dataset=features, dataset_name="pairs")
     assert m["image_to_text_R@1"] == 100.0 and m["text_to_image_R@1"] == 100.0
+    # the result carries what a card records, and nothing was written into the model
+    assert isinstance(m, EvaluationResult) and m.card_metrics == dict(m)
+    assert (m.task, m.dataset, m.dataset_name, m.dataset_split, m.num_samples) == (
+        TASK_RETRIEVAL,
+        features,
+        "pairs",
+        None,
+        2,
+    )
+    assert m.details == "3 captions of 2 images, every image against every caption"
+    assert model.config.training_summary == {}
 
 
 def test_zero_shot_on_raw_images_and_class_name_checks(tiny_vit, minilm):
@@ -66,8 +80,20 @@ def test_zero_shot_on_raw_images_and_class_name_checks(tiny_vit, minilm):
     data = digits_dataset(20)
     m = evaluate_zero_shot(model, model.processor, data, templates=["a handwritten digit {}"])
     assert set(m) == {"top1", "top5", "mean_per_class_recall"} and 0 <= m["top1"] <= 100
-    prototypes = class_prototypes(model, model.processor, DIGIT_NAMES[:3], ["a {}", "the digit {}"])
+    assert (m.task, m.num_samples, m.details) == (
+        TASK_ZERO_SHOT,
+        20,
+        "20 images, 10 classes, 1 prompt template per class",
+    )
+    assert model.config.training_summary == {}
+    templates = ["a {}", "the digit {}"]
+    prototypes = class_prototypes(model, model.processor, DIGIT_NAMES[:3], templates)
+    # per class: the mean of its normalised prompt embeddings (normalised by get_text_features), renormalised
+    prompts = embed_texts(model, model.processor, [t.format(n) for n in DIGIT_NAMES[:3] for t in templates])
+    expected = torch.nn.functional.normalize(prompts.view(3, 2, -1).mean(1), dim=-1)
+    torch.testing.assert_close(prototypes, expected)
     torch.testing.assert_close(prototypes.norm(dim=-1), torch.ones(3))
+    assert hf_align.evaluation.class_prototypes is class_prototypes  # still importable from its old module
     with pytest.raises(ValueError, match="class_names is empty"):
         class_prototypes(model, model.processor, [], None)
     with pytest.raises(ValueError, match=r"class_names has duplicates \['one'\]"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_align import AlignerModel, FeatureCollator, extract_features, features_for
-from hf_align.features import features_from_tensors, layer_column
+from hf_align.features import features_from_tensors, layer_column, split_by_image
 from hf_align.testing import digits_dataset, make_paired_task
 
 
@@ -157,3 +157,31 @@ def test_a_dataset_of_hub_format_loads_into_extraction(model, tmp_path):
     data = datasets.Dataset.from_dict({"image": [digits_dataset(1)[0]["image"]], "caption": ["a digit"]})
     features = extract_features(model, model.processor, data, cache_dir=tmp_path)
     assert len(features) == 1 and features["image_id"] == [0]
+
+
+def test_split_by_image_holds_out_whole_images_and_checks_its_minimums():
+    task = make_paired_task(n=60, seed=0)
+    cache = features_from_tensors(task.vision, task.text, image_id=torch.arange(60) // 3)  # 20 images, 3 rows each
+    ids = np.asarray(cache["image_id"])
+    kept, held_out = split_by_image(cache, 0.25, seed=4)
+    assert set(ids[kept].tolist()).isdisjoint(ids[held_out].tolist())
+    assert len(held_out) == 15 and len(kept) == 45  # 5 of 20 images, with their 3 rows each
+    assert sorted(kept.tolist() + held_out.tolist()) == list(range(60))
+    # the held-out images are the first 5 of numpy's default_rng(4) permutation of the image ids
+    drawn = np.random.default_rng(4).permutation(np.arange(20))[:5]
+    assert sorted(set(ids[held_out].tolist())) == sorted(drawn.tolist())
+    np.testing.assert_array_equal(split_by_image(cache, 5, seed=4)[1], held_out)  # a count, the same images
+    assert split_by_image(cache, 0.25, seed=5)[1].tolist() != held_out.tolist()
+    # without image_id every row is its own image; a zero share with no minimum holds out nothing
+    assert [len(part) for part in split_by_image(cache.remove_columns("image_id"), 6)] == [54, 6]
+    kept_all, none = split_by_image(cache, 0.0, min_held_out=0)
+    assert kept_all.tolist() == list(range(60)) and none.tolist() == []
+    with pytest.raises(
+        ValueError, match=r"n_test=1 gives 1 held-out images of the 20 in the cache; need at least 2 held"
+    ):
+        split_by_image(cache, 1, min_held_out=2, name="n_test")
+    with pytest.raises(ValueError, match=r"held_out=0.99 gives 20 held-out images of the 20 .* and 1 kept"):
+        split_by_image(cache, 0.99)
+    for bad in (1.5, -2, True, "3"):
+        with pytest.raises(ValueError, match=r"test_fraction must be an image count \(int >= 0\) or a share"):
+            split_by_image(cache, bad, name="test_fraction")

@@ -37,6 +37,7 @@ from safetensors.torch import load as load_safetensors
 
 import hf_align
 from hf_align.cli import main as cli_main
+from hf_align.hub import upload_aligner, uploaded_files
 from hf_align.testing import digits_dataset, save_tiny_text_encoder, save_tiny_vision_encoder
 
 PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.json"}  # transformers 5 layout
@@ -121,6 +122,7 @@ def olah_mirror(tmp_path_factory):
         log.close()
 
 
+@pytest.mark.slow
 def test_from_pretrained_round_trip_through_olah(olah_mirror, tmp_path, monkeypatch):
     url, org, shas = olah_mirror
     # 1. fetch the encoders through the mirror and build an aligner on their Hub ids
@@ -135,6 +137,7 @@ def test_from_pretrained_round_trip_through_olah(olah_mirror, tmp_path, monkeypa
     metrics = hf_align.evaluate_retrieval(
         model, model.processor, digits, dataset_name="sklearn/digits", dataset_split="test"
     )
+    model.model_card_data.add_evaluation(metrics)
     model.save_pretrained(org / "aligner")
     git_commit(org / "aligner")
 
@@ -250,6 +253,7 @@ def evaluated_model(tmp_path_factory):
         save_tiny_vision_encoder(str(root / "vit"), "vit"), save_tiny_text_encoder(str(root / "bert")), projection_dim=8
     )
     metrics = hf_align.evaluate_retrieval(model, model.processor, digits_dataset(12), dataset_name="sklearn/digits")
+    hf_align.record_evaluation(model, metrics)
     return model, metrics
 
 
@@ -324,6 +328,33 @@ def test_push_with_bundled_encoders_uploads_their_folders(stand_in_hub, evaluate
     )
     assert "bundled under `vision_encoder/` and `text_encoder/`" in files["README.md"].decode()
     assert model.config.bundled_encoders is False  # the in-memory model is unchanged
+
+
+def test_uploaded_files_leave_out_training_leftovers_and_hidden_files(tmp_path):
+    for path in (
+        "config.json",
+        "vision_encoder/model.safetensors",
+        "vision_encoder/checkpoint-3/kept.json",  # only a top-level checkpoint-* is a training leftover
+        "checkpoint-10/optimizer.pt",
+        "runs/events.out",
+        ".cache/lock",
+        "text_encoder/.hidden",
+    ):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"x")
+    assert uploaded_files(tmp_path) == [
+        "config.json",
+        "vision_encoder/model.safetensors",
+        "vision_encoder/checkpoint-3/kept.json",
+    ]
+
+
+def test_upload_needs_a_saved_folder(evaluated_model, tmp_path):
+    model, _ = evaluated_model
+    with pytest.raises(
+        ValueError, match=r"folder='.*' holds no config.json: save the aligner there with save_pretrained"
+    ):
+        upload_aligner(model, tmp_path, "me/nothing")
 
 
 def test_cli_push_needs_a_saved_folder(tmp_path):

@@ -1,5 +1,6 @@
 """AlignerModel as a Hub model: building on any encoder pair, CLIP-style outputs, save/load round trips."""
 
+import collections
 import os
 
 import pytest
@@ -8,6 +9,8 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForZeroShotImageClassification
 
 import hf_align
+import hf_align.aligner_parts
+import hf_align.registry
 from hf_align import AlignerConfig, AlignerModel
 from hf_align.encoders import EncoderLoadError
 from hf_align.testing import digits_dataset
@@ -146,6 +149,39 @@ def test_learnable_temperature_is_clamped_and_saved(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = AlignerModel.from_pretrained(tmp_path, load_encoders=False)
     assert reloaded.logit_scale.item() == 10.0 and reloaded.logit_scale.requires_grad
+
+
+def test_each_configuration_check_runs_once_per_model(tiny_vit, tiny_bert, tmp_path, monkeypatch):
+    calls = collections.Counter()
+
+    def counted(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(hf_align.aligner_parts, "get_method")
+    counted(hf_align.aligner_parts, "check_similarity")
+    counted(hf_align.aligner_parts, "build_regularizers")
+    counted(hf_align.registry, "check_settings")  # the type check of every settings dataclass (`from_kwargs`)
+    once = {"get_method": 1, "check_similarity": 1, "build_regularizers": 1, "check_settings": 2}  # 2: method + reg.
+    model = AlignerModel.from_encoders(tiny_vit, tiny_bert, projection_dim=4, structure_weight=1.0)
+    assert calls == once
+    calls.clear()
+    AlignerModel.from_feature_dims(6, 5, projection_dim=4, structure_weight=1.0)
+    assert calls == once
+    model.save_pretrained(tmp_path)
+    calls.clear()
+    reloaded = AlignerModel.from_pretrained(tmp_path)
+    assert calls == once
+    # set_layers rebuilds the aligner at a new width from what was validated: nothing is checked again
+    calls.clear()
+    validated = reloaded.aligner.config
+    reloaded.set_layers(vision_layer=0, vision_hidden_size=7)
+    assert calls == {} and reloaded.aligner.vision_head.in_features == 7 and reloaded.aligner.config is validated
 
 
 # ------------------------------------------------------------------------------------------ bad input

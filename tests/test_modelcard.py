@@ -1,5 +1,5 @@
 """The model card save_pretrained writes: valid YAML that round-trips through huggingface_hub, both encoders as
-base models, a model-index equal to what was evaluated, and a body built from the training record."""
+base models, a model-index equal to what was evaluated and recorded, and a body built from the training record."""
 
 import os
 
@@ -10,9 +10,11 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 import hf_align
+import hf_align.hub
 from hf_align.modelcard import (
     TASK_RETRIEVAL,
     TASK_ZERO_SHOT,
+    AlignerModelCardData,
     card_data,
     describe_dataset,
     generate_model_card,
@@ -27,7 +29,8 @@ VISION_SHA, TEXT_SHA = "e" * 40, "c" * 40
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    """A model on two tiny local encoders, evaluated zero-shot and on retrieval, then described as Hub encoders."""
+    """A model on two tiny local encoders, evaluated zero-shot and on retrieval (both recorded by the caller, one
+    through the card data, one through `record_evaluation`), then described as Hub encoders."""
     root = tmp_path_factory.mktemp("encoders")
     vision = save_tiny_vision_encoder(str(root / "vit"), "vit")
     text = save_tiny_text_encoder(str(root / "bert"))
@@ -39,6 +42,9 @@ def evaluated(tmp_path_factory):
     retrieval = hf_align.evaluate_retrieval(
         model, model.processor, data, dataset_name="sklearn/digits", dataset_split="test"
     )
+    assert model.config.training_summary == {}  # evaluations return their results, they do not record them
+    model.model_card_data.add_evaluation(zero_shot)
+    hf_align.record_evaluation(model, retrieval)
     # What from_encoders records for Hub encoders (id + resolved commit); the card only reads the config.
     model.config.update(
         {"vision_encoder": VISION_ID, "vision_revision": VISION_SHA, "text_encoder": TEXT_ID, "text_revision": TEXT_SHA}
@@ -131,11 +137,28 @@ def test_training_record_and_layer_selection_in_card(tmp_path):
     model = hf_align.AlignerModel.from_feature_dims(16, 12, projection_dim=8)
     model.config.update({"vision_layer": "auto", "text_layer": "auto"})
     args = hf_align.AlignmentArguments(per_device_train_batch_size=64, max_steps=3, eval_fraction=0.2, logging_steps=1)
-    hf_align.train(model, task.to_features(), args)
     record_training_dataset(model, name="org/pairs", split="train", num_rows=300)
+    record_evaluation(model, TASK_RETRIEVAL, {"mean_R@1": 1.0}, dataset_name="org/pairs", dataset_split="test")
+    hf_align.train(model, task.to_features(), args)
+    # a new run keeps what describes the setup (data, layer selection) and forgets the old weights' evaluations
+    assert sorted(model.config.training_summary) == [
+        "best_step",
+        "eval_pairs",
+        "final_eval",
+        "global_step",
+        "hardware",
+        "layer_selection",
+        "mixed_precision",
+        "train_datasets",
+        "train_pairs",
+        "train_runtime_s",
+        "trainer",
+        "training_args",
+        "training_logs",
+    ]
     model.save_pretrained(tmp_path / "out")
     card = ModelCard.load(tmp_path / "out" / "README.md")
-    assert card.data.datasets == ["org/pairs"]
+    assert card.data.datasets == ["org/pairs"] and card.data.eval_results is None
     body = card.text
     # the synthetic task plants the shared latent in vision layer 1 / text layer 0: selection finds and explains it
     assert "vision layer **1** and text layer **0** give the highest mutual k-NN alignment" in body
@@ -166,11 +189,40 @@ def test_describe_dataset_reads_hub_origin():
     assert describe_dataset(dataset, name="Flickr30k (Karpathy)", split="test[:2]")["name"] == "Flickr30k (Karpathy)"
 
 
+def test_card_data_records_an_evaluation_result(evaluated):
+    """What an evaluate_* function returns carries its task, data and protocol; explicit arguments win over them."""
+    model, zero_shot, _ = evaluated
+    card = model.model_card_data
+    assert isinstance(card, AlignerModelCardData) and card.model is model
+    entry = card.add_evaluation(zero_shot, dataset_split="validation", details="a re-run")
+    assert entry == {
+        "task": TASK_ZERO_SHOT,
+        "dataset": {"name": "sklearn/digits", "id": "sklearn/digits", "split": "validation", "num_rows": 24},
+        "metrics": dict(zero_shot),
+        "details": "a re-run",
+    }
+    assert model.config.training_summary["evaluations"][-1] == entry  # stored where config.json keeps it
+    zero_shot_runs = [e for e in card.summary["evaluations"] if e["task"] == TASK_ZERO_SHOT]
+    assert [e["dataset"]["split"] for e in zero_shot_runs] == ["test", "validation"]
+
+
 def test_bad_records_rejected(evaluated):
-    model, _, _ = evaluated
+    model, zero_shot, _ = evaluated
     with pytest.raises(ValueError, match=r"task must be one of \['image-segmentation', .*got 'retrieval'"):
         record_evaluation(model, "retrieval", {"mean_R@1": 1.0})
     with pytest.raises(ValueError, match=r"metric 'top1' must be a number, got 'high'"):
         record_evaluation(model, TASK_ZERO_SHOT, {"top1": "high"})
-    with pytest.raises(ValueError, match="record_training_dataset needs a name"):
+    with pytest.raises(TypeError, match=r"metrics must be a mapping of metric name -> number, got NoneType"):
+        record_evaluation(model, TASK_ZERO_SHOT)
+    with pytest.raises(
+        TypeError, match=r"takes what an evaluate_\* function returned \(alone\).*got task=EvaluationResult"
+    ):
+        model.model_card_data.add_evaluation(zero_shot, {"top1": 1.0})
+    with pytest.raises(TypeError, match=r"or a task id with metrics; got task=dict and metrics=NoneType"):
+        record_evaluation(model, {"top1": 1.0})
+    with pytest.raises(ValueError, match="a training dataset needs a name: pass name=..."):
         record_training_dataset(model)
+
+
+def test_upload_is_reexported_from_the_hub_module():
+    assert hf_align.modelcard.upload_aligner is hf_align.hub.upload_aligner

@@ -154,6 +154,7 @@ torch.distributed.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_sinkhorn_distributed_equals_single_process_on_the_whole_batch(tmp_path):
     # Two processes each holding half the batch must produce the rows of the single-process result (SwAV).
     scores = cosine_scores(24, 6, seed=6)

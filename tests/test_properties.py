@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hf_align import AlignerConfig, AlignerModel, symmetric_infonce
 from hf_align.evaluation import retrieval_metrics, zero_shot_metrics
 from hf_align.methods import METHODS
-from hf_align.regularizers import _registry as regularizer_registry
+from hf_align.regularizers import REGULARIZERS
 from hf_align.training import AlignmentArguments
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -166,7 +166,7 @@ def test_invalid_aligner_config_values_are_rejected_by_name(case):
 # ---------------------------------------------------------------------------------------------- method settings
 def _settings_classes():
     methods = [(name, cls.config_class, "") for name, cls in sorted(METHODS.items())]
-    regularizers = [(name, cls.config_class, f"{name}_") for name, cls in sorted(regularizer_registry().items())]
+    regularizers = [(name, cls.config_class, f"{name}_") for name, cls in sorted(REGULARIZERS.items())]
     return methods + regularizers
 
 

@@ -1,13 +1,15 @@
 """Mutual k-NN, linear CKA and unbiased CKA against hand computations, invariances and bad input."""
 
+import importlib
 import math
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import hf_align
-from hf_align.representation import knn_indices, resolve_k
+from hf_align.representation_similarity import knn_indices, resolve_k
 
 
 def on_circle(degrees, radii=None):
@@ -136,6 +138,18 @@ def test_unbiased_cka_removes_small_sample_bias():
     a, b = torch.randn(40, 100, generator=g), torch.randn(40, 100, generator=g)
     assert hf_align.cka(a, b) > 0.5  # plain CKA of independent wide sets is far from 0
     assert abs(hf_align.unbiased_cka(a, b)) < 0.05
+
+
+# ----------------------------------------------------------------------------------------- module path
+def test_old_module_path_warns_and_forwards_to_the_new_one(monkeypatch):
+    import hf_align.representation_similarity as new
+
+    monkeypatch.delitem(sys.modules, "hf_align.representation", raising=False)  # the warning is at import
+    with pytest.warns(
+        FutureWarning, match=r"hf_align\.representation is deprecated.*import hf_align\.representation_similarity"
+    ):
+        old = importlib.import_module("hf_align.representation")
+    assert old is new and old.mutual_knn is hf_align.mutual_knn is new.mutual_knn
 
 
 # ----------------------------------------------------------------------------------------- bad input

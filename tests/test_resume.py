@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from hf_align import AlignerModel
+from hf_align.checkpoints import latest_checkpoint
 from hf_align.testing import make_paired_task
-from hf_align.training import AlignmentArguments, _latest_checkpoint, train
+from hf_align.training import AlignmentArguments, train
 
 MAX_STEPS = 24
 
@@ -96,7 +97,7 @@ def _assert_same_tensors(path_a, path_b):
     a, b = load_file(path_a), load_file(path_b)
     assert sorted(a) == sorted(b)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def _assert_same_as_reference(reference, out):
@@ -108,6 +109,7 @@ def _assert_same_as_reference(reference, out):
         )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(setup):
     tmp_path, cache = setup
     out = str(tmp_path / "killed")
@@ -119,12 +121,12 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(setup):
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 240
-    while _latest_checkpoint(out) is None and process.poll() is None and time.monotonic() < deadline:
+    while latest_checkpoint(out) is None and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)  # kill -9: no handler, no cleanup, no flush
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL, stderr.decode(errors="replace")[-3000:]
-    killed_at = _latest_checkpoint(out)
+    killed_at = latest_checkpoint(out)
     assert killed_at is not None and int(killed_at.rsplit("-", 1)[1]) < MAX_STEPS  # 10 batches per epoch: mid-epoch
     assert not os.path.exists(os.path.join(out, "model.safetensors"))
 
@@ -158,7 +160,7 @@ def test_kill_while_writing_checkpoint_leaves_tmp_that_is_ignored_and_removed(se
     os.makedirs(os.path.join(out, "checkpoint-20.tmp"))
     with open(os.path.join(out, "checkpoint-20.tmp", "trainer_state.json"), "w") as handle:
         handle.write('{"global_step": 20}')
-    assert _latest_checkpoint(out) == os.path.join(out, "checkpoint-12")
+    assert latest_checkpoint(out) == os.path.join(out, "checkpoint-12")
 
     model, args = _build(out)
     train(model, datasets.load_from_disk(cache), args)
@@ -214,7 +216,7 @@ def test_codebook_resume_restores_the_ema_teacher(tmp_path, monkeypatch):
     reference = run(str(tmp_path / "reference"))
     with pytest.raises(KeyboardInterrupt):
         run(str(tmp_path / "resumed"), die_at=6)
-    assert _latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-4")
+    assert latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-4")
     assert os.path.isfile(tmp_path / "resumed" / "checkpoint-4" / "method_training_state.safetensors")
     resumed = run(str(tmp_path / "resumed"))
     for key, value in reference.aligner_state_dict().items():

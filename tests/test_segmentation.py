@@ -10,17 +10,17 @@ from PIL import Image
 from test_token_relative import fit
 
 import hf_align
+import hf_align.segmentation
 from hf_align import AlignerModel
-from hf_align.segmentation import (
+from hf_align.configuration import TASK_SEGMENTATION
+from hf_align.segmentation import confusion_matrix, evaluate_segmentation, segmentation_metrics
+from hf_align.segmentation_inference import (
     class_profiles,
-    confusion_matrix,
-    evaluate_segmentation,
     overlay_segmentation,
     palette,
     patch_grid,
     segment_tokens,
     segmentation_logits,
-    segmentation_metrics,
 )
 from hf_align.testing import make_paired_task
 
@@ -66,6 +66,14 @@ def test_metric_errors():
         segmentation_metrics(confusion_matrix(torch.zeros(4), torch.full((4,), 255), num_classes=3))
     with pytest.raises(ValueError, match=r"predictions and targets differ in size: 4 vs 6 pixels"):
         confusion_matrix(torch.zeros(4), torch.zeros(6), num_classes=3)
+
+
+def test_inference_names_stay_importable_from_segmentation():
+    import hf_align.segmentation_inference as inference
+
+    for name in ("segment_tokens", "segment_images", "overlay_segmentation", "class_profiles", "segmentation_logits"):
+        assert getattr(hf_align.segmentation, name) is getattr(inference, name)
+    assert hf_align.segment_tokens is segment_tokens and hf_align.overlay_segmentation is overlay_segmentation
 
 
 def test_patch_grid():
@@ -188,8 +196,20 @@ def test_evaluate_segmentation_agrees_with_segment(vit_model):
     assert metrics["num_images"] == 3 and set(metrics["per_class_iou"]) <= set(CLASSES)
     assert hf_align.evaluate_segmentation is evaluate_segmentation
     # with a background prompt: its pixels count as wrong, it gets no IoU of its own
-    background = evaluate_segmentation(model, None, dataset, CLASSES, templates=["a {}."], background="background")
+    background = evaluate_segmentation(
+        model, None, dataset, CLASSES, templates=["a {}."], background="background", dataset_name="noise"
+    )
     assert "background" not in background["per_class_iou"]
+    # the card gets mIoU and pixel accuracy only, once the caller records the run; evaluating wrote nothing
+    assert model.config.training_summary == {}
+    assert background.card_metrics == {"mIoU": background["mIoU"], "pixel_accuracy": background["pixel_accuracy"]}
+    assert model.model_card_data.add_evaluation(background) == {
+        "task": TASK_SEGMENTATION,
+        "dataset": {"name": "noise", "num_rows": 3},
+        "metrics": background.card_metrics,
+        "details": "3 classes + 'background' prompt",
+    }
+    model.config.training_summary = {}  # the module's shared model stays unrecorded
 
 
 def test_overlay(vit_model):

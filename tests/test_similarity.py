@@ -1,4 +1,4 @@
-"""Similarity heads: hand-computed values, chunked evaluation, re-ranking, config-time compatibility checks."""
+"""Similarity heads: hand-computed values, chunked evaluation, the registry, config-time compatibility checks."""
 
 import math
 
@@ -6,34 +6,33 @@ import pytest
 import torch
 
 from hf_align import AlignerModel
-from hf_align.similarity import (
-    SIMILARITIES,
-    WassersteinSimilarity,
-    build_similarity,
-    check_similarity,
-    rerank,
-)
+from hf_align.similarity import SIMILARITIES, SimilarityHead, build_similarity, check_similarity, register_similarity
 
-POOLED = sorted(n for n, c in SIMILARITIES.items() if c.input_kind == "pooled")
+HEADS = SIMILARITIES.names()
 X = torch.tensor([[3.0, 4.0]])
 Y = torch.tensor([[4.0, 3.0]])
 
 
-def test_registry_holds_the_paper_metrics_and_the_extras():
-    assert set(SIMILARITIES) >= {
-        "cosine",
-        "dot",
-        "euclidean",
-        "manhattan",
-        "chi_square",
-        "wasserstein",
-        "mlp",
-        "bilinear",
-    }
-    with pytest.raises(ValueError, match="unknown similarity 'cos'.*available"):
+def test_registry_holds_the_paper_metrics_and_the_learned_heads():
+    assert HEADS == ["bilinear", "chi_square", "cosine", "dot", "euclidean", "manhattan", "mlp"]
+    assert all(SIMILARITIES[name].similarity_name == name for name in HEADS)
+    with pytest.raises(ValueError, match=r"unknown similarity 'cos'; registered similarities: \['bilinear', .*'mlp'\]"):
         build_similarity("cos", 4)
     with pytest.raises(TypeError, match="unknown similarity_config key.*'hiden'"):
         build_similarity("mlp", 4, hiden=3)
+
+
+def test_register_similarity_refuses_a_taken_name_and_a_non_module():
+    class Cosine2(SimilarityHead):
+        pass
+
+    taken = r"'cosine' is already registered to hf_align\.similarity\.CosineSimilarity; cannot register .*Cosine2 under"
+    with pytest.raises(ValueError, match=taken):
+        register_similarity("cosine")(Cosine2)
+    with pytest.raises(ValueError, match=r"similarity 'plain' must be a subclass of Module, got <function"):
+        register_similarity("plain")(lambda x, y: x @ y.t())
+    assert "plain" not in SIMILARITIES and SIMILARITIES["cosine"].__name__ == "CosineSimilarity"
+    assert Cosine2.similarity_name == ""  # a refused class is left as it was
 
 
 # ---------------------------------------------------------------------------------------------- hand-computed values
@@ -101,52 +100,8 @@ def test_mlp_starts_neutral():
     assert torch.equal(scores, torch.zeros(5, 6))  # zero output layer: InfoNCE starts at log B
 
 
-def test_wasserstein_hand_computed():
-    e1, e2 = torch.eye(2)
-    head = WassersteinSimilarity(2, epsilon=0.01, n_iters=200)
-    # {e1, e2} (½ each) to {e1}: all mass goes to e1; cosine costs 0 and 1 -> transport cost ½
-    image = torch.stack([e1, e2])[None]
-    text = e1[None, None]
-    assert head(image, text).item() == pytest.approx(-0.5, abs=1e-5)
-    # {e1, e2} to {e2, e1}: the permutation costs 0 (entropic leakage ~ exp(-1/ε))
-    assert head(image, torch.stack([e2, e1])[None]).item() == pytest.approx(0.0, abs=1e-5)
-    # a masked padding token changes nothing
-    padded = torch.stack([e1, torch.tensor([-7.0, 3.0])])[None]
-    mask = torch.tensor([[True, False]])
-    assert head(image, padded, text_mask=mask).item() == pytest.approx(-0.5, abs=1e-5)
-
-
-def test_wasserstein_matches_pot_entropic_plan_cost():
-    ot = pytest.importorskip("ot")
-    torch.manual_seed(0)
-    x, y = torch.randn(1, 5, 3, dtype=torch.float64), torch.randn(1, 4, 3, dtype=torch.float64)
-    head = WassersteinSimilarity(3, epsilon=0.1, n_iters=500, cost="sqeuclidean")
-    cost = torch.cdist(x[0], y[0]).pow(2).numpy()
-    plan = ot.sinkhorn([], [], cost, reg=0.1, numItermax=5000, stopThr=1e-12)
-    assert head(x, y).item() == pytest.approx(-(plan * cost).sum(), rel=1e-6)
-
-
-def test_wasserstein_pairwise_matches_pairs_and_has_finite_gradients():
-    torch.manual_seed(1)
-    x = torch.randn(3, 4, 6, requires_grad=True)
-    y = torch.randn(5, 3, 6)
-    y_mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    head = WassersteinSimilarity(6, max_chunk_elements=200)  # forces blocks + checkpointing
-    scores = head(x, y, text_mask=y_mask)
-    assert scores.shape == (3, 5)
-    pairs = head.score_pairs(x, y[:3], text_mask=y_mask[:3])
-    torch.testing.assert_close(scores.diagonal(), pairs)
-    scores.sum().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-
-
-def test_wasserstein_rejects_pooled_inputs():
-    with pytest.raises(ValueError, match="sets of token embeddings"):
-        WassersteinSimilarity(4)(torch.randn(2, 4), torch.randn(3, 4))
-
-
 # ---------------------------------------------------------------------------------------------- shapes, chunking
-@pytest.mark.parametrize("name", POOLED)
+@pytest.mark.parametrize("name", HEADS)
 def test_pairwise_scores_agree_with_score_pairs(name):
     torch.manual_seed(2)
     head = build_similarity(name, 6)
@@ -198,76 +153,17 @@ def test_mlp_peak_memory_is_bounded_by_the_block_size():
     assert torch.isfinite(x.grad).all()
 
 
-# ---------------------------------------------------------------------------------------------- re-ranking
-def test_rerank_with_full_shortlist_reproduces_the_head_ranking():
-    torch.manual_seed(4)
-    head = build_similarity("bilinear", 6, init="random", init_std=0.5)
-    images, texts = torch.randn(20, 6), torch.randn(30, 6)
-    full = head(images, texts)
-    reranked = rerank(head, images, texts, top_k=20, direction="text_to_image")
-    assert reranked.shape == (20, 30)
-    torch.testing.assert_close(reranked, full)
-    reranked = rerank(head, images, texts, top_k=30, direction="image_to_text")
-    torch.testing.assert_close(reranked, full)
-
-
-def test_rerank_orders_the_shortlist_by_the_head_and_keeps_the_rest_below():
-    torch.manual_seed(5)
-    head = build_similarity("mlp", 6)
-    torch.nn.init.normal_(head.out_weight)
-    images, texts = torch.randn(15, 6), torch.randn(12, 6)
-    k = 4
-    scores = rerank(head, images, texts, top_k=k, direction="image_to_text")  # rows are queries
-    cosine = torch.nn.functional.normalize(images, dim=1) @ torch.nn.functional.normalize(texts, dim=1).t()
-    for row in range(15):
-        shortlist = cosine[row].topk(k).indices
-        expected = head.score_pairs(images[row].expand(k, 6), texts[shortlist])
-        torch.testing.assert_close(scores[row, shortlist], expected.detach())
-        others = torch.ones(12, dtype=torch.bool)
-        others[shortlist] = False
-        assert scores[row, others].max() < scores[row, shortlist].min()
-        # outside the shortlist the first-stage (cosine) order is kept
-        assert torch.equal(scores[row, others].argsort(), cosine[row, others].argsort())
-
-
-def test_rerank_accepts_a_model_and_checks_arguments():
-    model = AlignerModel.from_feature_dims(8, 6, similarity="bilinear")
-    images, texts = torch.randn(5, model.aligner.embed_dim), torch.randn(5, model.aligner.embed_dim)
-    assert rerank(model, images, texts, top_k=2).shape == (5, 5)
-    with pytest.raises(ValueError, match="direction"):
-        rerank(model, images, texts, direction="both")
-    with pytest.raises(ValueError, match="top_k"):
-        rerank(model, images, texts, top_k=0)
-
-
 # ---------------------------------------------------------------------------------------------- with the model
-def test_token_set_head_with_a_pooled_method_fails_at_configuration_time():
-    with pytest.raises(ValueError, match="sets of token embeddings.*method 'linear'.*pooled"):
-        AlignerModel.from_feature_dims(8, 6, method="linear", similarity="wasserstein")
+def test_head_settings_are_checked_before_any_encoder_is_loaded():
     # from_encoders checks before it loads anything: a nonexistent encoder path is never reached
-    with pytest.raises(ValueError, match="sets of token embeddings"):
-        AlignerModel.from_encoders("/nonexistent/vision", "/nonexistent/text", method="mlp", similarity="wasserstein")
-    with pytest.raises(TypeError, match="unknown similarity_config"):
+    with pytest.raises(TypeError, match=r"similarity 'mlp' got unknown similarity_config key\(s\) \['width'\]"):
         AlignerModel.from_encoders(
             "/nonexistent/vision", "/nonexistent/text", similarity="mlp", similarity_config={"width": 3}
         )
-    with pytest.raises(ValueError, match="unknown similarity"):
+    with pytest.raises(ValueError, match=r"unknown similarity 'cosinus'; registered similarities: \[.*'cosine'"):
         AlignerModel.from_encoders("/nonexistent/vision", "/nonexistent/text", similarity="cosinus")
-
-
-def test_check_similarity_accepts_a_method_that_outputs_token_sets():
-    class TokenSetMethod:
-        method_name = "token_sets"
-        input_kind = "tokens"
-        outputs_token_sets = True
-
-        def embed_image_tokens(self, features, mask=None): ...
-
-        def embed_text_tokens(self, features, mask=None): ...
-
-    assert check_similarity("wasserstein", TokenSetMethod) is WassersteinSimilarity
-    with pytest.raises(ValueError, match="token"):
-        check_similarity("wasserstein", type("PoolsTokens", (), {"input_kind": "tokens"}))
+    with pytest.raises(ValueError, match=r"unknown similarity 'wasserstein'"):  # token sets: no method outputs them
+        AlignerModel.from_feature_dims(8, 6, similarity="wasserstein")
 
 
 def test_learned_head_with_a_training_free_method_fails_at_configuration_time():

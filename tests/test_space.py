@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from hf_align import AlignerModel
-from hf_align.segmentation import overlay_segmentation
+from hf_align.segmentation_inference import overlay_segmentation
 
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
+pytestmark = pytest.mark.slow  # a Gradio server per module
 
 APP_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "space", "app.py")
 LABELS = ["cat", "a big red car", "a handwritten digit three"]

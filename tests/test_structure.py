@@ -146,6 +146,41 @@ def test_registered_and_configured_through_from_encoders_keywords():
         model_with_structure(structure_levels=0)
 
 
+def test_configured_through_the_regularizers_mapping_beside_the_shorthand(tiny_vit, tiny_bert):
+    explicit = model_with_structure(regularizers={"structure": {"weight": 10.0, "levels": 3}})
+    mixed = model_with_structure(regularizers={"structure": {"weight": 10.0}}, structure_levels=3)
+    shorthand = model_with_structure(structure_weight=10.0, structure_levels=3)
+    for model in (explicit, mixed, shorthand):
+        assert model.config.regularizers == {"structure": {"weight": 10.0, "levels": 3}}
+        assert model.regularizers["structure"].config == StructureConfig(weight=10.0, levels=3)
+    assert model_with_structure(regularizers={}).config.regularizers == {}
+    # one field both ways: refused with both spellings named, before any encoder is loaded (from_encoders too)
+    both = r"structure_weight=2\.0 and regularizers\['structure'\]\['weight'\]=10\.0 both set setting 'weight' of"
+    with pytest.raises(ValueError, match=both):
+        model_with_structure(regularizers={"structure": {"weight": 10.0}}, structure_weight=2.0)
+    with pytest.raises(ValueError, match=both):
+        AlignerModel.from_encoders(
+            "/nonexistent/vision",
+            "/nonexistent/text",
+            regularizers={"structure": {"weight": 10.0}},
+            structure_weight=2.0,
+        )
+    with pytest.raises(ValueError, match=r"unknown regulariser 'structur'; registered regularisers: \['structure'\]"):
+        model_with_structure(regularizers={"structur": {"weight": 1.0}})
+    with pytest.raises(
+        ValueError, match=r"regularizers must map regulariser names to dicts .* got \{'structure': 10\.0\}"
+    ):
+        model_with_structure(regularizers={"structure": 10.0})
+    with pytest.raises(ValueError, match=r"'structure' setting weight must be a finite number, got 'high'"):
+        model_with_structure(regularizers={"structure": {"weight": "high"}})
+    # the mapping reaches from_encoders' config as given
+    model = AlignerModel.from_encoders(
+        tiny_vit, tiny_bert, projection_dim=4, regularizers={"structure": {"weight": 3.0}}
+    )
+    assert model.config.regularizers == {"structure": {"weight": 3.0}}
+    assert model.regularizers["structure"].config.weight == 3.0
+
+
 def test_term_is_half_the_sum_over_modalities_with_linear_warmup():
     torch.manual_seed(0)
     model = model_with_structure(structure_weight=10.0, structure_warmup_steps=4, structure_levels=2)

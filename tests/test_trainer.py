@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 import hf_align
+from hf_align.configuration import TASK_RETRIEVAL
 from hf_align.testing import make_paired_task
 from hf_align.trainer_callback import CardDataCallback, non_default_training_args
 
@@ -130,14 +131,32 @@ def test_codebook_is_initialised_from_data_and_trains_under_trainer(views, tmp_p
 
 
 def test_resumed_run_is_not_reinitialised(views, tmp_path):
+    """A resumed run (global_step > 0) keeps the checkpoint's weights; a fresh one initialises from data. The card
+    forgets what described the old weights and keeps what describes the setup."""
     train, _ = views
     model = hf_align.AlignerModel.from_feature_dims(24, 16, method="codebook", projection_dim=8, num_codes=8)
-    model.aligner.init_from_data = lambda *a, **k: pytest.fail("a resumed run must keep the checkpoint's codebook")
+    before = {k: v.clone() for k, v in model.aligner_state_dict().items()}
     loader = torch.utils.data.DataLoader(train)
-    state = TrainerState(global_step=5)
-    CardDataCallback().on_train_begin(
-        training_args(tmp_path), state, TrainerControl(), model=model, train_dataloader=loader
+    callback = CardDataCallback(init_samples=50)
+    card = model.model_card_data
+    card.add_training_dataset(name="org/pairs", split="train")
+    card.add_evaluation(TASK_RETRIEVAL, {"mean_R@1": 1.0}, dataset_name="org/pairs")  # of the old weights
+
+    callback.on_train_begin(
+        training_args(tmp_path), TrainerState(global_step=5), TrainerControl(), model=model, train_dataloader=loader
     )
+    after = model.aligner_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no data-dependent restart: weights untouched
+    assert model.config.training_summary == {
+        "train_datasets": [{"name": "org/pairs", "id": "org/pairs", "split": "train"}]
+    }
+
+    callback.on_train_begin(
+        training_args(tmp_path), TrainerState(global_step=0), TrainerControl(), model=model, train_dataloader=loader
+    )
+    fresh = model.aligner_state_dict()
+    # a fresh run: the codebook becomes the k-means of 50 training pairs (the heads are left as they are)
+    assert [k for k in before if not torch.equal(before[k], fresh[k])] == ["aligner.codebook"]
 
 
 def test_data_initialised_method_needs_a_dataset_view(tmp_path):

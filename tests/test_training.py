@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hf_align import AlignerModel, AlignmentArguments, evaluate_retrieval, train
+from hf_align.features import split_by_image
 from hf_align.testing import make_paired_task
-from hf_align.training import split_by_image
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,12 @@ def test_validation_split_keeps_all_captions_of_an_image_together():
     ids = torch.tensor(features["image_id"])
     assert set(ids[train_rows].tolist()).isdisjoint(ids[eval_rows].tolist())
     assert len(eval_rows) == 8 and len(train_rows) + len(eval_rows) == 40
-    with pytest.raises(ValueError, match=r"eval_fraction=0.01 of 10 images gives 0 validation images"):
-        split_by_image(features, 0.01, seed=0)
+    with pytest.raises(
+        ValueError, match=r"eval_fraction=0.01 gives 0 held-out images of the 10 in the cache; need at least 2"
+    ):
+        train(
+            AlignerModel.from_feature_dims(64, 48, projection_dim=4), features, AlignmentArguments(eval_fraction=0.01)
+        )
 
 
 def test_training_arguments_are_checked():

@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import pipeline
 
 from hf_align.pipelines import RETRIEVAL_TASK, ZERO_SHOT_TASK, register_pipelines
-from hf_align.segmentation import overlay_segmentation
+from hf_align.segmentation_inference import overlay_segmentation
 
 MODEL_ENV = "HF_ALIGN_MODEL"
 GALLERY_ENV = "HF_ALIGN_GALLERY"

@@ -1,29 +1,27 @@
-"""CLI command registry. A command is one module here defining a module-level `COMMAND = CommandSpec(...)`;
-modules are discovered automatically, so adding a command touches no other file."""
+"""CLI commands: one module per command in this folder, each declaring `COMMAND = CommandSpec(...)`, registered here by
+name in `COMMANDS`. Adding a command = such a module, plus its import and its entry in `_BUILTIN` below (imported by
+name so that the import graph is static)."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from ..registry import Registry
+from . import (
+    analyze,
+    compare,
+    data_efficiency,
+    evaluate,
+    extract,
+    push,
+    quickstart,
+    select_layers,
+    train,
+)
+from .base import CommandSpec
 
+_BUILTIN = (analyze, compare, data_efficiency, evaluate, extract, push, quickstart, select_layers, train)
 
-@dataclass(frozen=True)
-class CommandSpec:
-    name: str  # `hf-align <name>`
-    help: str
-    argument_classes: tuple  # dataclasses parsed by HfArgumentParser, in the order `run` receives them
-    run: Callable[..., int | None]
+COMMANDS: Registry[CommandSpec] = Registry("command", CommandSpec, classes=False)
+for _module in _BUILTIN:
+    COMMANDS.register(_module.COMMAND.name, _module.COMMAND)
 
-
-def _discover() -> dict[str, CommandSpec]:
-    commands = {}
-    for module in pkgutil.iter_modules(__path__):
-        spec = getattr(importlib.import_module(f"{__name__}.{module.name}"), "COMMAND", None)
-        if isinstance(spec, CommandSpec):
-            commands[spec.name] = spec
-    return commands
-
-
-COMMANDS = _discover()
+__all__ = ["COMMANDS", "CommandSpec"]

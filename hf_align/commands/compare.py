@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..training import AlignmentArguments
-from . import CommandSpec
+from .base import CommandSpec
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _names(value: str | None) -> list[str] | None:
 
 def run(args: CompareArguments, training_args: AlignmentArguments) -> int:
     from ..experiments.compare import SYNTHETIC_PRESET, compare, synthetic_features
-    from .analyze import load_feature_cache
+    from ..features import open_feature_cache
 
     if training_args.output_dir is None:
         raise ValueError("hf-align compare needs --output_dir (where leaderboard.md and leaderboard.json go)")
@@ -81,8 +81,8 @@ def run(args: CompareArguments, training_args: AlignmentArguments) -> int:
         }
         training_args = dataclasses.replace(training_args, **budget)
     else:
-        features = load_feature_cache(args.features)
-    test_features = load_feature_cache(args.test_features) if args.test_features else None
+        features = open_feature_cache(args.features)
+    test_features = open_feature_cache(args.test_features) if args.test_features else None
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     board = compare(
         features,

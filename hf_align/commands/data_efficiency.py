@@ -1,4 +1,5 @@
-"""`hf-align data-efficiency`: held-out retrieval against the number of training pairs, for an aligner with and without STRUCTURE on the last and the selected layers, from one feature cache (or the offline synthetic task)."""
+"""`hf-align data-efficiency`: held-out retrieval against the number of training pairs, for an aligner with and
+without STRUCTURE on the last and the selected layers, from one feature cache (or the offline synthetic task)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..arguments import parse_layer_list
-from . import CommandSpec
+from .base import CommandSpec
 
 
 @dataclass
@@ -71,7 +72,7 @@ def run(args: DataEfficiencyArguments) -> int:
             )
         features = make_paired_task(n=args.synthetic_pairs, shared_layers=tuple(shared), seed=0).to_features()
     else:
-        from ..layer_selection import open_feature_cache
+        from ..features import open_feature_cache
 
         features = open_feature_cache(args.features, args.split)
     result = run_data_efficiency(
@@ -99,4 +100,4 @@ def run(args: DataEfficiencyArguments) -> int:
     return 0
 
 
-COMMAND = CommandSpec("data-efficiency", __doc__.split(": ", 1)[1], (DataEfficiencyArguments,), run)
+COMMAND = CommandSpec("data-efficiency", " ".join(__doc__.split(": ", 1)[1].split()), (DataEfficiencyArguments,), run)

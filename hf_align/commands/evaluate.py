@@ -1,4 +1,7 @@
-"""`hf-align evaluate`: zero-shot classification and/or retrieval of a saved aligner on a dataset."""
+"""`hf-align evaluate`: zero-shot classification and/or retrieval of a saved aligner on a dataset.
+
+Each result is recorded on the model's card data; a local aligner folder gets its `README.md` rewritten with them.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..arguments import load_dataset_split
-from . import CommandSpec
+from .base import CommandSpec
 
 
 @dataclass
@@ -63,6 +66,8 @@ def run(args: EvaluateArguments) -> int:
             dataset_name=args.dataset,
             dataset_split=args.split,
         )
+    for result in results.values():
+        model.model_card_data.add_evaluation(result)
     print(json.dumps(results, indent=2))
     if os.path.isdir(args.model):  # a local aligner: its card now carries these results
         write_model_card(model, args.model)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..arguments import DataArguments, ModelArguments
-from . import CommandSpec
+from .base import CommandSpec
 
 
 def run(model_args: ModelArguments, data_args: DataArguments) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from . import CommandSpec
+from .base import CommandSpec
 
 
 @dataclass
@@ -20,7 +20,7 @@ class PushArguments:
 
 
 def run(args: PushArguments) -> int:
-    from ..modelcard import upload_aligner
+    from ..hub import upload_aligner
     from ..modeling import AlignerModel
 
     if not os.path.isdir(args.model_dir):

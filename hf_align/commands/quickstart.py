@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..experiments.quickstart import QuickstartArguments, run_quickstart
-from . import CommandSpec
+from .base import CommandSpec
 
 
 def run(args: QuickstartArguments) -> int:

@@ -1,4 +1,5 @@
-"""`hf-align select-layers`: score every (vision layer, text layer) pair of a feature cache and write the report (JSON) and a heatmap (PNG)."""
+"""`hf-align select-layers`: score every (vision layer, text layer) pair of a feature cache and write the report
+(JSON) and a heatmap (PNG)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..arguments import parse_layer_list
-from . import CommandSpec
+from .base import CommandSpec
 
 REPORT_FILE = "layer_selection.json"
 HEATMAP_FILE = "layer_selection.png"
@@ -36,7 +37,8 @@ class SelectLayersArguments:
 
 
 def run(args: SelectLayersArguments) -> int:
-    from ..layer_selection import open_feature_cache, select_layers
+    from ..features import open_feature_cache
+    from ..layer_selection import select_layers
 
     report = select_layers(
         open_feature_cache(args.features, args.split),
@@ -68,4 +70,4 @@ def run(args: SelectLayersArguments) -> int:
     return 0
 
 
-COMMAND = CommandSpec("select-layers", __doc__.split(": ", 1)[1], (SelectLayersArguments,), run)
+COMMAND = CommandSpec("select-layers", " ".join(__doc__.split(": ", 1)[1].split()), (SelectLayersArguments,), run)

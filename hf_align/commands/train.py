@@ -6,18 +6,17 @@ import json
 
 from ..arguments import DataArguments, ModelArguments
 from ..training import AlignmentArguments
-from . import CommandSpec
+from .base import CommandSpec
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: AlignmentArguments) -> int:
-    from ..modelcard import record_training_dataset
     from ..training import train
 
     if training_args.output_dir is None:
         raise ValueError("hf-align train needs --output_dir (where the trained aligner is saved)")
     model = model_args.build()
     data = data_args.load()
-    record_training_dataset(model, data, name=data_args.dataset, split=data_args.split)
+    model.model_card_data.add_training_dataset(data, name=data_args.dataset, split=data_args.split)
     features = data_args.extract(model, data)
     result = train(model, features, training_args)
     print(

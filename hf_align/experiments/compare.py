@@ -14,9 +14,9 @@ runs:
 * the modality gap of the aligned test embeddings (`hf_align.analysis.modality_gap`);
 * wall-clock training time and parameter counts (trainable, and everything the checkpoint stores).
 
-Combinations the library rejects at configuration time (a token-set head with a pooled method, a learned head with
-a training-free method, a token method on a cache without token features) are listed as `n/a` with the reason;
-a run that fails while training is listed as `failed` with the error, and the others go on.
+Combinations the library rejects at configuration time (a learned head with a training-free method, a token method
+on a cache without token features) are listed as `n/a` with the reason; a run that fails while training is listed as
+`failed` with the error, and the others go on.
 """
 
 from __future__ import annotations
@@ -208,18 +208,12 @@ def synthetic_features(n: int = 3000, seed: int = 0, tokens: bool = True, **task
 def split_features(
     features: datasets.Dataset, test_fraction: float = 0.2, seed: int = 0
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split a feature cache by source image (captions of one image stay together) into train and test parts."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    ids = np.asarray(features["image_id"]) if "image_id" in features.column_names else np.arange(len(features))
-    unique = np.unique(ids)
-    if len(unique) < 2:
-        raise ValueError("the feature cache holds fewer than 2 images: nothing to hold out")
-    rng = np.random.default_rng(seed)
-    n_test = min(len(unique) - 1, max(1, round(test_fraction * len(unique))))
-    test_ids = set(rng.permutation(unique)[:n_test].tolist())
-    is_test = np.fromiter((i in test_ids for i in ids), dtype=bool, count=len(ids))
-    return features.select(np.flatnonzero(~is_test)), features.select(np.flatnonzero(is_test))
+    """Split a feature cache by source image (captions of one image stay together) into train and test parts:
+    `test_fraction` of the images (at least one, and at least one left to train on), drawn by `split_by_image`."""
+    from ..features import split_by_image
+
+    train_rows, test_rows = split_by_image(features, test_fraction, seed, name="test_fraction")
+    return features.select(train_rows), features.select(test_rows)
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -342,7 +336,8 @@ def compare(
     unknown = [m for m in methods if m not in METHODS] + [s for s in similarities if s not in SIMILARITIES]
     if unknown:
         raise ValueError(
-            f"unknown method(s)/similarity(ies) {unknown}; methods: {sorted(METHODS)}, similarities: {sorted(SIMILARITIES)}"
+            f"unknown method(s)/similarity(ies) {unknown}; methods: {sorted(METHODS)}, "
+            f"similarities: {sorted(SIMILARITIES)}"
         )
     if not seeds:
         raise ValueError("give at least one seed")

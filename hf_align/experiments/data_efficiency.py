@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..features import cached_layers, layer_column
+from ..features import cached_layers, layer_column, split_by_image
 from ..training import AlignmentArguments, train
 
 logger = logging.get_logger(__name__)
@@ -44,7 +44,8 @@ __all__ = ["DataEfficiencyResult", "Variant", "default_variants", "run_data_effi
 
 @dataclass
 class Variant:
-    """One curve: an aligner method with its keywords (incl. `structure_*`) trained on the `last` or `selected` layers."""
+    """One curve: an aligner method with its keywords (incl. `structure_*`) trained on the `last` or `selected`
+    layers."""
 
     name: str
     method: str = "linear"
@@ -174,22 +175,6 @@ class DataEfficiencyResult:
         return cls(runs=payload["runs"], settings=payload["settings"], metric=payload["metric"])
 
 
-def _split_images(features: datasets.Dataset, n_test: int, seed: int) -> tuple[list[int], list[int]]:
-    """(pool rows, test rows): `n_test` random images with all their captions are held out."""
-    if "image_id" in features.column_names:
-        image_ids = np.asarray(features.with_format("numpy", columns=["image_id"])[:]["image_id"])
-    else:
-        image_ids = np.arange(len(features))
-    unique = np.unique(image_ids)
-    if not 2 <= n_test < len(unique):
-        raise ValueError(
-            f"n_test={n_test} held-out images must be at least 2 and fewer than the {len(unique)} images in the cache"
-        )
-    held_out = np.random.default_rng(seed).permutation(unique)[:n_test]
-    is_test = np.isin(image_ids, held_out)
-    return np.flatnonzero(~is_test).tolist(), np.flatnonzero(is_test).tolist()
-
-
 def _check_sizes(sizes: Sequence[int], pool: int, include_all: bool) -> list[int]:
     for n in sizes:
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2:
@@ -257,7 +242,9 @@ def run_data_efficiency(
     template = training_args or AlignmentArguments(
         max_steps=500, per_device_train_batch_size=1024, learning_rate=1e-3, eval_fraction=0.0
     )
-    pool, test_rows = _split_images(features, n_test, split_seed)
+    pool, test_rows = (
+        rows.tolist() for rows in split_by_image(features, n_test, split_seed, min_held_out=2, name="n_test")
+    )
     sizes = _check_sizes(sizes, len(pool), include_all)
     test = features.select(test_rows)
     runs = []

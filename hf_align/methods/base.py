@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import abc
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..registry import ComponentConfig
+
 
 @dataclass
-class MethodConfig:
-    """Base class of a method's settings. Subclasses are dataclasses; unknown keys are rejected by name."""
-
-    @classmethod
-    def from_kwargs(cls, owner: str, kwargs: dict[str, Any]) -> MethodConfig:
-        """Build from keyword arguments; `owner` (the method or regulariser name) is named in errors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise TypeError(
-                f"{owner!r} got unknown argument(s) {unknown}; it accepts {sorted(names) or 'no arguments'}"
-            )
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+class MethodConfig(ComponentConfig):
+    """Base class of a method's settings. Subclasses are dataclasses; `from_kwargs` rejects unknown keys by name and
+    values of the wrong type, their `__post_init__` checks ranges."""
 
 
 class AlignerMethod(nn.Module, abc.ABC):

@@ -52,8 +52,8 @@ from torch import nn
 
 from ..configuration import check_number, check_positive_int
 from ..ot import _distributed, sinkhorn
-from . import register_method
 from .base import AlignerMethod, MethodConfig
+from .registry import register_method
 
 __all__ = ["CodebookAligner", "CodebookConfig", "kmeans", "swapped_prediction_loss"]
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import register_method
 from .base import MethodConfig
 from .projection import ProjectionPair
+from .registry import register_method
 
 
 @dataclass

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..relative import pick_anchor_pairs, relative_representation
-from . import register_method
+from ..relative_representations import pick_anchor_pairs, relative_representation
 from .base import AlignerMethod, MethodConfig
+from .registry import register_method
 
 RELATIVE_MODES = ("softmax", "cosine")
 

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..relative import relative_representation
-from . import register_method
+from ..relative_representations import relative_representation
 from .base import AlignerMethod, MethodConfig
+from .registry import register_method
 
 POOLINGS = ("cap", "mean")
 

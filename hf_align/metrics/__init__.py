@@ -3,8 +3,8 @@
 `evaluate.load("accuracy")` fetches its script from the Hub; these modules are plain files inside `hf_align`, so
 `hf_align.metrics.load("retrieval_recall")` (or `evaluate.load(hf_align.metrics.module_path("retrieval_recall"))`)
 works offline. Each module wraps the library's own metric function, so a number computed through `evaluate` and a
-number recorded by `hf_align.evaluate_retrieval` / `evaluate_zero_shot` / `evaluate_segmentation` come from the same
-code.
+number returned by `hf_align.evaluate_retrieval` / `evaluate_zero_shot` / `evaluate_segmentation` (and recorded on
+the model card from that result) come from the same code.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..methods.base import MethodConfig
-from . import Regularizer, register_regularizer
+from .base import Regularizer, RegularizerConfig
+from .registry import register_regularizer
 
 WEIGHTINGS = ("none", "inverse")
 DIVERGENCES = ("js", "authors_rkl")
@@ -161,8 +161,9 @@ def structure_regularizer(
 
 
 @dataclass
-class StructureConfig(MethodConfig):
-    """Settings of the `structure` regulariser (`AlignerModel.from_encoders(..., structure_<field>=...)`).
+class StructureConfig(RegularizerConfig):
+    """Settings of the `structure` regulariser (`AlignerModel.from_encoders(..., regularizers={"structure": {...}})`
+    or the shorthand `structure_<field>=...`).
 
     weight: λ (the METHODS.md default is 10). warmup_steps: training forward calls over which λ ramps up linearly from
     0 (0 = full weight at once). The other fields are those of `structure_regularizer`.

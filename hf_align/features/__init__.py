@@ -1,0 +1,65 @@
+"""The feature cache: frozen encoder outputs extracted once, stored as an Arrow-backed `datasets.Dataset` on disk.
+
+* `schema`: the cache's columns (`layer_column`, `cached_layers`, `column_array`), caches built from tensors
+  (`features_from_tensors`), the model's view of a cache (`features_for`, `FeatureCollator`) and `split_by_image`.
+* `store`: the folder on disk: fingerprint, atomic write, size and checksum checks (`load_cache`, `skipped_samples`,
+  `FeatureCacheError`) and `open_feature_cache`, which opens any cache folder a command is given.
+* `extract`: `extract_features`, the encoders run once over a dataset, and `BadSampleError`.
+* `decode`: the source side: loading a dataset split, decoding images and captions, preprocessing batches.
+"""
+
+from ..distributed import cpu_process_group, process_state
+from .decode import MAX_IMAGE_SIDE, load_dataset_split
+from .extract import BAD_SAMPLE_POLICIES, BadSampleError, extract_features
+from .schema import (
+    FeatureCollator,
+    cached_layers,
+    column_array,
+    features_for,
+    features_from_tensors,
+    layer_column,
+    split_by_image,
+    stack_features,
+)
+from .store import (
+    CACHE_FORMAT_VERSION,
+    CHECKSUM_AUTO_BYTES,
+    DATA_FILE,
+    META_FILE,
+    SHARD_PREFIX,
+    FeatureCacheError,
+    default_cache_dir,
+    estimate_cache_bytes,
+    load_cache,
+    open_feature_cache,
+    skipped_samples,
+)
+
+__all__ = [
+    "BAD_SAMPLE_POLICIES",
+    "CACHE_FORMAT_VERSION",
+    "CHECKSUM_AUTO_BYTES",
+    "DATA_FILE",
+    "MAX_IMAGE_SIDE",
+    "META_FILE",
+    "SHARD_PREFIX",
+    "BadSampleError",
+    "FeatureCacheError",
+    "FeatureCollator",
+    "cached_layers",
+    "column_array",
+    "cpu_process_group",
+    "default_cache_dir",
+    "estimate_cache_bytes",
+    "extract_features",
+    "features_for",
+    "features_from_tensors",
+    "layer_column",
+    "load_cache",
+    "load_dataset_split",
+    "open_feature_cache",
+    "process_state",
+    "skipped_samples",
+    "split_by_image",
+    "stack_features",
+]

@@ -1,0 +1,311 @@
+"""The feature cache on disk: where a cache lives, how it is written so that a crash leaves nothing half-written, and
+how it is checked before it is read.
+
+A cache lives in `<cache_dir>/<fingerprint>/` (or the `cache_path` given to `extract_features`) and is written under
+a temporary name (`<folder>.tmp-<host>-<pid>`), then renamed, so a crash never leaves a half-written cache behind; the
+leftovers of a stopped extraction on this host are removed by the next one. The fingerprint covers the encoders (id,
+revision or local weights), layers, poolings, the image processor and tokenizer settings, the columns, the
+bad-sample policy and the source dataset's own fingerprint. `hf_align_cache.json` records those parts, the row count,
+the Arrow file's size and SHA-256, and the samples left out: every load checks the size (and the checksum when cheap,
+or on request), so a truncated or edited cache is refused instead of read.
+
+`open_feature_cache` opens any folder a command is given: a finished cache, or a dataset saved with `save_to_disk`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+
+import datasets
+from datasets.arrow_writer import ArrowWriter
+from transformers.utils import logging
+
+from .decode import load_dataset_split
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "CHECKSUM_AUTO_BYTES",
+    "DATA_FILE",
+    "META_FILE",
+    "SHARD_PREFIX",
+    "FeatureCacheError",
+    "default_cache_dir",
+    "estimate_cache_bytes",
+    "load_cache",
+    "open_feature_cache",
+    "skipped_samples",
+]
+
+
+CACHE_FORMAT_VERSION = 2  # 2: the metadata records the data file's size and SHA-256, and the skipped samples
+META_FILE = "hf_align_cache.json"
+DATA_FILE = "features.arrow"
+CHECKSUM_AUTO_BYTES = 256 * 2**20  # load_cache verifies the SHA-256 by default up to this size (about a second)
+SHARD_PREFIX = "shard-"  # per-process part of a cache extracted by several processes, before concatenation
+
+
+class FeatureCacheError(ValueError):
+    """A cache folder that must not be read: built for other inputs, unfinished, truncated or modified on disk."""
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("HF_ALIGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf_align", "features"))
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+def _fingerprint(parts: dict) -> str:
+    """The folder name of the cache of `parts` (every input the features depend on): a hash of their JSON."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _local_signature(path: str | None) -> list | None:
+    """Size and mtime of a local encoder's weight files, so re-saving different weights there invalidates caches."""
+    if not path or not os.path.isdir(path):
+        return None
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+    return [[f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f))] for f in files]
+
+
+def _processor_signature(processor, max_text_length) -> dict:
+    image = processor.image_processor.to_dict()
+    image.pop("processor_class", None)
+    tokenizer = processor.tokenizer
+    return {
+        "image_processor": image,
+        "tokenizer": [type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_text_length],
+    }
+
+
+def estimate_cache_bytes(n_rows: int, vision_dims, text_dims, vision_token_shape, text_tokens_per_row) -> int:
+    """Rough on-disk size: float32 pooled vectors + float16 token matrices per row."""
+    size = 4 * (sum(vision_dims) + sum(text_dims))
+    if vision_token_shape:
+        size += 2 * vision_token_shape[0] * vision_token_shape[1]
+    if text_tokens_per_row:
+        size += 2 * text_tokens_per_row[0] * text_tokens_per_row[1]
+    return n_rows * size
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _reuse_or_clear(target: str, parts: dict, cache_path) -> bool:
+    """True when `target` holds a finished cache of exactly `parts` (size and checksum verified); otherwise clears the
+    way for a new one (a damaged or unfinished cache under `cache_dir` is removed, one at `cache_path` is refused)."""
+    _remove_stale_partial_caches(target)
+    try:
+        cached = load_cache(target, parts)
+    except FeatureCacheError as err:
+        if cache_path is not None:  # a folder the user named is never deleted for them
+            raise
+        logger.warning(f"rebuilding: {err}")
+        shutil.rmtree(target)
+        cached = None
+    if cached is not None:
+        return True
+    if os.path.exists(target):
+        if cache_path is not None:
+            raise FeatureCacheError(
+                f"cache_path={target!r} exists but is not a finished hf_align feature cache (no {META_FILE}); remove "
+                "it or give another cache_path"
+            )
+        logger.warning(f"rebuilding {target}: an unfinished feature cache (no {META_FILE})")
+        shutil.rmtree(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    return False
+
+
+def _new_partial_folder(target: str) -> str:
+    # Host and pid in the name: a later run can tell a dead extraction's leftovers from a live one's.
+    tmp = f"{target}.tmp-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _finish_cache(tmp: str, target: str, parts: dict, n_rows: int, skipped: list[dict]) -> None:
+    """Concatenate the processes' shards (if any) in rank order, write the metadata last, rename `tmp` to `target`."""
+    shards = sorted(name for name in os.listdir(tmp) if name.startswith(SHARD_PREFIX))
+    if shards:
+        _concatenate_arrow([os.path.join(tmp, name) for name in shards], os.path.join(tmp, DATA_FILE))
+        for name in shards:
+            os.remove(os.path.join(tmp, name))
+    if skipped:
+        rows = sorted({sample["row"] for sample in skipped})
+        logger.warning(
+            f"on_bad_sample='skip': left out {len(skipped)} sample(s), rows {rows[:20]} (reasons recorded in "
+            f"{os.path.join(target, META_FILE)}); first: {skipped[0]['reason']}"
+        )
+    meta = {
+        "parts": parts,
+        "num_rows": n_rows,
+        "complete": True,
+        "data_file": _file_record(os.path.join(tmp, DATA_FILE)),
+        "skipped": skipped,
+    }
+    with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as handle:
+        json.dump(meta, handle, default=str)
+    if os.path.isdir(target):  # a concurrent writer finished first; theirs is identical
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, target)
+
+
+def _concatenate_arrow(paths: list[str], path: str) -> None:
+    """Write the rows of the Arrow files `paths`, in that order, to one Arrow file, a record batch at a time."""
+    import pyarrow as pa
+
+    first = datasets.Dataset.from_file(paths[0])
+    writer = ArrowWriter(path=path, features=first.features)
+    try:
+        for shard in paths:
+            for batch in datasets.Dataset.from_file(shard).data.to_batches():
+                writer.write_table(pa.Table.from_batches([batch]))
+        writer.finalize()
+    finally:
+        writer.close()
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def load_cache(path: str, parts: dict | None = None, verify_checksum: bool | None = None) -> datasets.Dataset | None:
+    """Open a finished cache folder; `None` if there is none (no `hf_align_cache.json`).
+
+    Raises `FeatureCacheError` when `parts` (when given) differ from what the cache was built for (naming each
+    differing part with both values), or when the data file is not the one written: its size is checked on every
+    load, its SHA-256 when `verify_checksum=True`, or by default (`None`) when the file is at most
+    `CHECKSUM_AUTO_BYTES`.
+    """
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        return None
+    try:
+        with open(meta_path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FeatureCacheError(f"feature cache {path!r}: {META_FILE} is unreadable ({err}); re-extract it") from err
+    if parts is not None:
+        expected = json.loads(json.dumps(parts, default=str))
+        differences = _differences("", meta.get("parts", {}), expected)
+        if differences:
+            raise FeatureCacheError(
+                f"feature cache {path!r} was built for other inputs: " + "; ".join(differences) + ". Use the "
+                "inputs it was built for, or another cache folder"
+            )
+    record = meta.get("data_file")
+    if not isinstance(record, dict):
+        raise FeatureCacheError(
+            f"feature cache {path!r} has no size/checksum record (written by an older hf_align); re-extract it"
+        )
+    data_path = os.path.join(path, DATA_FILE)
+    size = os.path.getsize(data_path) if os.path.isfile(data_path) else None
+    if size != record["size"]:
+        found = "is missing" if size is None else f"is {size} bytes"
+        raise FeatureCacheError(
+            f"feature cache {path!r} is damaged: {DATA_FILE} {found}, {record['size']} bytes were written "
+            "(truncated or modified after extraction); delete the folder to re-extract"
+        )
+    if verify_checksum or (verify_checksum is None and size <= CHECKSUM_AUTO_BYTES):
+        digest = _file_record(data_path)["sha256"]
+        if digest != record["sha256"]:
+            raise FeatureCacheError(
+                f"feature cache {path!r} is damaged: {DATA_FILE} has SHA-256 {digest}, {record['sha256']} was "
+                "written (modified after extraction); delete the folder to re-extract"
+            )
+    dataset = datasets.Dataset.from_file(data_path)
+    if len(dataset) != meta.get("num_rows"):
+        raise FeatureCacheError(
+            f"feature cache {path!r} is damaged: {len(dataset)} rows on disk, {meta.get('num_rows')} recorded"
+        )
+    return dataset
+
+
+def open_feature_cache(path: str | os.PathLike, split: str = "train") -> datasets.Dataset:
+    """Open a feature cache folder: a finished `extract_features` cache (`hf_align_cache.json`; checked as by
+    `load_cache`), or a dataset saved with `save_to_disk` (a `DatasetDict` gives its `split`); any other local folder
+    is read by `datasets.load_dataset` (its `split`), e.g. Parquet files of feature columns.
+
+    Raises:
+        FileNotFoundError: `path` is not a folder.
+        FeatureCacheError: an hf_align cache that must not be read (built unfinished, truncated or modified).
+        ValueError: the folder holds neither an hf_align feature cache nor a dataset.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"feature cache folder {path!r} does not exist; give an extract_features cache or a save_to_disk folder"
+        )
+    cache = load_cache(path)
+    if cache is not None:
+        return cache
+    try:
+        return load_dataset_split(path, split=split)
+    except FileNotFoundError as err:  # datasets' "no data files here": say what the folder should have held
+        raise ValueError(
+            f"{path!r} holds neither an hf_align feature cache nor a save_to_disk dataset: {err}"
+        ) from None
+
+
+def skipped_samples(features: datasets.Dataset) -> list[dict]:
+    """The samples `extract_features(..., on_bad_sample="skip")` left out of this cache: `{"row", "caption",
+    "reason"}` each (`caption` = index in the row's caption list, or `None` for the whole row)."""
+    files = features.cache_files
+    meta_path = os.path.join(os.path.dirname(files[0]["filename"]), META_FILE) if files else None
+    if meta_path is None or not os.path.isfile(meta_path):
+        raise ValueError("features is not an extract_features cache on disk (no hf_align_cache.json beside it)")
+    with open(meta_path, encoding="utf-8") as handle:
+        return json.load(handle).get("skipped", [])
+
+
+def _differences(prefix: str, recorded, expected) -> list[str]:
+    """`part: recorded X, now Y` for each leaf where two JSON-like values differ (dicts are compared key by key)."""
+    if isinstance(recorded, dict) and isinstance(expected, dict):
+        out = []
+        for key in sorted(set(recorded) | set(expected), key=str):
+            if recorded.get(key) != expected.get(key):
+                out += _differences(f"{prefix}.{key}" if prefix else str(key), recorded.get(key), expected.get(key))
+        return out
+    return [f"{prefix or 'parts'}: recorded {_short(recorded)}, now {_short(expected)}"]
+
+
+def _short(value, limit: int = 200) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _file_record(path: str) -> dict:
+    """Size and SHA-256 of a file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(8 * 2**20), b""):
+            digest.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+# ---------------------------------------------------------------------------------------------- stale partial caches
+def _remove_stale_partial_caches(target: str) -> None:
+    """Delete `<target>.tmp-<host>-<pid>` folders of extractions on this host whose process is gone."""
+    parent, base = os.path.split(target)
+    prefix = f"{base}.tmp-{socket.gethostname()}-"
+    if not os.path.isdir(parent):
+        return
+    for name in os.listdir(parent):
+        pid = name[len(prefix) :]
+        if name.startswith(prefix) and pid.isdigit() and not _process_alive(int(pid)):
+            logger.warning(f"removing {os.path.join(parent, name)}: left unfinished by a stopped extraction")
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":  # signal 0 is only a liveness probe on POSIX; elsewhere never delete
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True

@@ -1,0 +1,45 @@
+"""The contract of a regulariser (a loss term that composes with any aligner with trainable maps) and its settings."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..registry import ComponentConfig
+
+
+@dataclass
+class RegularizerConfig(ComponentConfig):
+    """Base class of a regulariser's settings. Subclasses are dataclasses; `from_kwargs` rejects unknown keys by name
+    and values of the wrong type, their `__post_init__` checks ranges."""
+
+
+class Regularizer(nn.Module, abc.ABC):
+    """One loss term computed from the frozen features of a batch and their aligned embeddings.
+
+    Class attributes:
+        config_class: the settings dataclass (a `RegularizerConfig` subclass).
+        input_kinds: which method inputs (`AlignerMethod.input_kind`) the term is defined for; checked when the
+            model is configured.
+    """
+
+    config_class: ClassVar[type[RegularizerConfig]] = RegularizerConfig
+    input_kinds: ClassVar[tuple[str, ...]] = ("pooled",)
+
+    def __init__(self, config: RegularizerConfig):
+        super().__init__()
+        self.config = config
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        vision_features: torch.Tensor,
+        text_features: torch.Tensor,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """Return the weighted scalar term. Features are the tapped-layer inputs, embeddings the aligned outputs."""
