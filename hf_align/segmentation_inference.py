@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .encoders import as_token_sequence
+from .poolings import as_token_sequence
 from .templates import class_prototypes
 
 if TYPE_CHECKING:
