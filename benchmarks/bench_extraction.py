@@ -40,7 +40,10 @@ import numpy as np
 import torch
 from _common import PeakMemory, machine, pick_device, print_table, synchronize, top_functions, write_results
 
-WORDS = "a the photo of small large red blue green dog cat bird car street tree house person sitting running on in near with".split()
+WORDS = (
+    "a the photo of small large red blue green dog cat bird car street tree house person sitting running on in near "
+    "with"
+).split()
 
 
 def build_dataset(path: str, n: int, image_size: int, captions: int, seed: int = 0) -> None:

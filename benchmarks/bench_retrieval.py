@@ -113,7 +113,8 @@ def main() -> None:
     dense_bytes = args.queries * args.gallery * 4
     block_bytes = args.chunk_size * args.query_chunk_size * torch.finfo(dtype).bits // 8
     print_table(
-        f"Retrieval, {args.queries} x {args.gallery}, D={args.dim}, {args.dtype}, blocks {blocks[1]}x{blocks[0]}, {device}",
+        f"Retrieval, {args.queries} x {args.gallery}, D={args.dim}, {args.dtype}, "
+        f"blocks {blocks[1]}x{blocks[0]}, {device}",
         rows,
         ["stage", "best_s", "median_s", "x floor", "TFLOP/s", "peak MiB", "rise MiB"],
     )

@@ -4,14 +4,23 @@
     python benchmarks/bench_training.py --batch-size 4096 --steps 200 --n-pairs 1000000   # the issue's GPU setting
 
 Each method trains on a synthetic pooled cache (`--n-pairs` x `--dim`, token methods on a token cache of
-`--token-pairs` pairs, 16 patches and 8 text tokens) with `train()` itself, so the figure includes everything a real
+`--token-pairs` pairs, 16 patches and 2-8 text tokens) with `train()` itself, so the figure includes everything a real
 run pays per step (batch gather, forward, backward, AdamW, scheduler, the non-finite check). A step's time is the
 interval between two consecutive `after_optimizer_step` calls (which `train()` makes once per optimiser step); the
-table gives the median over `--steps` steps after `--warmup` steps, the fastest of `--repeat` round-robin rounds. A training-free method (asif) reports the time of
-its whole `train()` call (setup + `init_from_data`). `bare linear` is the floor: the
-same linear aligner, InfoNCE and AdamW in a minimal loop. `--profile` adds torch.profiler's top operators of a linear
-and a linear + STRUCTURE run (setup included: the cache is turned into tensors once per `train()` call).
-Results: results/training.json.
+table gives the median over `--steps` steps after `--warmup` steps, the fastest of `--repeat` round-robin rounds. A
+training-free method (asif) reports the time of its whole `train()` call (setup + `init_from_data`).
+
+Two floors: `bare linear` is the same linear aligner, InfoNCE and AdamW in a minimal loop; `token_relative, model
+step` is the token method's own step (the model's forward and loss, backward, AdamW) on one token batch already in
+memory, without `train()`'s per-batch Arrow read.
+
+On a machine shared with other jobs, wall-clock steps stretch with the others' load (and unevenly: the load moves
+between rows of one run). `--threads 1 --clock cpu` times this process's CPU time instead (`time.process_time`, which
+counts every thread of the process): one thread does all the work and the other jobs' time is not counted, so the
+figures are per-core step times and their ratios hold under load (memory-bandwidth and cache contention remain).
+`--profile` adds torch.profiler's top operators of a linear and a linear + STRUCTURE run (setup included: the cache is
+turned into tensors once per `train()` call).
+Results: results/training.json (`--results-name` to write another file).
 """
 
 from __future__ import annotations
@@ -25,9 +34,12 @@ import torch.nn.functional as F
 from _common import machine, pick_device, print_table, synchronize, write_results
 
 from hf_align import AlignerModel, AlignmentArguments, train
-from hf_align.features import features_from_tensors
+from hf_align.features import FeatureCollator, features_for, features_from_tensors
 from hf_align.methods import METHODS
 from hf_align.testing import make_paired_task
+
+# What the step times are read from: wall-clock time by default; `--clock cpu` sets time.process_time (see main).
+CLOCK = time.perf_counter
 
 
 def method_settings(name: str, width: int) -> dict:
@@ -62,10 +74,10 @@ def run_seconds(model_factory, cache, steps: int, batch_size: int, device) -> fl
         init_samples=min(10_000, len(cache)),
     )
     synchronize(device)
-    start = time.perf_counter()
+    start = CLOCK()
     train(model, cache, args)
     synchronize(device)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def step_time(model_factory, cache, warmup: int, steps: int, batch_size: int, device) -> float:
@@ -76,7 +88,7 @@ def step_time(model_factory, cache, warmup: int, steps: int, batch_size: int, de
     def stamped() -> None:
         after_step()
         synchronize(device)
-        stamps.append(time.perf_counter())
+        stamps.append(CLOCK())
 
     model.aligner.after_optimizer_step = stamped
     args = AlignmentArguments(
@@ -112,36 +124,51 @@ def bare_linear_step(dim: int, width: int, batch_size: int, steps: int, device) 
         optimizer.step()
         optimizer.zero_grad()
 
+    return median_step_seconds(step, steps, device)
+
+
+def bare_model_step(name: str, settings: dict, cache, dim: int, batch_size: int, steps: int, device) -> float:
+    """A method's own step (the model's forward and loss, backward, AdamW) on one batch already on the device: the
+    method's cost without `train()`'s batch gather (for token caches, an Arrow read and a padding loop per batch)."""
+    torch.manual_seed(0)
+    model = AlignerModel.from_feature_dims(dim, dim, method=name, **settings).to(device)
+    view = features_for(model, cache).with_format("numpy", columns=["vision_features", "text_features"])
+    rows = view[: min(batch_size, len(view))]
+    batch = {
+        k: v.to(device) if isinstance(v, torch.Tensor) else v
+        for k, v in FeatureCollator()({k: list(v) for k, v in rows.items()}).items()
+    }
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return median_step_seconds(step, steps, device)
+
+
+def median_step_seconds(step, steps: int, device) -> float:
+    """Median wall-clock seconds of `step()` (device work included) over `steps` calls after 3 warm-up calls."""
     for _ in range(3):
         step()
     times = []
     for _ in range(steps):
         synchronize(device)
-        start = time.perf_counter()
+        start = CLOCK()
         step()
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return statistics.median(times)
 
 
 def measure(label: str, name: str, settings: dict, pooled, args, device, caches: dict) -> dict:
     """One table row: the method's median step time through `train()` (or its whole call if training-free)."""
     method = METHODS[name]
-    cache = pooled
-    if method.input_kind == "tokens":
-        if "tokens" not in caches:
-            task = make_paired_task(
-                n=args.token_pairs,
-                vision_dim=args.dim,
-                text_dim=args.dim,
-                n_vision_layers=1,
-                n_text_layers=1,
-                tokens=True,
-                n_patches=16,
-                max_text_tokens=8,
-            )
-            caches["tokens"] = task.to_features(with_labels=False)
-        cache = caches["tokens"]
+    cache = token_cache(args, caches) if method.input_kind == "tokens" else pooled
 
     def factory():
         return AlignerModel.from_feature_dims(args.dim, args.dim, method=name, **settings)
@@ -161,6 +188,23 @@ def measure(label: str, name: str, settings: dict, pooled, args, device, caches:
         "step_ms": 1e3 * seconds,
         "pairs_per_s": batch / seconds,
     }
+
+
+def token_cache(args, caches: dict):
+    """The synthetic token cache (`--token-pairs` pairs, 16 patches, 2-8 text tokens), built once per run."""
+    if "tokens" not in caches:
+        task = make_paired_task(
+            n=args.token_pairs,
+            vision_dim=args.dim,
+            text_dim=args.dim,
+            n_vision_layers=1,
+            n_text_layers=1,
+            tokens=True,
+            n_patches=16,
+            max_text_tokens=8,
+        )
+        caches["tokens"] = task.to_features(with_labels=False)
+    return caches["tokens"]
 
 
 def op_profile(name: str, settings: dict, pooled, args, device) -> list[dict]:
@@ -200,11 +244,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--methods", default="all", help="comma-separated registry names, or 'all'")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (CPU runs only), which other jobs do not inflate",
+    )
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--results-name", default="training", help="results/<name>.json")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if args.clock == "cpu":
+        if device.type != "cpu":
+            parser.error(f"--clock cpu times CPU work only; the run is on {device} (use --clock wall)")
+        global CLOCK
+        CLOCK = time.process_time
     names = sorted(METHODS) if args.methods == "all" else args.methods.split(",")
     pooled = pooled_cache(args.n_pairs, args.dim)
     caches: dict[str, object] = {}
@@ -223,15 +282,27 @@ def main() -> None:
             key = "train_call_s" if "train_call_s" in row else "step_ms"
             if label not in best or row[key] < best[label][key]:
                 best[label] = row
-        floor = bare_linear_step(args.dim, args.width, args.batch_size, max(args.steps, 5), device)
-        if "bare linear (floor)" not in best or 1e3 * floor < best["bare linear (floor)"]["step_ms"]:
-            best["bare linear (floor)"] = {
-                "method": "bare linear (floor)",
-                "kind": "pooled",
-                "batch": args.batch_size,
-                "step_ms": 1e3 * floor,
-                "pairs_per_s": args.batch_size / floor,
-            }
+        floors = {
+            ("bare linear (floor)", "pooled"): bare_linear_step(
+                args.dim, args.width, args.batch_size, max(args.steps, 5), device
+            )
+        }
+        if "token_relative" in names:
+            cache = token_cache(args, caches)
+            settings = method_settings("token_relative", args.width)
+            floors[("token_relative, model step (floor)", "tokens")] = bare_model_step(
+                "token_relative", settings, cache, args.dim, args.batch_size, max(args.steps, 5), device
+            )
+        for (label, kind), seconds in floors.items():
+            if label not in best or 1e3 * seconds < best[label]["step_ms"]:
+                batch = args.batch_size if kind == "pooled" else min(args.batch_size, args.token_pairs)
+                best[label] = {
+                    "method": label,
+                    "kind": kind,
+                    "batch": batch,
+                    "step_ms": 1e3 * seconds,
+                    "pairs_per_s": batch / seconds,
+                }
     rows = list(best.values())
     by_name = {row["method"]: row for row in rows}
 
@@ -257,7 +328,7 @@ def main() -> None:
         rows,
         ["method", "kind", "batch", "step_ms", "pairs_per_s", "x linear", "train_call_s"],
     )
-    write_results("training", {"machine": machine(device), "args": vars(args), "rows": rows, "profile": profile})
+    write_results(args.results_name, {"machine": machine(device), "args": vars(args), "rows": rows, "profile": profile})
 
 
 if __name__ == "__main__":

@@ -63,9 +63,12 @@ _LAZY = {
     "BadSampleError": "features",
     "ImageTextCollator": "lora",
     "CardDataCallback": "trainer_callback",
+    "AlignerTrainer": "trainer_callback",
     "generate_model_card": "modelcard",
     "record_evaluation": "modelcard",
     "record_training_dataset": "modelcard",
+    "create_model_and_transforms": "open_clip_compat",
+    "run_benchmark": "benchmark",
 }
 
 

@@ -1,5 +1,6 @@
 """What an `AlignerConfig` names (a method, a similarity head, regularisers), looked up in their registries and
-validated once per model, and how `AlignerModel.from_encoders` keywords become config fields.
+validated once per model, and how `AlignerModel.from_encoders` keywords become config fields (`aligner_settings`;
+`tap_fields` for what the aligner reads from each encoder, once the encoder is probed).
 
 `AlignerModel` builds from an `AlignerParts`: `from_encoders` / `from_feature_dims` resolve one with `aligner_settings`
 before loading anything (so a typo fails before a download) and hand it to the model; a model built from a config
@@ -9,6 +10,7 @@ alone (`from_pretrained`) resolves it with `resolve_parts`. Either way each chec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -16,6 +18,7 @@ from .configuration import AlignerConfig, check_pooling
 from .methods import AlignerMethod, MethodConfig, get_method
 from .regularizers import build_regularizers, split_regularizer_kwargs
 from .similarity import check_similarity
+from .taps import AUTO, SOURCES, Tap, resolve_tap, tap_width
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,8 @@ def check_parts(
     wants_tokens = method_cls.input_kind == "tokens"
     for modality, pooling in (("vision", vision_pooling), ("text", text_pooling)):
         if wants_tokens != (pooling == "tokens"):
-            raise ValueError(
-                f"method {method!r} needs {modality}_pooling={'tokens' if wants_tokens else 'cls or mean'}, "
-                f"got {pooling!r}"
-            )
+            needed = "tokens" if wants_tokens else "a pooling of one vector per input (not tokens)"
+            raise ValueError(f"method {method!r} needs {modality}_pooling={needed}, got {pooling!r}")
     return AlignerParts(method_cls, method_config, similarity_cls, modules)
 
 
@@ -90,7 +91,7 @@ def aligner_settings(method: str, vision_pooling: str, text_pooling: str, kwargs
     }
     regularizers, method_kwargs = split_regularizer_kwargs(kwargs, kwargs.pop("regularizers", None))
     method_cls = get_method(method)
-    if method_cls.input_kind == "tokens":
+    if method_cls.input_kind == "tokens":  # a token method reads whole sequences: that is what `auto` means for it
         vision_pooling = "tokens" if vision_pooling == "auto" else vision_pooling
         text_pooling = "tokens" if text_pooling == "auto" else text_pooling
     vision_pooling = check_pooling("vision_pooling", vision_pooling)
@@ -114,4 +115,67 @@ def aligner_settings(method: str, vision_pooling: str, text_pooling: str, kwargs
     return settings, parts
 
 
-__all__ = ["AlignerParts", "aligner_settings", "check_parts", "resolve_parts"]
+def check_source_request(modality: str, layer: int | str, source: Any) -> None:
+    """Check a `from_encoders` `<modality>_source` before anything is loaded.
+
+    Raises:
+        ValueError: an unknown source, `sentence_embedding` for vision, or a source after the last layer with
+            `<modality>_layer="auto"` (layer selection chooses among hidden states).
+    """
+    allowed = (AUTO, *(s for s in SOURCES if modality == "text" or s != "sentence_embedding"))
+    if source not in allowed:
+        raise ValueError(f"{modality}_source must be one of {allowed}, got {source!r}")
+    if layer == AUTO and source not in (AUTO, "hidden_states"):
+        raise ValueError(
+            f"{modality}_layer='auto' selects among the encoder's hidden states: {modality}_source must be 'auto' or "
+            f"'hidden_states', got {source!r}"
+        )
+
+
+def tap_fields(
+    modality: str,
+    info,
+    layer: int | str,
+    source: str,
+    pooling: str,
+    tokens: bool,
+    num_prefix_tokens: int | None = None,
+) -> tuple[Tap, dict[str, Any]]:
+    """Resolve what the aligner reads from a probed encoder (`hf_align.taps.resolve_tap`) and the config fields that
+    record it.
+
+    Args:
+        modality (`str`): `"vision"` or `"text"`.
+        info (`EncoderInfo`): the probed encoder.
+        layer / source / pooling: the `from_encoders` keywords (`"auto"` allowed). With `layer="auto"` the tap reads
+            hidden states, pooled as `auto` pools them (resolved at layer 0: every layer pools alike); the layer and
+            width are set by layer selection (`AlignerModel.set_layers`).
+        tokens (`bool`): the method takes token sequences.
+        num_prefix_tokens (`int`, *optional*): vision only: overrides the probed count of leading CLS / register
+            tokens of the tapped sequence.
+
+    Returns:
+        `(tap, fields)`: the tap (at layer 0 for `"auto"`) and `<modality>_layer`, `_source`, `_pooling`,
+        `_hidden_size`, `_num_layers` (+ `vision_has_cls`, `vision_num_prefix_tokens`).
+    """
+    if layer == AUTO:
+        tap = resolve_tap(info, modality, 0, "hidden_states", pooling, tokens)
+        width = info.hidden_sizes[-1]  # a placeholder until layer selection
+    else:
+        tap = resolve_tap(info, modality, layer, source, pooling, tokens)
+        width = tap_width(info, tap)
+    fields = {
+        f"{modality}_layer": layer if layer == AUTO else tap.layer,
+        f"{modality}_source": tap.source,
+        f"{modality}_pooling": tap.pooling,
+        f"{modality}_hidden_size": width,
+        f"{modality}_num_layers": info.num_hidden_states,
+    }
+    if modality == "vision":
+        probed = info.num_prefix_tokens.get(tap.source, 0)
+        fields["vision_has_cls"] = info.has_cls
+        fields["vision_num_prefix_tokens"] = probed if num_prefix_tokens is None else num_prefix_tokens
+    return tap, fields
+
+
+__all__ = ["AlignerParts", "aligner_settings", "check_parts", "check_source_request", "resolve_parts", "tap_fields"]

@@ -2,7 +2,7 @@
 
 Every function takes two sets of row vectors of the same width, as torch tensors or numpy arrays, and returns plain
 Python floats, so it applies equally to raw encoder features (before alignment, when both encoders happen to have the
-same width) and to an aligner's embeddings (after alignment). See METHODS.md §5 (seed 003, Xu & Leiva).
+same width) and to an aligner's embeddings (after alignment). See docs/methods.md §8 (Xu & Leiva).
 
 * `modality_gap`: distance between the centroids of the L2-normalised rows (Liang et al., "Mind the Gap").
 * `gaussian_w2`: W2 between Gaussians fitted to each set (closed form; the Fréchet distance behind FID).
@@ -48,7 +48,8 @@ def _pair(a: Any, b: Any, names: tuple[str, str] = ("a", "b"), same_n: bool = Fa
         )
     if same_n and a.shape[0] != b.shape[0]:
         raise ValueError(
-            f"{names[0]} and {names[1]} must hold matched pairs (same number of rows), got {a.shape[0]} and {b.shape[0]}"
+            f"{names[0]} and {names[1]} must hold matched pairs (same number of rows), "
+            f"got {a.shape[0]} and {b.shape[0]}"
         )
     return a, b
 

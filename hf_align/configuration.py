@@ -9,9 +9,12 @@ from typing import Any
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
+from .taps import AUTO, NO_POOLING, POOLED_SOURCES, SOURCES, TEXT_POOLINGS, VISION_POOLINGS, Tap, check_tap, legacy_tap
+
 logger = logging.get_logger(__name__)
 
-POOLINGS = ("auto", "cls", "mean", "tokens")
+# What a config may hold; `check_tap` then checks the pooling against its modality and source.
+POOLINGS = (AUTO, *TEXT_POOLINGS, NO_POOLING)
 # Keys a config.json may carry that transformers itself consumes (its fields, plus legacy names it still accepts).
 _TRANSFORMERS_KEYS = frozenset(PretrainedConfig().to_dict()) | {
     "torch_dtype",
@@ -31,8 +34,18 @@ def check_layer(name: str, value: Any) -> int | str:
 
 
 def check_pooling(name: str, value: Any) -> str:
-    if value not in POOLINGS:
-        raise ValueError(f"{name} must be one of {POOLINGS}, got {value!r}")
+    """A pooling is `auto` or one of `hf_align.taps`' poolings for the modality `name` starts with."""
+    allowed = (AUTO, *(VISION_POOLINGS if name.startswith("vision") else TEXT_POOLINGS), NO_POOLING)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def check_source(name: str, value: Any) -> str:
+    """A tap source is one of `hf_align.taps.SOURCES` (`sentence_embedding` for text only)."""
+    allowed = tuple(s for s in SOURCES if name.startswith("text") or s != "sentence_embedding")
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
 
 
@@ -106,13 +119,28 @@ class AlignerConfig(PretrainedConfig):
         vision_revision / text_revision (`str`, *optional*): commit hash the encoder resolved to, or `None` for a local
             path. `from_pretrained` reloads exactly this revision.
         vision_layer / text_layer (`int` or `"auto"`): index into the encoder's `hidden_states` (0 = embeddings,
-            -1 = last block). `"auto"` defers the choice to layer selection on a feature cache.
-        vision_pooling (`str`): `cls`, `mean` (over patch tokens), `tokens` (the whole sequence) or `auto` (`cls` when
-            the encoder has a CLS token, else `mean`).
-        text_pooling (`str`): `mean` (attention-masked), `cls`, `tokens` or `auto` (= `mean`).
-        vision_hidden_size / text_hidden_size (`int`): width of the tapped layer, fixed when the aligner is built.
+            -1 = last block). `"auto"` defers the choice to layer selection on a feature cache. Sources other than
+            `hidden_states` follow the last layer: their layer is `-1`.
+        vision_source / text_source (`str`): what the aligner reads from the encoder (`hf_align.taps`):
+            `hidden_states` (at the layer above), `last_hidden_state` (the encoder's own final output, with its final
+            norm), `pooler_output` (its own pooled embedding), `projected` (a dual encoder's projected embedding) or,
+            for text, `sentence_embedding` (the sentence-transformers pipeline recorded in `text_pipeline`). A config
+            without this field (saved before taps existed) reads `hidden_states`, also for the last layer.
+        vision_pooling / text_pooling (`str`): how a sequence source becomes the aligner's input: `cls`, `mean` (over
+            the real tokens, prefix tokens left out), `max`, for text also `last` (the last real token) and
+            `weightedmean`, `tokens` (the whole sequence, for token methods), or `none` for the pooled sources.
+            `auto` (what configs saved before taps hold; new aligners record a concrete value): vision `cls` when the
+            sequence has a prefix token, else `mean`; text `mean`; `none` for a pooled source.
+        vision_hidden_size / text_hidden_size (`int`): width of the tapped features, fixed when the aligner is built.
         vision_num_layers / text_num_layers (`int`): number of hidden states the encoder exposes (for index checks).
-        vision_has_cls (`bool`): whether token 0 of the vision sequence is a CLS token.
+        vision_has_cls (`bool`): whether token 0 of the vision `hidden_states` is a CLS token; what configs saved
+            before `vision_num_prefix_tokens` existed count as their one prefix token.
+        vision_num_prefix_tokens (`int`, *optional*): leading CLS / register tokens of the tapped vision sequence,
+            which `mean` and `max` leave out and `cls` reads (DINOv2 with registers: 5). `None`: 1 when
+            `vision_has_cls`, else 0.
+        text_pipeline (`dict`, *optional*): with `text_source="sentence_embedding"`, the sentence-transformers
+            pipeline the aligner was built on (`SentencePipeline.describe()`: pooling modes, Dense layers,
+            Normalize); reloading checks that the text encoder still has it.
         method (`str`): name of the aligner in the method registry (`hf_align.methods`).
         method_config (`dict`): the method's own settings (validated by its config dataclass).
         regularizers (`dict`): extra loss terms by name with their settings, e.g. `{"structure": {"weight": 10.0}}`
@@ -147,6 +175,10 @@ class AlignerConfig(PretrainedConfig):
         vision_num_layers: int | None = None,
         text_num_layers: int | None = None,
         vision_has_cls: bool = True,
+        vision_source: str = "hidden_states",
+        text_source: str = "hidden_states",
+        vision_num_prefix_tokens: int | None = None,
+        text_pipeline: dict | None = None,
         method: str = "linear",
         method_config: dict | None = None,
         regularizers: dict | None = None,
@@ -173,6 +205,12 @@ class AlignerConfig(PretrainedConfig):
         for name, value in sizes:
             if value is not None:
                 check_positive_int(name, value, "a positive int or None")
+        if vision_num_prefix_tokens is not None and (
+            not isinstance(vision_num_prefix_tokens, int)
+            or isinstance(vision_num_prefix_tokens, bool)
+            or vision_num_prefix_tokens < 0
+        ):
+            raise ValueError(f"vision_num_prefix_tokens must be an int >= 0 or None, got {vision_num_prefix_tokens!r}")
         flags = (
             ("vision_has_cls", vision_has_cls),
             ("learnable_temperature", learnable_temperature),
@@ -189,6 +227,7 @@ class AlignerConfig(PretrainedConfig):
             ("similarity_config", similarity_config),
             ("regularizers", regularizers),
             ("training_summary", training_summary),
+            ("text_pipeline", text_pipeline),
         )
         for name, value in settings:
             _check_optional(name, value, dict, "a dict")
@@ -218,6 +257,10 @@ class AlignerConfig(PretrainedConfig):
         self.text_layer = check_layer("text_layer", text_layer)
         self.vision_pooling = check_pooling("vision_pooling", vision_pooling)
         self.text_pooling = check_pooling("text_pooling", text_pooling)
+        self.vision_source = check_source("vision_source", vision_source)
+        self.text_source = check_source("text_source", text_source)
+        self.vision_num_prefix_tokens = vision_num_prefix_tokens
+        self.text_pipeline = dict(text_pipeline) if text_pipeline is not None else None
         self.vision_hidden_size = vision_hidden_size
         self.text_hidden_size = text_hidden_size
         self.vision_num_layers = vision_num_layers
@@ -235,6 +278,9 @@ class AlignerConfig(PretrainedConfig):
         self.encoder_lora = list(encoder_lora or [])
         self.training_summary = dict(training_summary or {})
         super().__init__(**kwargs)
+        for modality in ("vision", "text"):  # source, pooling and layer together (layer "auto": hidden states)
+            if getattr(self, f"{modality}_layer") != "auto" or getattr(self, f"{modality}_source") != "hidden_states":
+                self.tap(modality)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
         """Write `config.json`, stamped with the hf_align version that wrote it (a later version can then tell which
@@ -246,24 +292,60 @@ class AlignerConfig(PretrainedConfig):
 
     @property
     def resolved_vision_pooling(self) -> str:
-        if self.vision_pooling == "auto":
-            return "cls" if self.vision_has_cls else "mean"
-        return self.vision_pooling
+        return self._pooling("vision")
 
     @property
     def resolved_text_pooling(self) -> str:
-        return "mean" if self.text_pooling == "auto" else self.text_pooling
+        return self._pooling("text")
 
-    def absolute_layer(self, modality: str) -> int:
-        """The tapped hidden-state index as a non-negative int (what the feature cache is keyed by)."""
+    def _pooling(self, modality: str) -> str:
+        """The pooling the config names, `auto` resolved as configs saved before taps meant it."""
+        pooling, source = getattr(self, f"{modality}_pooling"), getattr(self, f"{modality}_source")
+        if pooling != AUTO:
+            return pooling
+        if source in POOLED_SOURCES:
+            return NO_POOLING
+        return "cls" if modality == "vision" and self.num_prefix_tokens("vision") else "mean"
+
+    def tap(self, modality: str) -> Tap:
+        """What the aligner reads from the `modality` encoder: a checked `hf_align.taps.Tap`.
+
+        A config saved before taps existed (no `<modality>_source`) gives `Tap(layer, "hidden_states", pooling)`,
+        exactly what such an aligner was trained on.
+
+        Raises:
+            ValueError: the layer is still `"auto"`, or source, layer and pooling do not fit together.
+        """
         layer = getattr(self, f"{modality}_layer")
-        num = getattr(self, f"{modality}_num_layers")
         if layer == "auto":
             raise ValueError(
                 f"{modality}_layer is 'auto': run hf_align.select_layers on an all-layer feature cache "
                 f"(or pass {modality}_layer=<int>) before using the aligner"
             )
-        return resolve_layer_index(f"{modality}_layer", layer, num)
+        source = getattr(self, f"{modality}_source")
+        if source == "hidden_states":
+            return check_tap(legacy_tap(layer, self._pooling(modality)), modality)
+        num = getattr(self, f"{modality}_num_layers")
+        if layer not in (-1, None if num is None else num - 1):
+            raise ValueError(
+                f"{modality}_source={source!r} follows the last layer: {modality}_layer must be -1, got {layer}"
+            )
+        return check_tap(Tap(-1, source, self._pooling(modality)), modality)
+
+    def num_prefix_tokens(self, modality: str) -> int:
+        """Leading CLS / register tokens of the tapped sequence: `vision_num_prefix_tokens` (configs saved before it
+        existed: 1 when `vision_has_cls`); text sequences have none."""
+        if modality == "text":
+            return 0
+        if self.vision_num_prefix_tokens is not None:
+            return self.vision_num_prefix_tokens
+        return int(self.vision_has_cls)
+
+    def absolute_layer(self, modality: str) -> int:
+        """The tapped hidden-state index as a non-negative int (what the feature cache's layer columns are keyed by);
+        the last one for sources after the last layer."""
+        layer = self.tap(modality).layer
+        return resolve_layer_index(f"{modality}_layer", layer, getattr(self, f"{modality}_num_layers"))
 
 
 def resolve_layer_index(name: str, layer: int, num_hidden_states: int | None) -> int:

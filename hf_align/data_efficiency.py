@@ -6,7 +6,7 @@ import warnings
 from .experiments import data_efficiency
 
 warnings.warn(
-    "hf_align.data_efficiency is deprecated and will be removed in 0.3; import hf_align.experiments.data_efficiency instead",
+    f"hf_align.data_efficiency is deprecated and will be removed in 0.3; import {data_efficiency.__name__} instead",
     FutureWarning,
     stacklevel=2,
 )

@@ -13,8 +13,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["broadcast", "cpu_process_group", "on_every_process", "on_main", "process_state"]
+__all__ = [
+    "average_gradients",
+    "broadcast",
+    "cpu_process_group",
+    "gather_rows",
+    "on_every_process",
+    "on_main",
+    "process_state",
+]
 
 
 def cpu_process_group() -> bool:
@@ -71,3 +80,41 @@ def on_every_process(work: Callable[[], tuple[int, list]]) -> tuple[int, list]:
     if failures:
         raise outcome[1] if not outcome[0] else failures[0]
     return sum(value[0] for _, value in outcomes), [item for _, value in outcomes for item in value[1]]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of (B_r, ...) rows padded to a common B; backward sums the gradient of the gathered tensor over
+    the processes (each computed the same loss from it) and returns this process's rows."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, padded_rows: int) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), local.shape[0]
+        padded = torch.cat([local, local.new_zeros((padded_rows - local.shape[0], *local.shape[1:]))])
+        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank, : ctx.rows], None
+
+
+def gather_rows(local: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """(bounds[r+1] - bounds[r], ...) rows from each process r -> all (bounds[-1], ...) rows in rank order."""
+    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = _GatherRows.apply(local, max(sizes))
+    return torch.cat([parts[r, :size] for r, size in enumerate(sizes)])
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Replace each gradient by its mean over the processes, in one all-reduce of the concatenated gradients."""
+    with_grad = [p for p in params if p.grad is not None]  # None on every process alike (same loss graph)
+    if not with_grad:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, chunk in zip(with_grad, flat.split([p.numel() for p in with_grad])):
+        p.grad.copy_(chunk.view_as(p.grad))

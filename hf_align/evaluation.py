@@ -1,4 +1,4 @@
-"""Zero-shot classification and cross-modal retrieval (protocols of METHODS.md §6).
+"""Zero-shot classification and cross-modal retrieval (protocols: docs/methods.md §9).
 
 The metric functions work on score matrices; the `evaluate_*` functions embed a dataset first, from raw images and
 captions (encoders run) or from a feature cache (no encoder runs for what the cache holds).

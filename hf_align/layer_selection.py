@@ -1,11 +1,12 @@
-"""Cross-modal layer selection (METHODS.md §2): score every (vision layer, text layer) pair of an all-layers feature
-cache by representational similarity on a sample of pairs, and train on the best pair.
+"""Cross-modal layer selection (docs/methods.md §4): score every (vision layer, text layer) pair of an all-layers
+feature cache by representational similarity on a sample of pairs, and train on the best pair.
 
 `select_layers(features)` reads the cache's pooled columns `vision_layer_{l}` / `text_layer_{l}` (`hf_align.features`),
-draws `n_samples` pairs (one caption per image, so duplicated image rows cannot fake neighbourhood agreement), and
-fills a (n_vision_layers, n_text_layers) matrix with `mutual_knn` (default, k by the Rice rule), `cka` or
-`unbiased_cka` (`hf_align.representation_similarity`). Per-layer work (neighbour tables, centred statistics) is
-done once per layer, so the pair loop is cheap.
+draws `n_samples` pairs (one caption per image, so duplicated image rows cannot fake neighbourhood agreement),
+L2-normalises every row (`normalize=True`, the STRUCTURE authors' `normalize: true`) and fills a
+(n_vision_layers, n_text_layers) matrix with `mutual_knn` (default, k by the Rice rule), `cka` or `unbiased_cka`
+(`hf_align.representation_similarity`). Per-layer work (neighbour tables, centred statistics) is done once per layer,
+so the pair loop is cheap.
 
 `resolve_auto_layers(model, features)` is what `hf_align.train` calls when a layer is `"auto"`: it selects, points the
 model at the best pair (`model.set_layers`) and records the report in `model.config.training_summary`.
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .features import cached_layers, layer_column, open_feature_cache  # open_feature_cache: re-exported, it lived here
 from .features.schema import _cache_layer
@@ -42,6 +44,8 @@ class LayerSelectionReport:
 
     Layers are absolute hidden-state indices. `k` is the resolved neighbour count (mutual k-NN only) and `k_rule` what
     was asked for (`"rice"`, an int, ...). `vision_hidden_sizes` / `text_hidden_sizes` are the widths of those layers.
+    `normalize`: whether rows were L2-normalised before scoring (reports saved before the option existed load as
+    True for mutual k-NN, which always normalised, and False for CKA, which did not).
     """
 
     metric: str
@@ -55,6 +59,7 @@ class LayerSelectionReport:
     k: int | None = None
     k_rule: int | str | None = None
     extra: dict = field(default_factory=dict)
+    normalize: bool = True
 
     @property
     def score_matrix(self) -> np.ndarray:
@@ -96,6 +101,7 @@ class LayerSelectionReport:
             "n_samples": self.n_samples,
             "k": self.k,
             "seed": self.seed,
+            "normalize": self.normalize,
         }
 
     def to_dict(self) -> dict:
@@ -115,6 +121,7 @@ class LayerSelectionReport:
             payload = json.load(handle)
         payload.pop("best_pair", None)
         payload.pop("best_score", None)
+        payload.setdefault("normalize", payload["metric"] == "mutual_knn")
         return cls(**payload)
 
     def plot(self, path: str, title: str | None = None) -> str:
@@ -202,17 +209,21 @@ def select_layers(
     vision_layers: list[int] | str | None = None,
     text_layers: list[int] | str | None = None,
     device: str | torch.device | None = None,
+    normalize: bool = True,
 ) -> LayerSelectionReport:
     """Score every (vision layer, text layer) pair of an all-layers feature cache by cross-modal similarity.
 
     Args:
         features: a feature cache (`datasets.Dataset` with pooled `vision_layer_{l}` / `text_layer_{l}` columns).
-        metric: `mutual_knn` (METHODS.md's choice), `cka` or `unbiased_cka`.
+        metric: `mutual_knn` (the STRUCTURE authors' choice), `cka` or `unbiased_cka`.
         n_samples: pairs drawn at random (one caption per image); all of them when the cache holds fewer.
         seed: seed of that draw.
         k: neighbours for mutual k-NN: an int or a rule of the sample size (`rice` = ⌈2·n^⅓⌉, 35 for 5000).
         vision_layers / text_layers: candidate layers (absolute indices); default (or "all"): every cached layer.
         device: where to compute (default: CUDA when available).
+        normalize: L2-normalise every row before scoring, as the STRUCTURE authors do for every metric. CKA then
+            ignores each sample's norm (without it, `cka(a, a * s)` for random per-row scales s is below 1); mutual
+            k-NN compares cosines and gives the same scores either way.
 
     Returns a `LayerSelectionReport`; its `best_pair` is the layer pair to train on.
     """
@@ -222,6 +233,8 @@ def select_layers(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 2:
         raise ValueError(f"n_samples must be an int >= 2, got {n_samples!r}")
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize must be True or False, got {normalize!r}")
     v_layers = _candidate_layers(features, "vision", vision_layers)
     t_layers = _candidate_layers(features, "text", text_layers)
     rows = _sample_rows(features, n_samples, seed)
@@ -235,6 +248,8 @@ def select_layers(
     names = {("vision", l): layer_column("vision", l) for l in v_layers}
     names.update({("text", l): layer_column("text", l) for l in t_layers})
     data = _load_columns(features, rows, sorted(set(names.values())), device)
+    if normalize:  # rows first, then the CKA statistics centre the columns: the authors' order
+        data = {name: F.normalize(values, dim=1) for name, values in data.items()}
 
     # One summary per layer: neighbour tables for mutual k-NN, centred statistics for CKA.
     if metric == "mutual_knn":
@@ -261,6 +276,7 @@ def select_layers(
         seed=seed,
         k=k_value,
         k_rule=k if metric == "mutual_knn" else None,
+        normalize=normalize,
     )
 
 

@@ -6,7 +6,7 @@ import warnings
 from .experiments import compare
 
 warnings.warn(
-    "hf_align.leaderboard is deprecated and will be removed in 0.3; import hf_align.experiments.compare instead",
+    f"hf_align.leaderboard is deprecated and will be removed in 0.3; import {compare.__name__} instead",
     FutureWarning,
     stacklevel=2,
 )

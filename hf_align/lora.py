@@ -53,6 +53,8 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_p
 from safetensors.torch import save_file
 from torch import nn
 
+from .sentence_pipeline import SentenceEncoder
+
 MODALITIES = ("vision", "text")
 LORA_SUBFOLDERS = {"vision": "vision_encoder_lora", "text": "text_encoder_lora"}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -280,11 +282,16 @@ def base_encoder_state_dict(encoder: PeftModel) -> dict[str, torch.Tensor]:
 
 
 def save_base_encoder(encoder: nn.Module, directory: str | os.PathLike) -> None:
-    """Save an encoder's own (base) weights as a plain transformers folder, leaving any LoRA adapter out."""
-    if isinstance(encoder, PeftModel):
-        encoder.get_base_model().save_pretrained(directory, state_dict=base_encoder_state_dict(encoder))
-    else:
+    """Save an encoder's own (base) weights as a plain transformers folder (a sentence-transformers folder for a
+    `SentenceEncoder`), leaving any LoRA adapter out."""
+    if not isinstance(encoder, PeftModel):
         encoder.save_pretrained(directory)
+        return
+    base, state_dict = encoder.get_base_model(), base_encoder_state_dict(encoder)
+    if isinstance(base, SentenceEncoder):
+        # The wrapper saves its pipeline's own modules; the transformers model under it takes its own names.
+        state_dict = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+    base.save_pretrained(directory, state_dict=state_dict)
 
 
 __all__ = [

@@ -28,7 +28,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration import TASK_RETRIEVAL, TASK_SEGMENTATION, TASK_ZERO_SHOT
 from .hub import upload_aligner
+from .methods.citations import model_citations
 from .modelcard_template import TEMPLATE
+from .taps import describe_tap_in_words
 
 if TYPE_CHECKING:
     from .evaluation import EvaluationResult
@@ -400,6 +402,7 @@ def generate_model_card(
         final_eval=[(metric_display_name(k.removeprefix("eval_")), _fmt(v)) for k, v in final_eval],
         training_logs=_log_rows(summary.get("training_logs", [])),
         versions=library_versions(),
+        citations=model_citations(model),
     )
 
 
@@ -438,11 +441,17 @@ def _encoder_facts(config, modality: str) -> dict[str, Any]:
         "link": link,
         "revision": f"`{revision}`" if revision else ("latest" if is_hub else "n/a (local)"),
         "layer": getattr(config, f"{modality}_layer"),
-        "pooling": getattr(config, f"{modality}_pooling")
-        if getattr(config, f"{modality}_pooling") != "auto"
-        else f"auto ({getattr(config, f'resolved_{modality}_pooling')})",
+        "features": _features_read(config, modality),
         "width": getattr(config, f"{modality}_hidden_size"),
     }
+
+
+def _features_read(config, modality: str) -> str:
+    """What the aligner reads from the encoder (its tap), in words for the card."""
+    if getattr(config, f"{modality}_layer") == "auto":
+        return f"hidden states pooled by `{getattr(config, f'resolved_{modality}_pooling')}` (layer to be selected)"
+    text = describe_tap_in_words(config.tap(modality), config.num_prefix_tokens(modality), config.text_pipeline)
+    return text + (" (pooling `auto`)" if getattr(config, f"{modality}_pooling") == "auto" else "")
 
 
 def _non_default_method_settings(config) -> dict[str, Any]:

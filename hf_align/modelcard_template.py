@@ -23,7 +23,7 @@ use){% endif %}.
 | Encoder | {{ vision.link }} | {{ text.link }} |
 | Revision | {{ vision.revision }} | {{ text.revision }} |
 | Layer (hidden-state index) | {{ vision.layer }} | {{ text.layer }} |
-| Pooling | {{ vision.pooling }} | {{ text.pooling }} |
+| Features read | {{ vision.features }} | {{ text.features }} |
 | Feature width | {{ vision.width }} | {{ text.width }} |
 
 - **Aligner method:** `{{ method }}`{% if method_settings %} with {{ method_settings }}{% endif %}
@@ -112,6 +112,14 @@ This aligner has not been trained with `hf_align.train` or \
 ## Framework versions
 
 {% for name, version in versions %}- {{ name }}: {{ version }}
-{% endfor %}"""
+{% endfor %}{% if citations %}
+## Citation
+
+{{ citations.sentence }}
+
+```bibtex
+{{ citations.bibtex }}
+```
+{% endif %}"""
 
 __all__ = ["TEMPLATE"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -14,9 +16,10 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 from . import lora
-from .aligner_parts import AlignerParts, aligner_settings, resolve_parts
+from .aligner_parts import AlignerParts, aligner_settings, check_source_request, resolve_parts, tap_fields
 from .configuration import AlignerConfig, check_layer, resolve_layer_index
-from .encoders import EncoderInfo, load_encoder, non_finite_rows, pool_text, pool_vision, probe_text, probe_vision
+from .encoder_outputs import EncoderOutputs, read_tap, run_text_encoder, run_vision_encoder, text_fixed_length
+from .encoders import EncoderInfo, load_encoder, non_finite_rows, probe_text, probe_vision
 from .hub import upload_aligner
 from .losses import symmetric_infonce
 from .methods import AlignerMethod, MethodConfig
@@ -24,6 +27,8 @@ from .modelcard import AlignerModelCardData, write_model_card
 from .processing import AlignerProcessor
 from .safe_loading import BUNDLE_SUBFOLDERS, check_loading_info, load_bundled_encoder, raise_if_pickle_only
 from .segmentation_inference import segment_images
+from .sentence_pipeline import SentenceEncoder, SentencePipeline
+from .taps import AUTO, default_pooling, tap_width
 
 logger = logging.get_logger(__name__)
 
@@ -83,8 +88,11 @@ class AlignerModel(PreTrainedModel):
             )
         if _parts is None:
             _parts = resolve_parts(config)
-        if config.resolved_vision_pooling == "cls" and not config.vision_has_cls:
-            raise ValueError("vision_pooling='cls' but this vision encoder has no CLS token; use 'mean' or 'auto'")
+        if config.resolved_vision_pooling == "cls" and not config.num_prefix_tokens("vision"):
+            raise ValueError(
+                "vision_pooling='cls' but the tapped vision sequence has no CLS token (vision_num_prefix_tokens=0); "
+                "use 'mean' or 'auto'"
+            )
         self.aligner = self._build_aligner(_parts.method, _parts.method_config)
         self.similarity = self._build_similarity(_parts.similarity)
         self.regularizers = _parts.regularizers
@@ -92,6 +100,7 @@ class AlignerModel(PreTrainedModel):
             torch.tensor(math.log(1.0 / config.contrastive_temperature)), requires_grad=config.learnable_temperature
         )
         self.processor: AlignerProcessor | None = None
+        self._encoder_info: dict[str, EncoderInfo] = {}  # what probing each attached encoder found
         self.post_init()
         # Encoders are attached after post_init so that weight initialisation can never touch them.
         if vision_model is not None and text_model is not None:
@@ -128,49 +137,69 @@ class AlignerModel(PreTrainedModel):
         text_revision: str | None = None,
         dtype: torch.dtype | str | None = None,
         encoder_lora=None,
+        vision_source: str = "auto",
+        text_source: str = "auto",
+        vision_num_prefix_tokens: int | None = None,
         **kwargs,
     ) -> AlignerModel:
         """Stack a new (untrained) aligner on two encoders given as Hub ids, local paths or loaded models.
 
+        What the aligner reads from each encoder (a `hf_align.taps.Tap`: source, layer, pooling) is resolved here
+        and recorded in the config; `auto` picks what the encoder's authors embed with (README's compatibility
+        matrix): for the last layer, the encoder's own pooled output (CLIP, SigLIP, ConvNeXt, Swin, EfficientNet,
+        timm), a sentence-transformers repo's own pipeline, or its final tokens (`last_hidden_state`, with the final
+        norm) pooled by CLS (ViT, DINOv2), last token (decoder-only text) or mean; an earlier layer reads
+        `hidden_states[layer]`.
+
         Args:
             vision_encoder / text_encoder: any vision / text `AutoModel` id or path (or an already loaded model).
             method: registry name (`hf_align.methods.METHODS`).
-            vision_layer / text_layer: hidden-state index to tap (negative from the end) or `"auto"`.
-            vision_pooling / text_pooling: `auto`, `cls`, `mean` or `tokens`; token methods default to `tokens`.
+            vision_layer / text_layer: hidden-state index to tap (negative from the end) or `"auto"` (layer
+                selection among the hidden states).
+            vision_pooling / text_pooling: `auto`, `cls`, `mean`, `max`, for text also `last` and `weightedmean`,
+                `tokens` (token methods; what their `auto` means) or `none` (a pooled source).
             vision_revision / text_revision: Hub revision to load (the resolved commit is recorded either way).
             dtype: dtype the encoders are loaded in (e.g. `torch.bfloat16` on a GPU).
             encoder_lora: a `peft.LoraConfig` for both encoders, or `{"vision": LoraConfig, "text": LoraConfig}`:
                 LoRA adapters on the encoders' last blocks, trained with the aligner on raw inputs (`hf_align.lora`).
+            vision_source / text_source: `auto`, `hidden_states`, `last_hidden_state`, `pooler_output`, `projected`
+                (a CLIP / SigLIP repo's projected embedding) or, for text, `sentence_embedding` (the repo's
+                sentence-transformers pipeline); see `hf_align.taps`.
+            vision_num_prefix_tokens: leading CLS / register tokens of the tapped vision sequence, which `mean` and
+                `max` leave out (default: counted on the encoder, e.g. 5 for DINOv2 with registers).
             **kwargs: `similarity`, `similarity_config`, `temperature`, `learnable_temperature`, the method's own
                 settings (e.g. `projection_dim=512`) and regulariser settings, as a mapping
                 (`regularizers={"structure": {"weight": 10.0}}`) and/or as `<regulariser>_<field>` keywords
                 (`structure_weight=10.0`); one field given both ways is a `ValueError`.
         """
-        check_layer("vision_layer", vision_layer)
-        check_layer("text_layer", text_layer)
-        settings, parts = aligner_settings(method, vision_pooling, text_pooling, kwargs)  # before any loading
+        requests = {
+            "vision": (vision_encoder, vision_revision, vision_layer, vision_source, vision_num_prefix_tokens),
+            "text": (text_encoder, text_revision, text_layer, text_source, None),
+        }
+        for modality, (_, _, layer, source, _) in requests.items():  # every check before any loading
+            check_layer(f"{modality}_layer", layer)
+            check_source_request(modality, layer, source)
+        settings, parts = aligner_settings(method, vision_pooling, text_pooling, kwargs)
         lora_configs = lora.split_encoder_lora(encoder_lora) if encoder_lora is not None else {}
-        vision = load_encoder("vision", vision_encoder, vision_revision, dtype)
-        text = load_encoder("text", text_encoder, text_revision, dtype)
-        vision_info = probe_vision(vision, _source_name(vision_encoder, vision))
-        text_info = probe_text(text, _source_name(text_encoder, text))
-        config = AlignerConfig(
-            vision_encoder=vision_info.name_or_path,
-            text_encoder=text_info.name_or_path,
-            vision_revision=vision_revision or vision_info.revision,
-            text_revision=text_revision or text_info.revision,
-            vision_layer=vision_layer,
-            text_layer=text_layer,
-            vision_hidden_size=_width_at("vision_layer", vision_info, vision_layer),
-            text_hidden_size=_width_at("text_layer", text_info, text_layer),
-            vision_num_layers=vision_info.num_hidden_states,
-            text_num_layers=text_info.num_hidden_states,
-            vision_has_cls=vision_info.has_cls,
-            **settings,
-        )
-        model = cls(config, vision_model=vision, text_model=text, _parts=parts)
+        encoders, fields, tokens = {}, {}, parts.method.input_kind == "tokens"
+        for modality, (given, revision, layer, source, prefix) in requests.items():
+            encoder = load_encoder(modality, given, revision, dtype, source=source)
+            probe = probe_vision if modality == "vision" else probe_text
+            info = probe(encoder, _source_name(given, encoder))
+            pooling = settings.pop(f"{modality}_pooling")
+            tap, tapped = tap_fields(modality, info, layer, source, pooling, tokens, prefix)
+            if isinstance(encoder, SentenceEncoder) and tap.source != "sentence_embedding":
+                encoder = encoder.model  # the pipeline goes unread: the plain model, as from_pretrained reloads it
+            elif tap.source == "sentence_embedding":
+                fields["text_pipeline"] = encoder.pipeline.describe()
+            encoders[modality] = encoder
+            fields.update(tapped)
+            fields[f"{modality}_encoder"] = info.name_or_path
+            fields[f"{modality}_revision"] = revision or info.revision
+        config = AlignerConfig(**fields, **settings)
+        model = cls(config, vision_model=encoders["vision"], text_model=encoders["text"], _parts=parts)
         model.processor = _try_load_processor(
-            vision_info.name_or_path, text_info.name_or_path, config.vision_revision, config.text_revision
+            config.vision_encoder, config.text_encoder, config.vision_revision, config.text_revision
         )
         if lora_configs:
             model.add_encoder_lora(**lora_configs)
@@ -198,20 +227,33 @@ class AlignerModel(PreTrainedModel):
         return cls(config, _parts=parts).eval()
 
     def attach_encoders(self, vision_model: PreTrainedModel, text_model: PreTrainedModel) -> None:
-        """Register the frozen encoders after checking they produce what the aligner was built for."""
+        """Register the frozen encoders after checking they produce what the aligner was built for: its tap's source
+        and width, and for a `sentence_embedding` tap the sentence-transformers pipeline recorded in the config."""
         vision_info = probe_vision(vision_model, self.config.vision_encoder)
         text_info = probe_text(text_model, self.config.text_encoder)
         for modality, info in (("vision", vision_info), ("text", text_info)):
-            layer = getattr(self.config, f"{modality}_layer")
             expected = getattr(self.config, f"{modality}_hidden_size")
-            width = _width_at(f"{modality}_layer", info, layer)
+            width = _tapped_width(self.config, modality, info)
             if width != expected:
+                where = _tap_name(self.config, modality)
                 raise ValueError(
-                    f"{modality} encoder {info.name_or_path!r} gives width {width} at {modality}_layer={layer}, "
-                    f"but the aligner weights expect {modality}_hidden_size={expected}"
+                    f"{modality} encoder {info.name_or_path!r} gives width {width} at {where}, but the aligner "
+                    f"weights expect {modality}_hidden_size={expected}"
                 )
+        _check_pipeline(self.config, text_model)
         self.vision_model = vision_model.requires_grad_(False).eval()
         self.text_model = text_model.requires_grad_(False).eval()
+        self._encoder_info = {"vision": vision_info, "text": text_info}
+
+    def encoder_info(self, modality: str) -> EncoderInfo:
+        """What probing the attached `modality` encoder found when it was attached (hidden states, outputs and their
+        widths, prefix tokens, ...; see `hf_align.encoders.EncoderInfo`)."""
+        if modality not in self._encoder_info:
+            raise ValueError(
+                f"encoder_info: no {modality!r} encoder was attached (modalities: 'vision', 'text'; a model loaded "
+                "with load_encoders=False has none)"
+            )
+        return self._encoder_info[modality]
 
     @property
     def has_encoders(self) -> bool:
@@ -226,28 +268,46 @@ class AlignerModel(PreTrainedModel):
         vision_hidden_size: int | None = None,
         text_hidden_size: int | None = None,
     ) -> None:
-        """Point the aligner at other encoder layers (e.g. after layer selection).
+        """Point the aligner at other hidden states of the encoders (e.g. after layer selection).
 
         The width of the new layer comes from the argument, else from probing the attached encoder. The aligner is
-        rebuilt (fresh weights) only when that width differs from the one it was built for.
+        rebuilt (fresh weights) only when that width differs from the one it was built for. A modality that reads one
+        of the encoder's own outputs after the last layer (`last_hidden_state`, `pooler_output`, ...) keeps it when
+        given that last layer; another layer moves it to `hidden_states`, pooled as `auto` pools hidden states.
         """
-        rebuild = False
+        config, rebuild = self.config, False
         for modality, layer, width in (
             ("vision", vision_layer, vision_hidden_size),
             ("text", text_layer, text_hidden_size),
         ):
             if layer is None:
                 continue
-            resolve_layer_index(f"{modality}_layer", layer, getattr(self.config, f"{modality}_num_layers"))
-            if width is None:
+            absolute = resolve_layer_index(f"{modality}_layer", layer, getattr(config, f"{modality}_num_layers"))
+            source = getattr(config, f"{modality}_source")
+            if source != "hidden_states" and absolute == config.absolute_layer(modality):
+                continue  # already read after that layer: the tap (the encoder's own output there) stays
+            if width is None or source != "hidden_states":
                 if not self.has_encoders:
-                    raise ValueError(f"set_layers: give {modality}_hidden_size (no encoders attached to probe)")
-                encoder = getattr(self, f"{modality}_model")
-                info = probe_vision(encoder, "") if modality == "vision" else probe_text(encoder, "")
-                width = _width_at(f"{modality}_layer", info, layer)
-            setattr(self.config, f"{modality}_layer", layer)
-            if width != getattr(self.config, f"{modality}_hidden_size"):
-                setattr(self.config, f"{modality}_hidden_size", width)
+                    raise ValueError(
+                        f"set_layers: give {modality}_hidden_size (no encoders attached to probe)"
+                        if source == "hidden_states"
+                        else f"set_layers: the {modality} aligner reads {source!r}; moving it to a hidden state "
+                        "needs the encoders attached (its pooling is chosen on the encoder)"
+                    )
+                info = self.encoder_info(modality)
+                width = info.hidden_sizes[absolute] if width is None else width
+            if source != "hidden_states":
+                tokens = getattr(config, f"resolved_{modality}_pooling") == "tokens"
+                pooling = "tokens" if tokens else default_pooling(info, modality, "hidden_states")
+                setattr(config, f"{modality}_source", "hidden_states")
+                setattr(config, f"{modality}_pooling", pooling)
+                if modality == "vision":
+                    config.vision_num_prefix_tokens = info.num_prefix_tokens["hidden_states"]
+                else:
+                    config.text_pipeline = None
+            setattr(config, f"{modality}_layer", layer)
+            if width != getattr(config, f"{modality}_hidden_size"):
+                setattr(config, f"{modality}_hidden_size", width)
                 rebuild = True
         if rebuild:  # same method, settings and head as validated at construction, at the new widths
             device = self.logit_scale.device
@@ -268,47 +328,69 @@ class AlignerModel(PreTrainedModel):
         lora.add_encoder_lora(self, vision=vision, text=text)
 
     # ------------------------------------------------------------------ encoders
-    def encode_vision(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the frozen vision encoder and return the tapped, pooled layer: (B, d_v), or (B, T, d_v) + mask."""
-        states = self.vision_hidden_states(pixel_values)
-        layer = self.config.absolute_layer("vision")
-        return pool_vision(states[layer], self.config.resolved_vision_pooling, self.config.vision_has_cls)
+    def tapped_vision_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the frozen vision encoder on `pixel_values` (B, C, H, W) and return its tapped layer, pooled as the
+        aligner reads it: `(features, None)` with features (B, d_v), or for token methods (B, T, d_v) and a (B, T)
+        mask. These are the aligner's inputs (what `config.tap("vision")` reads); `encode_image` returns its output."""
+        tap = self.config.tap("vision")
+        return read_tap(self.vision_outputs(pixel_values), tap, self.config.num_prefix_tokens("vision"))
 
-    def encode_text(
+    def tapped_text_features(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the frozen text encoder and return the tapped, pooled layer: (B, d_t), or (B, T, d_t) + mask."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        states = self.text_hidden_states(input_ids, attention_mask, token_type_ids)
-        layer = self.config.absolute_layer("text")
-        return pool_text(states[layer], attention_mask, self.config.resolved_text_pooling)
+        """Run the frozen text encoder on `input_ids` (B, T) (+ `attention_mask`, `token_type_ids`, both (B, T); no
+        mask = every position attended) and return its tapped layer, pooled as the aligner reads it: `(features,
+        None)` with features (B, d_t), or for token methods (B, T, d_t) and a (B, T) mask. These are the aligner's
+        inputs (what `config.tap("text")` reads; either padding side gives the same); `encode_text` returns its
+        output."""
+        tap = self.config.tap("text")
+        fixed_length = text_fixed_length(self.text_model, tap) if self.has_encoders else None
+        return read_tap(self.text_outputs(input_ids, attention_mask, token_type_ids, fixed_length), tap)
+
+    def vision_token_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision sequence (B, T, C), or feature map (B, C, h, w), the tap reads its tokens from: `hidden_states`
+        at the tapped layer, else the encoder's `last_hidden_state` (what token methods and segmentation read)."""
+        outputs = self.vision_outputs(pixel_values)
+        if self.config.vision_source == "hidden_states":
+            return outputs.hidden_states[self.config.absolute_layer("vision")]
+        return outputs.last_hidden_state
+
+    def vision_outputs(self, pixel_values: torch.Tensor) -> EncoderOutputs:
+        """One forward pass of the vision encoder on `pixel_values` (B, C, H, W): everything a tap can read
+        (`hf_align.encoder_outputs.EncoderOutputs`). Without gradients unless a LoRA adapter trains."""
+        self._require_encoders("pixel_values")
+        with torch.no_grad() if not _any_trainable(self.vision_model) else torch.enable_grad():
+            return run_vision_encoder(self.vision_model, pixel_values)
+
+    def text_outputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        fixed_length: int | None = None,
+    ) -> EncoderOutputs:
+        """One forward pass of the text encoder on `input_ids` (B, T) (+ masks (B, T)): everything a tap can read.
+
+        Left padding is moved to the right first (`hf_align.poolings.right_align`): the outputs' sequences and their
+        `attention_mask` are right-padded whatever the tokenizer's side. `fixed_length`: see
+        `hf_align.encoder_outputs.run_text_encoder`. Without gradients unless a LoRA adapter trains.
+        """
+        self._require_encoders("input_ids")
+        with torch.no_grad() if not _any_trainable(self.text_model) else torch.enable_grad():
+            return run_text_encoder(self.text_model, input_ids, attention_mask, token_type_ids, fixed_length)
 
     def vision_hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self._require_encoders("pixel_values")
-        encoder = self.vision_model
-        param = next(encoder.parameters())
-        with torch.no_grad() if not _any_trainable(encoder) else torch.enable_grad():
-            out = encoder(
-                pixel_values=pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True
-            )
-        return out.hidden_states
+        """The vision encoder's `hidden_states` for `pixel_values`, embeddings first."""
+        return self.vision_outputs(pixel_values).hidden_states
 
     def text_hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
-        self._require_encoders("input_ids")
-        encoder = self.text_model
-        device = next(encoder.parameters()).device
-        kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids.to(device)
-        with torch.no_grad() if not _any_trainable(encoder) else torch.enable_grad():
-            out = encoder(**kwargs, output_hidden_states=True)
-        return out.hidden_states
+        """The text encoder's `hidden_states` for `input_ids`, embeddings first, right-padded (`text_outputs`)."""
+        return self.text_outputs(input_ids, attention_mask, token_type_ids).hidden_states
 
     def _require_encoders(self, argument: str) -> None:
         if not self.has_encoders:
@@ -318,23 +400,65 @@ class AlignerModel(PreTrainedModel):
             )
 
     # ------------------------------------------------------------------ embeddings
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Aligned image embeddings, open_clip's `model.encode_image(images, normalize=False)`.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): images prepared by the aligner's image
+                processor (or by the `preprocess` of `hf_align.open_clip_compat.create_model_and_transforms`).
+            normalize (`bool`): L2-normalise the embeddings, which is what `get_image_features` returns.
+
+        Returns:
+            `torch.FloatTensor` of shape `(B, embed_dim)`: the aligner's output, unit-norm when `normalize=True`.
+        """
+        features, mask = self.tapped_vision_features(pixel_values)
+        source = f"the vision encoder's output for `pixel_values` (vision_layer={self.config.vision_layer})"
+        embeds = self.aligner.embed_image(*self._check_features("vision", features, mask, source))
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def encode_text(self, tokens: torch.Tensor | Mapping[str, torch.Tensor], normalize: bool = False) -> torch.Tensor:
+        """Aligned text embeddings, open_clip's `model.encode_text(text, normalize=False)`.
+
+        Args:
+            tokens: what the aligner's tokenizer returns for a batch of strings: a mapping (`BatchEncoding`) with
+                `input_ids` (B, T) and optionally `attention_mask` and `token_type_ids` (B, T), or the (B, T)
+                `input_ids` tensor alone, which is read as unpadded (every position attended).
+            normalize (`bool`): L2-normalise the embeddings, which is what `get_text_features` returns.
+
+        Returns:
+            `torch.FloatTensor` of shape `(B, embed_dim)`: the aligner's output, unit-norm when `normalize=True`.
+        """
+        if not isinstance(normalize, bool):
+            # encode_text(input_ids, attention_mask) was the tapped-features call before it took open_clip's meaning
+            raise TypeError(
+                f"encode_text(tokens, normalize): normalize must be a bool, got {type(normalize).__name__}; the "
+                "tapped encoder features of (input_ids, attention_mask, token_type_ids) are tapped_text_features(...)"
+            )
+        return self._embed_input_ids(*_token_inputs(tokens), normalize=normalize)
+
+    def _embed_input_ids(self, input_ids, attention_mask, token_type_ids, normalize: bool) -> torch.Tensor:
+        features, mask = self.tapped_text_features(input_ids, attention_mask, token_type_ids)
+        source = f"the text encoder's output for `input_ids` (text_layer={self.config.text_layer})"
+        embeds = self.aligner.embed_text(*self._check_features("text", features, mask, source))
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
     def get_image_features(
         self,
         pixel_values: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         vision_mask: torch.Tensor | None = None,
+        check_finite: bool = True,
         **kwargs,
     ) -> torch.Tensor:
         """Aligned, L2-normalised image embeddings (B, embed_dim), as a tensor (not an output object).
 
         Give either `pixel_values` (B, C, H, W) or `vision_features` from the tapped layer: (B, d_v) pooled, or
-        (B, T, d_v) tokens with `vision_mask` (B, T).
+        (B, T, d_v) tokens with `vision_mask` (B, T). `check_finite=False` skips the NaN/Inf check of
+        `vision_features` (one host-device sync), for callers whose features were checked once already (`train()`).
         """
-        source = None
         if vision_features is None and pixel_values is not None:
-            vision_features, vision_mask = self.encode_vision(pixel_values)
-            source = f"the vision encoder's output for `pixel_values` (vision_layer={self.config.vision_layer})"
-        features, mask = self._check_features("vision", vision_features, vision_mask, source)
+            return self.encode_image(pixel_values, normalize=True)
+        features, mask = self._check_features("vision", vision_features, vision_mask, check_finite=check_finite)
         return F.normalize(self.aligner.embed_image(features, mask), dim=-1)
 
     def get_text_features(
@@ -344,24 +468,27 @@ class AlignerModel(PreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        check_finite: bool = True,
         **kwargs,
     ) -> torch.Tensor:
         """Aligned, L2-normalised text embeddings (B, embed_dim), as a tensor.
 
         Give either tokenised `input_ids` (B, T) (+ `attention_mask`, `token_type_ids`) or `text_features` from the
-        tapped layer: (B, d_t) pooled, or (B, T, d_t) tokens with `text_mask` (B, T).
+        tapped layer: (B, d_t) pooled, or (B, T, d_t) tokens with `text_mask` (B, T). `check_finite=False` skips the
+        NaN/Inf check of `text_features`, as in `get_image_features`.
         """
-        source = None
         if text_features is None and input_ids is not None:
-            text_features, text_mask = self.encode_text(input_ids, attention_mask, token_type_ids)
-            source = f"the text encoder's output for `input_ids` (text_layer={self.config.text_layer})"
-        features, mask = self._check_features("text", text_features, text_mask, source)
+            return self._embed_input_ids(input_ids, attention_mask, token_type_ids, normalize=True)
+        features, mask = self._check_features("text", text_features, text_mask, check_finite=check_finite)
         return F.normalize(self.aligner.embed_text(features, mask), dim=-1)
 
-    def _check_features(self, modality, features, mask, source=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _check_features(
+        self, modality, features, mask, source=None, check_finite: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Validate tapped-layer features against what the aligner was built for; move them to its device/dtype.
 
         `source` names where the features came from in errors (default: the `<modality>_features` argument).
+        `check_finite=False` skips the NaN/Inf check (a host-device sync on a GPU).
         """
         if features is None:
             raw_name = "pixel_values" if modality == "vision" else "input_ids"
@@ -375,7 +502,7 @@ class AlignerModel(PreTrainedModel):
                 f"{modality}_features must have shape {shape} for method {self.config.method!r} at "
                 f"{modality}_layer={getattr(self.config, f'{modality}_layer')}, got {tuple(features.shape)}"
             )
-        bad = non_finite_rows(features)
+        bad = non_finite_rows(features) if check_finite else None
         if bad:
             # One NaN row turns every score of its batch (and the InfoNCE loss) into NaN: refuse it by name.
             raise ValueError(
@@ -401,6 +528,8 @@ class AlignerModel(PreTrainedModel):
         text_mask: torch.Tensor | None = None,
         return_loss: bool | None = None,
         return_dict: bool | None = None,
+        image_ids: torch.Tensor | None = None,
+        check_finite: bool = True,
         **kwargs,
     ) -> AlignerOutput | tuple:
         """Score every image against every text, CLIP style.
@@ -408,21 +537,35 @@ class AlignerModel(PreTrainedModel):
         Returns `logits_per_image` (n_images, n_texts) = similarity / temperature, its transpose
         `logits_per_text`, the normalised embeddings, and with `return_loss=True` (n_images == n_texts, pair i matches
         pair i) the symmetric InfoNCE plus the method's own terms.
+
+        `image_ids` (`torch.LongTensor` of shape `(B,)`, *optional*, with `return_loss=True`): the image of each pair.
+        Pairs i ≠ j with the same id (captions of one image) are not negatives of each other: they are masked out of
+        InfoNCE in both directions and out of every regulariser that compares samples (`loss_terms`). `None` treats
+        every other pair as a negative.
+
+        `check_finite=False` skips the NaN/Inf check of the features (see `get_image_features`).
         """
         if vision_features is None and pixel_values is not None:
-            vision_features, vision_mask = self.encode_vision(pixel_values)
+            vision_features, vision_mask = self.tapped_vision_features(pixel_values)
         if text_features is None and input_ids is not None:
-            text_features, text_mask = self.encode_text(input_ids, attention_mask, token_type_ids)
-        image_embeds = self.get_image_features(vision_features=vision_features, vision_mask=vision_mask)
-        text_embeds = self.get_text_features(input_ids=input_ids, text_features=text_features, text_mask=text_mask)
+            text_features, text_mask = self.tapped_text_features(input_ids, attention_mask, token_type_ids)
+        image_embeds = self.get_image_features(
+            vision_features=vision_features, vision_mask=vision_mask, check_finite=check_finite
+        )
+        text_embeds = self.get_text_features(
+            input_ids=input_ids, text_features=text_features, text_mask=text_mask, check_finite=check_finite
+        )
 
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-        logits_per_image = self.similarity(image_embeds, text_embeds) * scale
+        # The embeddings are unit-norm here: a cosine head need not renormalise them.
+        logits_per_image = self.similarity.score_unit_norm(image_embeds, text_embeds) * scale
         logits_per_text = logits_per_image.t()
 
         loss, terms = None, None
         if return_loss:
-            terms = self.loss_terms(vision_features, text_features, image_embeds, text_embeds, logits_per_image)
+            terms = self.loss_terms(
+                vision_features, text_features, image_embeds, text_embeds, logits_per_image, image_ids=image_ids
+            )
             loss = torch.stack(list(terms.values())).sum()
         output = AlignerOutput(
             loss=loss,
@@ -434,12 +577,16 @@ class AlignerModel(PreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def loss_terms(self, vision_features, text_features, image_embeds, text_embeds, logits_per_image):
-        """Every training loss term by name: InfoNCE, the method's own terms, then each regulariser's."""
-        terms = {"infonce": symmetric_infonce(logits_per_image)}
+    def loss_terms(self, vision_features, text_features, image_embeds, text_embeds, logits_per_image, image_ids=None):
+        """Every training loss term by name: InfoNCE, the method's own terms, then each regulariser's.
+
+        `image_ids` (B,), when given, masks same-image pairs out of InfoNCE's negatives and reaches every regulariser
+        (see `forward`).
+        """
+        terms = {"infonce": symmetric_infonce(logits_per_image, image_ids)}
         terms.update(self.aligner.extra_loss(vision_features, text_features, image_embeds, text_embeds))
         for name, regularizer in self.regularizers.items():
-            terms[name] = regularizer(vision_features, text_features, image_embeds, text_embeds)
+            terms[name] = regularizer(vision_features, text_features, image_embeds, text_embeds, image_ids=image_ids)
         return terms
 
     def segment(self, images, class_names, templates=None, **kwargs):
@@ -572,13 +719,17 @@ class AlignerModel(PreTrainedModel):
         revision = kwargs.get("revision")
         encoders = {}
         for modality, given in (("vision", vision_model), ("text", text_model)):
+            # The tap's source decides what loads with the model: a CLIP projection, a sentence-transformers pipeline.
+            source = getattr(config, f"{modality}_source")
             if given is not None:
-                encoders[modality] = load_encoder(modality, given)
+                encoders[modality] = load_encoder(modality, given, source=source)
             elif config.bundled_encoders:
-                encoders[modality] = load_bundled_encoder(modality, pretrained_model_name_or_path, revision, dtype)
+                encoders[modality] = load_bundled_encoder(
+                    modality, pretrained_model_name_or_path, revision, dtype, source=source
+                )
             else:
-                source = getattr(config, f"{modality}_encoder")
-                encoders[modality] = load_encoder(modality, source, getattr(config, f"{modality}_revision"), dtype)
+                name, encoder_revision = getattr(config, f"{modality}_encoder"), getattr(config, f"{modality}_revision")
+                encoders[modality] = load_encoder(modality, name, encoder_revision, dtype, source=source)
         model.attach_encoders(encoders["vision"].to(model.device), encoders["text"].to(model.device))
         lora.load_encoder_lora(model, pretrained_model_name_or_path, revision=revision)
         try:
@@ -596,10 +747,67 @@ def _source_name(given: str | PreTrainedModel, model: PreTrainedModel) -> str:
     return name
 
 
-def _width_at(name: str, info: EncoderInfo, layer: int | str) -> int:
-    if layer == "auto":
+_TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _token_inputs(tokens) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`encode_text`'s `tokens` as `(input_ids, attention_mask, token_type_ids)`, the last two `None` when absent."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = {"input_ids": tokens}
+    elif not isinstance(tokens, Mapping):
+        raise TypeError(
+            "encode_text: `tokens` must be a (B, T) tensor of input ids or a mapping with `input_ids` (what the "
+            f"aligner's tokenizer returns), got {type(tokens).__name__}"
+        )
+    unknown = sorted(set(tokens) - set(_TOKEN_KEYS))
+    if unknown or "input_ids" not in tokens:
+        raise ValueError(
+            f"encode_text: `tokens` must hold `input_ids` and optionally `attention_mask`, `token_type_ids`; got keys "
+            f"{sorted(tokens)}"
+        )
+    input_ids = tokens["input_ids"]
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"encode_text: `input_ids` must be a (B, T) tensor, got {shape}")
+    return input_ids, tokens.get("attention_mask"), tokens.get("token_type_ids")
+
+
+def _tapped_width(config: AlignerConfig, modality: str, info: EncoderInfo) -> int:
+    """Width of what the config's tap reads from the encoder `info` describes (layer `"auto"`: the last hidden
+    state's, until layer selection)."""
+    if getattr(config, f"{modality}_layer") == AUTO:
         return info.hidden_sizes[-1]
-    return info.hidden_sizes[resolve_layer_index(name, layer, info.num_hidden_states)]
+    tap = config.tap(modality)
+    if tap.source == "hidden_states":
+        resolve_layer_index(f"{modality}_layer", tap.layer, info.num_hidden_states)
+    elif tap.source not in info.output_sizes:
+        raise ValueError(
+            f"{modality} encoder {info.name_or_path!r} gives no {tap.source!r} (it gives "
+            f"{['hidden_states', *info.output_sizes]}), which this aligner reads ({modality}_source)"
+        )
+    return tap_width(info, tap)
+
+
+def _tap_name(config: AlignerConfig, modality: str) -> str:
+    """What the `modality` aligner reads, for messages: `hidden_states[-1] · cls`, `pooler_output`, ..."""
+    if getattr(config, f"{modality}_layer") == AUTO:
+        return f"{modality}_layer='auto'"
+    return config.tap(modality).describe()
+
+
+def _check_pipeline(config: AlignerConfig, text_model: nn.Module) -> None:
+    """A `sentence_embedding` tap needs the text encoder to run the sentence-transformers pipeline it was built on."""
+    if config.text_source != "sentence_embedding" or config.text_pipeline is None:
+        return
+    pipeline = getattr(text_model, "pipeline", None)  # through a LoRA wrapper too
+    found = pipeline.describe() if isinstance(pipeline, SentencePipeline) else None
+    if found != config.text_pipeline:
+        raise ValueError(
+            f"the aligner reads the sentence-transformers pipeline {json.dumps(config.text_pipeline, sort_keys=True)} "
+            f"of its text encoder, but the text encoder given has "
+            f"{json.dumps(found, sort_keys=True) if found is not None else 'none'}; load it with "
+            "hf_align.encoders.load_encoder('text', ..., source='sentence_embedding') from the same repo"
+        )
 
 
 def _any_trainable(module: nn.Module) -> bool:

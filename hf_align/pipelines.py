@@ -130,7 +130,9 @@ class AlignerZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
         tokenizer_kwargs = {"padding": True, "return_attention_mask": True, **json.loads(tokenizer_json)}
         tokens = self.tokenizer([template.format(label) for label in labels], return_tensors="pt", **tokenizer_kwargs)
         tokens = tokens.to(self.device)
-        cached = self.model.encode_text(tokens["input_ids"], tokens.get("attention_mask"), tokens.get("token_type_ids"))
+        cached = self.model.tapped_text_features(
+            tokens["input_ids"], tokens.get("attention_mask"), tokens.get("token_type_ids")
+        )
         self._label_cache[label_set] = cached
         if len(self._label_cache) > self.label_cache_size:
             self._label_cache.popitem(last=False)

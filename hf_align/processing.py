@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding, ProcessorMixin
+import math
+
+from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding, CLIPImageProcessor, ProcessorMixin
+
+from .sentence_pipeline import SentencePipelineError, read_sentence_pipeline
+
+# timm's interpolation names -> PIL resampling filters (transformers' `resample`)
+_TIMM_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
 
 
 class AlignerProcessor(ProcessorMixin):
@@ -24,12 +31,28 @@ class AlignerProcessor(ProcessorMixin):
         vision_revision: str | None = None,
         text_revision: str | None = None,
     ) -> AlignerProcessor:
+        """The encoders' own image processor and tokenizer, made fit for batched alignment.
+
+        * A timm model's processor (`TimmWrapperImageProcessor`, which transformers never saves) becomes the standard
+          processor doing timm's evaluation transform (`timm_image_processor`), so it saves with the aligner.
+        * A tokenizer without a pad token (Llama, Mistral style) pads with its end-of-text token; the tokenizer keeps
+          its padding side (the encoders read either side, see `hf_align.encoders.run_text_encoder`).
+        * A sentence-transformers repo's tokenizer comes from its Transformer module's folder and truncates at the
+          repo's `max_seq_length`, as sentence-transformers does.
+        * The tokenizer returns the attention mask (SigLIP's does not by default), which masked pooling needs.
+        """
         image_processor = AutoImageProcessor.from_pretrained(vision_encoder, revision=vision_revision)
-        tokenizer = AutoTokenizer.from_pretrained(text_encoder, revision=text_revision)
-        # Masked mean pooling needs the padding mask; some tokenizers (SigLIP's) do not return it by default, and the
-        # stock pipeline would then pool padding as if it were text.
-        if "attention_mask" not in tokenizer.model_input_names:
-            tokenizer.model_input_names = [*tokenizer.model_input_names, "attention_mask"]
+        if type(image_processor).__name__ == "TimmWrapperImageProcessor":
+            image_processor = timm_image_processor(image_processor.data_config)
+        try:
+            pipeline = read_sentence_pipeline(text_encoder, text_revision)
+        except SentencePipelineError:
+            pipeline = None  # a pipeline hf_align cannot run: the tokenizer at the repo root is still the right one
+        kwargs = {"subfolder": pipeline.transformer_path} if pipeline is not None and pipeline.transformer_path else {}
+        tokenizer = AutoTokenizer.from_pretrained(text_encoder, revision=text_revision, **kwargs)
+        if pipeline is not None and pipeline.max_seq_length:
+            tokenizer.model_max_length = min(tokenizer.model_max_length, pipeline.max_seq_length)
+        prepare_tokenizer(tokenizer)
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
     def __call__(self, images=None, text=None, return_tensors: str = "pt", padding=True, truncation=True, **kwargs):
@@ -41,3 +64,63 @@ class AlignerProcessor(ProcessorMixin):
         if images is not None:
             encoding.update(self.image_processor(images, return_tensors=return_tensors))
         return BatchEncoding(encoding, tensor_type=return_tensors)
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Make a text encoder's tokenizer batch-ready, in place: a pad token and the attention mask.
+
+    Raises:
+        ValueError: when the tokenizer has no pad, end-of-text or unknown token to pad with.
+    """
+    if tokenizer.pad_token is None:
+        # Masked poolings never read padding, so any token works; the end-of-text one is what decoder-only
+        # embedding models pad with.
+        filler = tokenizer.eos_token or tokenizer.unk_token
+        if filler is None:
+            raise ValueError(
+                f"tokenizer of {tokenizer.name_or_path!r} has no pad, end-of-text or unknown token to pad batches with"
+            )
+        tokenizer.pad_token = filler
+    # Masked pooling needs the padding mask; some tokenizers (SigLIP's) do not return it by default, and the stock
+    # pipeline would then pool padding as if it were text.
+    if "attention_mask" not in tokenizer.model_input_names:
+        tokenizer.model_input_names = [*tokenizer.model_input_names, "attention_mask"]
+
+
+def timm_image_processor(data_config: dict) -> CLIPImageProcessor:
+    """timm's evaluation transform as a standard, saveable image processor.
+
+    timm resizes to `floor(size / crop_pct)` (the shorter side for `crop_mode="center"`, both sides for `"squash"`),
+    center-crops `size`, scales to [0, 1] and normalises with the model's mean and std. (Where the crop leaves an odd
+    margin, transformers' crop starts half a pixel earlier than timm's rounded one: one row or column of difference.)
+
+    Args:
+        data_config (`dict`): timm's resolved data config (`input_size`, `interpolation`, `mean`, `std`, `crop_pct`,
+            `crop_mode`), as `TimmWrapperImageProcessor.data_config` holds it.
+
+    Raises:
+        ValueError: for a crop mode or interpolation with no standard equivalent (`border`, a non-square center crop).
+    """
+    height, width = data_config["input_size"][-2:]
+    crop_pct = data_config.get("crop_pct") or 0.875  # timm's default
+    mode = data_config.get("crop_mode") or "center"
+    interpolation = data_config.get("interpolation", "bilinear")
+    if interpolation not in _TIMM_RESAMPLE:
+        raise ValueError(f"timm interpolation {interpolation!r} has no PIL equivalent; known: {sorted(_TIMM_RESAMPLE)}")
+    scaled = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    if mode == "squash":
+        size = {"height": scaled[0], "width": scaled[1]}
+    elif mode == "center" and height == width:
+        size = {"shortest_edge": scaled[0]}
+    else:
+        raise ValueError(
+            f"timm crop_mode={mode!r} with input size {height}x{width} has no standard image processor equivalent "
+            "(supported: 'squash', and 'center' for square inputs)"
+        )
+    return CLIPImageProcessor(
+        size=size,
+        crop_size={"height": height, "width": width},
+        resample=_TIMM_RESAMPLE[interpolation],
+        image_mean=list(data_config["mean"]),
+        image_std=list(data_config["std"]),
+    )

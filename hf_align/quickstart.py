@@ -6,7 +6,7 @@ import warnings
 from .experiments import quickstart
 
 warnings.warn(
-    "hf_align.quickstart is deprecated and will be removed in 0.3; import hf_align.experiments.quickstart instead",
+    f"hf_align.quickstart is deprecated and will be removed in 0.3; import {quickstart.__name__} instead",
     FutureWarning,
     stacklevel=2,
 )

@@ -11,6 +11,10 @@ and the caption of pair i at two encoder layers) and returning a Python float:
 * `unbiased_cka(a, b)`: linear CKA built on the unbiased HSIC estimator of Song et al. (2012) (Kornblith's
   `debiased=True`); it is not biased upwards for small n / wide features, and can be slightly negative.
 
+CKA is invariant to an isotropic scale of a whole set, not to rescaling its rows one by one. Layer selection
+(docs/methods.md §4) L2-normalises every row first, as the STRUCTURE authors' pipeline does; `normalize=True` gives
+the same score here for two arrays.
+
 Memory: nothing n × n is ever held. The neighbour search runs over row chunks (`chunk_size` rows against all n at a
 time, default ≈ 32M scores per chunk) keeping only the (n, k) indices; CKA is computed in feature space (d × d
 cross-products accumulated over row chunks in float64). 50k samples × 1024 dims fits comfortably on CPU, and
@@ -216,21 +220,31 @@ def cka_from_stats(sa: LinearKernelStats, sb: LinearKernelStats, unbiased: bool 
     return num / math.sqrt(den_a * den_b)
 
 
-def cka(a, b) -> float:
+def cka(a, b, normalize: bool = False) -> float:
     """Linear CKA of two feature sets of the same n samples (n >= 2), in [0, 1].
 
     `CKA = ‖A_cᵀB_c‖²_F / (‖A_cᵀA_c‖_F · ‖B_cᵀB_c‖_F)` with column-centred A_c, B_c; invariant to orthogonal
-    transforms and isotropic scaling of either set. Raises ValueError for a set that is constant across samples.
+    transforms and isotropic scaling of either set. `normalize=True` L2-normalises every row first (then centres), as
+    layer selection does: the score then ignores each sample's norm. Raises ValueError for a set that is constant
+    across samples.
     """
     a, b = check_pair(a, b, "cka", min_samples=2)
-    return cka_from_stats(linear_kernel_stats(a, "a"), linear_kernel_stats(b, "b"))
+    return cka_from_stats(*_stats_pair(a, b, normalize))
 
 
-def unbiased_cka(a, b) -> float:
+def unbiased_cka(a, b, normalize: bool = False) -> float:
     """Linear CKA from the unbiased HSIC estimator (Song et al. 2012; Kornblith et al.'s `debiased=True`), n >= 4.
 
     Not inflated for small n or wide features (plain CKA of two independent random sets is far above 0 when d ~ n;
-    this one is ≈ 0). It can be slightly negative and is exactly 1 for identical sets.
+    this one is ≈ 0). It can be slightly negative and is exactly 1 for identical sets. `normalize` as in `cka`.
     """
     a, b = check_pair(a, b, "unbiased_cka", min_samples=4)
-    return cka_from_stats(linear_kernel_stats(a, "a"), linear_kernel_stats(b, "b"), unbiased=True)
+    return cka_from_stats(*_stats_pair(a, b, normalize), unbiased=True)
+
+
+def _stats_pair(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> tuple[LinearKernelStats, LinearKernelStats]:
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize must be True or False, got {normalize!r}")
+    if normalize:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    return linear_kernel_stats(a, "a"), linear_kernel_stats(b, "b")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from transformers import AutoModel, PreTrainedModel
+from torch import nn
 
 from .encoders import load_encoder
 
@@ -71,14 +71,17 @@ def _pickle_checkpoint(path, kwargs: dict) -> str | None:
     return None
 
 
-def load_bundled_encoder(modality: str, repo: str | os.PathLike, revision: str | None, dtype) -> PreTrainedModel:
-    subfolder = BUNDLE_SUBFOLDERS[modality]
+def load_bundled_encoder(
+    modality: str, repo: str | os.PathLike, revision: str | None, dtype, source: str | None = None
+) -> nn.Module:
+    """The encoder saved in the aligner's folder or repo (`<modality>_encoder/`), loaded as `load_encoder` loads it
+    for the tap `source` (a sentence-transformers pipeline or a CLIP projection comes back with it)."""
     # Bundled encoders come from the aligner's own repo, so the aligner's rule holds for them: safetensors only.
-    kwargs = {"subfolder": subfolder, "revision": revision, "use_safetensors": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    subfolder = BUNDLE_SUBFOLDERS[modality]
     try:
-        return load_encoder(modality, AutoModel.from_pretrained(str(repo), **kwargs))
+        return load_encoder(
+            modality, os.fspath(repo), revision, dtype, source=source, subfolder=subfolder, use_safetensors=True
+        )
     except OSError as err:
-        raise_if_pickle_only(repo, kwargs, err)
+        raise_if_pickle_only(repo, {"subfolder": subfolder, "revision": revision}, err)
         raise

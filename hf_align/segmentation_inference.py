@@ -1,10 +1,10 @@
-"""Zero-shot semantic segmentation inference: token maps -> label maps (PAL protocol, METHODS.md §3).
+"""Zero-shot semantic segmentation inference: token maps -> label maps (PAL protocol, `docs/methods.md` §6).
 
-Per image: resize to the encoder's square input, run the frozen vision encoder, take the tapped layer's patch tokens
-(CLS and any register tokens dropped), embed every patch against the image anchors (`S_pa = cos(patch, A_v)`, P×K,
-not renormalised: the aligner's `embed_patches`), score it against the class profiles (`S_ac`, K×C: each class's
-prompts through the text side, i.e. the CAP profiles for `token_relative`, averaged over templates), reshape the P×C
-scores to the patch grid, upsample bilinearly to the mask size and take the argmax.
+Per image: resize to the encoder's square input (bicubic, no crop, as PAL), run the frozen vision encoder, take the
+tapped layer's patch tokens (CLS and any register tokens dropped), embed every patch against the image anchors
+(`S_pa = cos(patch, A_v)`, P×K, not renormalised: the aligner's `embed_patches`), score it against the class profiles
+(`S_ac`, K×C: each class's prompts through the text side, i.e. the CAP profiles for `token_relative`, averaged over
+templates), reshape the P×C scores to the patch grid, upsample bilinearly to the mask size and take the argmax.
 
 Entry points: `segment_tokens` (precomputed token features -> label maps), `segment_images` (images -> label maps;
 what `AlignerModel.segment` calls) and `overlay_segmentation` (a label map drawn over its image). Scoring a dataset
@@ -45,8 +45,9 @@ def patch_grid(num_tokens: int, num_prefix_tokens: int) -> tuple[int, int]:
     return side, side
 
 
-def _vision_grid(state: torch.Tensor, pixel_values: torch.Tensor, vision_config, has_cls: bool):
-    """Patch tokens (B, P, d) and their grid (h, w) from one raw vision hidden state."""
+def _vision_grid(state: torch.Tensor, pixel_values: torch.Tensor, vision_config, num_prefix_tokens: int):
+    """Patch tokens (B, P, d) and their grid (h, w) from one raw vision sequence (or feature map); without a patch
+    size, its first `num_prefix_tokens` tokens are the non-patch ones."""
     if state.dim() == 4:  # convolutional stage (B, C, h, w): the grid is the feature map
         return as_token_sequence(state), tuple(state.shape[-2:])
     patch = getattr(vision_config, "patch_size", None)
@@ -61,8 +62,7 @@ def _vision_grid(state: torch.Tensor, pixel_values: torch.Tensor, vision_config,
                 f"patch_size={patch} implies for {tuple(pixel_values.shape[-2:])} inputs"
             )
         return state[:, prefix:], (h, w)
-    prefix = 1 if has_cls else 0
-    return state[:, prefix:], patch_grid(state.shape[1], prefix)
+    return state[:, num_prefix_tokens:], patch_grid(state.shape[1], num_prefix_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -98,7 +98,8 @@ def segmentation_logits(
         vision_tokens: (B, T, d_v) tapped-layer tokens, e.g. a feature cache's `vision_tokens_layer_*` rows.
         class_embeds: (C, D) class profiles (normalised text embeddings of the class prompts).
         output_size: (H, W) to upsample to; default: the patch grid itself.
-        num_prefix_tokens: leading non-patch tokens to drop (default 1 when the encoder has a CLS token, else 0).
+        num_prefix_tokens: leading non-patch tokens to drop (default: the CLS / register tokens of the tapped
+            sequence, `model.config.num_prefix_tokens("vision")`).
         grid: (h, w) patch grid; default: the square the patch count makes.
     """
     if vision_tokens.dim() != 3:
@@ -106,7 +107,7 @@ def segmentation_logits(
     if class_embeds.dim() != 2:
         raise ValueError(f"class_embeds must be a (C, D) matrix, got shape {tuple(class_embeds.shape)}")
     if num_prefix_tokens is None:
-        num_prefix_tokens = 1 if model.config.vision_has_cls else 0
+        num_prefix_tokens = model.config.num_prefix_tokens("vision")
     if grid is None:
         grid = patch_grid(vision_tokens.shape[1], num_prefix_tokens)
     patches = vision_tokens[:, num_prefix_tokens:]
@@ -161,10 +162,11 @@ def _input_size(image_processor) -> tuple[int, int]:
 
 
 def _square_pixel_values(image_processor, images, size: tuple[int, int]) -> torch.Tensor:
-    """Resize every image to the encoder's square input (no crop: every pixel stays in view), then normalise."""
+    """Resize every image to the encoder's square input, bicubic as PAL does (no crop: every pixel stays in view),
+    then normalise."""
     from PIL import Image
 
-    resized = [_to_pil(image).convert("RGB").resize((size[1], size[0]), Image.BILINEAR) for image in images]
+    resized = [_to_pil(image).convert("RGB").resize((size[1], size[0]), Image.BICUBIC) for image in images]
     options = {"do_resize": False}
     if getattr(image_processor, "do_center_crop", None) is not None:
         options["do_center_crop"] = False
@@ -239,8 +241,9 @@ class ImageSegmenter:
         model = self.model
         sizes = [image_size(image) for image in images] if sizes is None else sizes
         pixel_values = _square_pixel_values(self.image_processor, images, self.input_size).to(model.device)
-        state = model.vision_hidden_states(pixel_values)[model.config.absolute_layer("vision")]
-        patches, grid = _vision_grid(state, pixel_values, model.vision_model.config, model.config.vision_has_cls)
+        state = model.vision_token_state(pixel_values)  # the sequence the vision tap reads its tokens from
+        prefix = model.config.num_prefix_tokens("vision")
+        patches, grid = _vision_grid(state, pixel_values, model.vision_model.config, prefix)
         scores = _grid_scores(model, patches.float(), grid, self.class_embeds, None)  # (B, C, h, w)
         return [
             F.interpolate(scores[i : i + 1], size=size, mode="bilinear", align_corners=False)[0].argmax(0).cpu()

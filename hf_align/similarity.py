@@ -15,7 +15,7 @@ everywhere it scores pairs: the training logits (`logits = similarity / τ`), va
 | `bilinear` | `xᵀ (I + Δ) y`, Δ learned (starts as the dot product) | yes |
 
 The first four distances plus chi-square are the paper's standard metrics and the last two its learned ones (Xu &
-Leiva, METHODS.md §5). The model feeds heads its L2-normalised embeddings, so there `dot` equals `cosine` and
+Leiva, docs/methods.md §8). The model feeds heads its L2-normalised embeddings, so there `dot` equals `cosine` and
 `euclidean` is a monotone function of it (`√(2 − 2 cos)`); they still train differently (gradients and logit ranges
 differ), and on unnormalised inputs they are distinct metrics.
 
@@ -120,6 +120,11 @@ class SimilarityHead(nn.Module):
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def score_unit_norm(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """`forward` on embeddings known to be L2-normalised (the model's): (N, D), (M, D) -> (N, M). Default:
+        `forward`; a head that normalises its inputs (`cosine`) skips that here."""
+        return self(image_embeds, text_embeds)
+
     def score_pairs(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Scores of matched rows: (N, D), (N, D) -> (N,). Default: the diagonal of `forward`, in blocks."""
         _check_pairs(image_embeds, text_embeds)
@@ -199,6 +204,11 @@ class CosineSimilarity(SimilarityHead):
     def forward(self, image_embeds, text_embeds):
         self._check(image_embeds, text_embeds)
         return F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).t()
+
+    def score_unit_norm(self, image_embeds, text_embeds):
+        # Unit-norm rows: the cosine is their dot product; renormalising would cost 2 normalisations and their backward.
+        self._check(image_embeds, text_embeds)
+        return image_embeds @ text_embeds.t()
 
     def score_pairs(self, image_embeds, text_embeds):
         _check_pairs(image_embeds, text_embeds)

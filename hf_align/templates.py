@@ -1,9 +1,10 @@
 """Prompt templates for zero-shot tasks (`{}` is replaced by the class name) and the class prototypes made of them.
 
 `IMAGENET_TEMPLATES` are the 80 prompts CLIP used for ImageNet (Radford et al., 2021); `class_prototypes` averages
-the normalised text embeddings of a class's prompts (METHODS.md §6). Zero-shot classification (`hf_align.evaluation`)
-and zero-shot segmentation (`hf_align.segmentation_inference`) both score against these prototypes; they live here,
-below the model, so that neither has to import the other. The model is only annotated, never imported.
+the normalised text embeddings of a class's prompts (docs/methods.md §9). Zero-shot classification
+(`hf_align.evaluation`) and zero-shot segmentation (`hf_align.segmentation_inference`) both score against these
+prototypes; they live here, below the model, so that neither has to import the other.
+The model is only annotated, never imported.
 """
 
 from __future__ import annotations

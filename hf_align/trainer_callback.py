@@ -12,15 +12,23 @@ data_collator=hf_align.FeatureCollator(), callbacks=[hf_align.CardDataCallback()
 
 Evaluation loss needs nothing extra: `FeatureCollator` puts `return_loss=True` in every batch, which
 `Trainer.prediction_step` reads before its `can_return_loss` default.
+
+`AlignerTrainer` is that `Trainer` with the callback built in and hf_align's model card: `Trainer.create_model_card`
+(which `Trainer.push_to_hub` calls between saving the model and uploading `output_dir`) writes transformers' generic
+card over the one `save_pretrained` wrote, and no callback event comes after it, so only a subclass can keep the
+card. `AlignerTrainer.create_model_card` writes `model.model_card_data.generate_model_card(...)` instead: both
+encoders as `base_model` (their pinned revisions in the body), the method, the training record and the
+`model-index`.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import datasets
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 # TrainingArguments that say where things go, not how the model was trained: left out of the card.
 _IGNORED_ARGUMENTS = frozenset(
@@ -124,6 +132,98 @@ class CardDataCallback(TrainerCallback):
         return self._logs[-1]
 
 
+class AlignerTrainer(Trainer):
+    """`transformers.Trainer` for an `AlignerModel`: a `CardDataCallback` and hf_align's model card built in.
+
+    Takes `Trainer`'s arguments. Unless `callbacks` already holds a `CardDataCallback` (to choose its
+    `init_samples`), a default one is added. `create_model_card()` and so `push_to_hub()` write the aligner's own card
+    (`model.model_card_data.generate_model_card`) to `output_dir/README.md`, not transformers' generic one.
+
+    ```python
+    trainer = hf_align.AlignerTrainer(
+        model=aligner, args=TrainingArguments("out", hub_model_id="me/aligner"),
+        train_dataset=hf_align.features_for(aligner, features), data_collator=hf_align.FeatureCollator(),
+    )
+    trainer.train()
+    trainer.push_to_hub()  # config, aligner weights and hf_align's model card
+    ```
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _aligner_model(self.model, "AlignerTrainer")
+        if not any(isinstance(callback, CardDataCallback) for callback in self.callback_handler.callbacks):
+            self.add_callback(CardDataCallback())
+
+    def create_model_card(
+        self,
+        language: str | list[str] | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write hf_align's card of the trained aligner to `output_dir/README.md` (on the main process only).
+
+        Args:
+            language / license: added to the card's YAML header.
+            tags: added to the card's tags (`Trainer.push_to_hub` passes the model's `model_tags` here).
+            model_name: what the card's title and usage snippet name when the Trainer has no Hub repo
+                (`hub_model_id`, set by `push_to_hub`, wins; default: `output_dir`).
+
+        `Trainer.create_model_card`'s other arguments (`finetuned_from`, `tasks`, `dataset`, `dataset_tags`,
+        `dataset_args`) have no counterpart here and raise a `ValueError` saying what describes them instead.
+        """
+        _refuse_generic_card_arguments(
+            {
+                "finetuned_from": finetuned_from,
+                "tasks": tasks,
+                "dataset_tags": dataset_tags,
+                "dataset": dataset,
+                "dataset_args": dataset_args,
+            }
+        )
+        if not self.is_world_process_zero():
+            return
+        model = _aligner_model(self.accelerator.unwrap_model(self.model), "AlignerTrainer")
+        card = model.model_card_data.generate_model_card(
+            self.hub_model_id or model_name or self.args.output_dir, [tags] if isinstance(tags, str) else tags or ()
+        )
+        if language is not None:
+            card.data.language = language
+        if license is not None:
+            card.data.license = license
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def push_to_hub(self, *args, **kwargs):
+        """`Trainer.push_to_hub`, with the card arguments checked before anything is saved or uploaded."""
+        _refuse_generic_card_arguments({k: v for k, v in kwargs.items() if k in _GENERIC_CARD_ARGUMENTS})
+        return super().push_to_hub(*args, **kwargs)
+
+
+# Trainer.create_model_card's arguments that hf_align's card takes from the model instead: what to do about each.
+_GENERIC_CARD_ARGUMENTS = {
+    "finetuned_from": "the card's base_model is the two encoders (and revisions) the aligner's config records",
+    "tasks": "the card's pipeline tag is zero-shot-image-classification",
+    "dataset": "record training data with model.model_card_data.add_training_dataset(...) before saving",
+    "dataset_tags": "record training data with model.model_card_data.add_training_dataset(...) before saving",
+    "dataset_args": "record training data with model.model_card_data.add_training_dataset(...) before saving",
+}
+
+
+def _refuse_generic_card_arguments(arguments: dict) -> None:
+    for name, value in arguments.items():
+        if value is not None:
+            raise ValueError(
+                f"AlignerTrainer writes hf_align's model card, which has no {name} (got {value!r}): "
+                f"{_GENERIC_CARD_ARGUMENTS[name]}"
+            )
+
+
 def non_default_training_args(args: TrainingArguments) -> dict:
     """The `TrainingArguments` that differ from their defaults, leaving out paths, logging and hub settings."""
     defaults = TrainingArguments(output_dir=args.output_dir, use_cpu=args.use_cpu).to_dict()
@@ -134,11 +234,11 @@ def non_default_training_args(args: TrainingArguments) -> dict:
     }
 
 
-def _aligner_model(model):
+def _aligner_model(model, user: str = "CardDataCallback"):
     """The `AlignerModel` inside what Trainer hands callbacks (it may be wrapped, e.g. by DDP)."""
     inner = getattr(model, "module", model)
     if not hasattr(inner, "aligner") or not hasattr(inner.config, "training_summary"):
-        raise TypeError(f"CardDataCallback works with hf_align.AlignerModel, got {type(inner).__name__}")
+        raise TypeError(f"{user} works with hf_align.AlignerModel, got {type(inner).__name__}")
     return inner
 
 
@@ -151,10 +251,13 @@ def _initialises_from_data(model) -> bool:
 @torch.no_grad()
 def _init_from_data(model, dataset: datasets.Dataset, init_samples: int, seed: int) -> None:
     """`hf_align.train`'s data-dependent start, on rows of the Trainer's training set."""
-    from .training import AlignmentArguments, BatchSource, init_from_training_rows
+    from .batches import BatchSource, CaptionSampler
+    from .training import AlignmentArguments, init_from_training_rows
 
     settings = AlignmentArguments(seed=seed, init_samples=init_samples)
-    init_from_training_rows(model, BatchSource(dataset), torch.arange(len(dataset)), settings, model.logit_scale.device)
+    source = BatchSource(dataset)
+    sampler = CaptionSampler(torch.arange(len(dataset)), source.image_ids, settings.caption_sampling, seed)
+    init_from_training_rows(model, source, sampler, settings, model.logit_scale.device)
 
 
 def _is_metric(key: str) -> bool:
@@ -162,4 +265,4 @@ def _is_metric(key: str) -> bool:
     return not key.endswith(("_runtime", "_samples_per_second", "_steps_per_second")) and key != "epoch"
 
 
-__all__ = ["CardDataCallback", "non_default_training_args"]
+__all__ = ["AlignerTrainer", "CardDataCallback", "non_default_training_args"]

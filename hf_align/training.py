@@ -2,7 +2,8 @@
 
 Training never runs the frozen encoders: batches are rows of the feature cache. Pooled caches are held in memory as
 two tensors (a 100k × 1024 cache is 800 MB in fp32), on the GPU when they fit in a quarter of its free memory, so a
-step is a gather plus a few matmuls; token caches are read from the memory-mapped Arrow file batch by batch.
+step is a gather plus a few matmuls; token caches too when they fit in a quarter of the available memory (else they are
+read from the memory-mapped Arrow file batch by batch).
 
 Several processes (`accelerate launch`, `torchrun`; gloo on CPU): a global batch is `per_device_train_batch_size ×
 num_processes` pairs and each process embeds its slice. The embeddings are all-gathered with their gradient, so every
@@ -15,19 +16,21 @@ num_processes` up to the rounding of a different summation order.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import datasets
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from transformers import SchedulerType, get_scheduler
+from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 from transformers.utils import logging
 
+from .batches import CAPTION_SAMPLING, BatchSource, CaptionSampler
 from .checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -36,11 +39,11 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .configuration import check_number, check_positive_int
-from .distributed import cpu_process_group
-from .encoders import non_finite_rows
-from .features import FeatureCollator, column_array, features_for, split_by_image
+from .distributed import average_gradients, cpu_process_group, gather_rows
+from .features import features_for, split_by_image
 from .modeling import MAX_LOGIT_SCALE, AlignerOutput
 from .retrieval import chunked_retrieval_metrics
+from .tracking import check_report_to, log_layer_selection, logged_values, tracker_config
 
 logger = logging.get_logger(__name__)
 
@@ -50,14 +53,24 @@ class AlignmentArguments:
     """Settings of `hf_align.train` (names follow `transformers.TrainingArguments` where they mean the same)."""
 
     output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints and the final aligner go."})
-    num_train_epochs: float = field(default=10.0, metadata={"help": "Epochs over the training pairs."})
+    num_train_epochs: float = field(
+        default=10.0, metadata={"help": "Epochs over the training images (over every row with caption_sampling=all)."}
+    )
     max_steps: int = field(default=-1, metadata={"help": "Optimiser steps; overrides num_train_epochs when > 0."})
     per_device_train_batch_size: int = field(default=4096, metadata={"help": "Pairs per InfoNCE batch."})
     per_device_eval_batch_size: int = field(default=4096, metadata={"help": "Pairs per evaluation batch."})
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers scheduler name."})
+    # `dict | str | None` as in TrainingArguments: the CLI hands a JSON string (a recipe's mapping arrives as one too),
+    # turned into a dict in __post_init__.
+    lr_scheduler_kwargs: dict | str | None = field(
+        default=None, metadata={"help": 'The schedule\'s own arguments (JSON), e.g. {"num_cycles": 10.5} for cosine.'}
+    )
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     gradient_accumulation_steps: int = 1
@@ -69,7 +82,23 @@ class AlignmentArguments:
         default=None, metadata={"help": "Stop after N evaluations without improvement; best weights are kept."}
     )
     metric_for_best_model: str = field(
-        default="eval_loss", metadata={"help": "eval_loss or eval_<retrieval metric>, e.g. eval_mean_R@1."}
+        default="eval_loss",
+        metadata={
+            "help": "eval_loss (every term at full weight), eval_<term> (e.g. eval_infonce) or eval_<retrieval "
+            "metric> (e.g. eval_mean_R@1)."
+        },
+    )
+    caption_sampling: str = field(
+        default="auto",
+        metadata={
+            "help": "Rows of an epoch: per_epoch (each image once, a caption drawn afresh each epoch), first (each "
+            "image with its first caption), all (every caption row), auto (per_epoch when an image has several "
+            "captions, else all)."
+        },
+    )
+    mask_same_image: bool = field(
+        default=True,
+        metadata={"help": "Captions of the same image in a batch are not each other's negatives (loss, regularisers)."},
     )
     save_steps: int | None = field(default=None, metadata={"help": "Checkpoint every N steps (default: at evals)."})
     save_total_limit: int = 2
@@ -77,7 +106,13 @@ class AlignmentArguments:
         default=None, metadata={"help": "A checkpoint folder, or 'latest' for the newest one in output_dir."}
     )
     logging_steps: int = 50
-    report_to: list[str] = field(default_factory=list, metadata={"help": "Accelerate trackers (tensorboard, ...)."})
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Accelerate trackers to log to (tensorboard, wandb, mlflow, trackio, ...; installed ones only): "
+            "loss terms, learning rate, temperature, diagnostics, evaluations, the layer-selection heatmap."
+        },
+    )
     mixed_precision: str = field(default="auto", metadata={"help": "no | bf16 | fp16 | auto (bf16 on CUDA)."})
     seed: int = 42
     init_samples: int = field(default=10000, metadata={"help": "Training pairs shown to init_from_data."})
@@ -109,6 +144,9 @@ class AlignmentArguments:
         check_number("eval_fraction", self.eval_fraction, low=0.0, high=1.0, high_inclusive=False)
         check_number("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
         check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("adam_beta1", self.adam_beta1, low=0.0, high=1.0, high_inclusive=False)
+        check_number("adam_beta2", self.adam_beta2, low=0.0, high=1.0, high_inclusive=False)
+        check_number("adam_epsilon", self.adam_epsilon, low=0.0, low_inclusive=False)
         check_number("max_grad_norm", self.max_grad_norm, low=0.0)
         check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
         if self.lr_scheduler_type not in {s.value for s in SchedulerType}:
@@ -116,16 +154,23 @@ class AlignmentArguments:
                 f"lr_scheduler_type must be a transformers scheduler name {sorted(s.value for s in SchedulerType)}, "
                 f"got {self.lr_scheduler_type!r}"
             )
+        self.lr_scheduler_kwargs = _scheduler_kwargs(self.lr_scheduler_type, self.lr_scheduler_kwargs)
+        if self.caption_sampling not in CAPTION_SAMPLING:
+            raise ValueError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {self.caption_sampling!r}")
+        if not isinstance(self.mask_same_image, bool):
+            raise ValueError(f"mask_same_image must be True or False, got {self.mask_same_image!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
             raise ValueError(f"mixed_precision must be no, bf16, fp16 or auto, got {self.mixed_precision!r}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("give num_train_epochs > 0 or max_steps > 0")
         if not isinstance(self.metric_for_best_model, str) or not self.metric_for_best_model.startswith("eval_"):
             raise ValueError(f"metric_for_best_model must start with 'eval_', got {self.metric_for_best_model!r}")
+        self.report_to = check_report_to(self.report_to, self.output_dir)
 
     @property
     def greater_is_better(self) -> bool:
-        return "loss" not in self.metric_for_best_model
+        # Retrieval recalls (eval_*R@k) grow with quality; eval_loss and each loss term (eval_infonce, ...) shrink.
+        return "R@" in self.metric_for_best_model
 
     def non_default(self) -> dict:
         """The settings that differ from the defaults (what a model card should mention)."""
@@ -145,58 +190,6 @@ class TrainingResult:
     output_dir: str | None
 
 
-class BatchSource:
-    """Rows of a `features_for` view by index: in-memory tensors for pooled features (on `device` when it is a GPU
-    with room for them), Arrow reads for tokens."""
-
-    def __init__(self, view: datasets.Dataset, device: torch.device | str | None = None):
-        self.view = view
-        self.collate = FeatureCollator()
-        ids = column_array(view, "image_id") if "image_id" in view.column_names else range(len(view))
-        self.image_ids = torch.as_tensor(ids)
-        sample = view[0]["vision_features"]
-        self.tokens = torch.as_tensor(sample).dim() == 2 or torch.as_tensor(view[0]["text_features"]).dim() == 2
-        if not self.tokens:
-            columns = view.with_format("torch", columns=["vision_features", "text_features"])[:]
-            self.vision = columns["vision_features"].float()
-            self.text = columns["text_features"].float()
-            # Checked once here (cheap, in memory) so a bad row stops the run before step 0, not at step 5,000.
-            _check_finite_rows({"vision_features": self.vision, "text_features": self.text}, torch.arange(len(view)))
-            device = torch.device(device or "cpu")
-            # On a GPU a step's batch is then a device-side gather, not a host gather plus a host-to-device copy.
-            if (
-                device.type == "cuda"
-                and self.vision.nbytes + self.text.nbytes <= torch.cuda.mem_get_info(device)[0] // 4
-            ):
-                self.vision, self.text = self.vision.to(device), self.text.to(device)
-        else:
-            self.numpy_view = view.with_format("numpy", columns=["vision_features", "text_features"])
-
-    def __len__(self) -> int:
-        return len(self.view)
-
-    def fetch(self, indices: torch.Tensor) -> dict:
-        if not self.tokens:
-            indices = indices.to(self.vision.device, non_blocking=True)
-            return {"vision_features": self.vision[indices], "text_features": self.text[indices], "return_loss": True}
-        rows = self.numpy_view[indices.tolist()]
-        batch = self.collate({k: list(v) for k, v in rows.items()})
-        _check_finite_rows({k: batch[k] for k in ("vision_features", "text_features")}, indices)
-        return batch
-
-
-def _check_finite_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
-    """Refuse NaN/Inf features (one such row makes the whole batch's InfoNCE NaN), naming the cache rows."""
-    for name, values in columns.items():
-        bad = non_finite_rows(values)
-        if bad:
-            cache_rows = rows[bad].tolist()
-            raise ValueError(
-                f"the feature cache holds NaN or Inf in {name} of {len(bad)} row(s), e.g. rows {cache_rows[:10]}; "
-                "re-extract them or drop them (features.filter / features.select) before training"
-            )
-
-
 def _validation_split(view: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices (n_train,), (n_eval,) of the training and validation parts (`split_by_image`): all captions of one
     image fall on the same side; at least 2 validation images unless `eval_fraction` is 0."""
@@ -213,9 +206,12 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
     """Train `model`'s aligner on a feature cache and return what happened.
 
     The model's layers pick the cache columns (`features_for`); a layer set to `"auto"` is chosen first by layer
-    selection on the cache. Methods with a data-dependent start (`init_from_data`) get up to `args.init_samples`
-    training pairs before the first step; training-free methods stop there. The best weights on the validation split
-    (by `metric_for_best_model`) are restored at the end and, with `output_dir`, saved with `save_pretrained`.
+    selection on the cache. An epoch visits each training image once with one of its captions, drawn afresh every
+    epoch, when the cache holds several captions per image (`caption_sampling`, `hf_align.batches`); captions of one
+    image that meet in a batch are not each other's negatives (`mask_same_image`). Methods with a data-dependent start
+    (`init_from_data`) get up to `args.init_samples` training pairs before the first step; training-free methods stop
+    there. The best weights on the validation split (by `metric_for_best_model`; validation scores every loss term at
+    its full weight) are restored at the end and, with `output_dir`, saved with `save_pretrained`.
 
     A run killed at any point (even while writing a checkpoint) and restarted with
     `resume_from_checkpoint="latest"` continues from the last complete checkpoint and ends with exactly the weights of
@@ -235,10 +231,11 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
             "this model has trainable encoder parameters (LoRA), but train() works on cached encoder features, which "
             "cannot train them; train on raw inputs with transformers.Trainer and hf_align.ImageTextCollator"
         )
+    selection = None
     if "auto" in (model.config.vision_layer, model.config.text_layer):
         from .layer_selection import resolve_auto_layers
 
-        resolve_auto_layers(model, features, seed=args.seed)
+        selection = resolve_auto_layers(model, features, seed=args.seed)
     set_seed(args.seed)
     accelerator = Accelerator(
         cpu=cpu_process_group(),
@@ -254,15 +251,17 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
     view = features_for(model, features)
     train_rows, eval_rows = _validation_split(view, args.eval_fraction, args.seed)
     source = BatchSource(view, accelerator.device)
+    sampler = CaptionSampler(train_rows, source.image_ids[train_rows], args.caption_sampling, args.seed)
+    mask_train = args.mask_same_image and sampler.repeats_images  # one caption per image: no pair to mask
     model.to(accelerator.device)
     world = accelerator.num_processes
     global_batch = args.per_device_train_batch_size * world
 
     resume_from = resume_dir(args)
     if resume_from is None:
-        init_from_training_rows(model, source, train_rows, args, accelerator.device)
+        init_from_training_rows(model, source, sampler, args, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    batches_per_epoch = math.ceil(len(train_rows) / global_batch)
+    batches_per_epoch = math.ceil(sampler.rows_per_epoch / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     eval_steps = args.eval_steps or steps_per_epoch
@@ -272,12 +271,19 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
     trainable = bool(params) and model.aligner.trainable
 
     if trainable:
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        optimizer = build_optimizer(params, args)
         warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
-        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, warmup, total_steps)
+        scheduler = get_scheduler(
+            args.lr_scheduler_type, optimizer, warmup, total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs
+        )
         # The model is not wrapped in DDP, which would average the gradients of per-process losses: each process
-        # computes the global batch's loss (`_global_batch_output`) and `_average_gradients` combines the gradients.
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        # computes the global batch's loss (`_global_batch_output`) and `average_gradients` combines the gradients.
+        # One process without fp16 loss scaling or DeepSpeed: the optimiser and scheduler are stepped directly, gated on
+        # `sync_gradients` here as Accelerate's wrappers would gate them; the wrappers cost host time every step
+        # (file-system lookups in `AcceleratedOptimizer.step`) and add nothing else there.
+        direct = world == 1 and accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED
+        if not direct:
+            optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
         best_state = None
         if resume_from is not None:
             state, best_state = load_checkpoint(
@@ -285,55 +291,77 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
             )
             logger.info(f"resumed from {resume_from} at step {state['global_step']}")
         if args.report_to:
-            accelerator.init_trackers("hf_align", config=asdict(args))
+            accelerator.init_trackers("hf_align", config=tracker_config(args))
+            if selection is not None:
+                log_layer_selection(accelerator, selection, state["global_step"])
         running, micro = [], state["global_step"] * args.gradient_accumulation_steps
+        # Losses are checked for NaN/Inf in windows of steps (one host-device sync per window, not per step), and
+        # always before logging, evaluating or saving, so non-finite weights are never evaluated or saved.
+        unchecked, check_every = [], min(args.logging_steps, 50)
         order_epoch = None
+        unwrapped = accelerator.unwrap_model(model)
+        model.train()  # once: evaluate_on_rows sets eval mode, and train mode is restored after it
         while state["global_step"] < total_steps:
             epoch, position = divmod(micro, batches_per_epoch)
-            if epoch != order_epoch:  # one permutation per epoch (drawing it every step costs more than the step)
-                rows, order_epoch = _epoch_order(train_rows, args.seed, epoch), epoch
+            if epoch != order_epoch:  # one draw per epoch (drawing it every step costs more than the step)
+                # On the features' device: a step's slice and gather then need no host-to-device copy.
+                rows, order_epoch = sampler.epoch_rows(epoch).to(source.index_device), epoch
             batch_rows = rows[position * global_batch : (position + 1) * global_batch]
-            batch = _to_device(source.fetch(batch_rows), accelerator.device)
-            model.train()
+            batch = _to_device(source.fetch(batch_rows, with_image_ids=mask_train), accelerator.device)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    output = model(**batch) if world == 1 else _global_batch_output(model, batch, accelerator)
+                    # BatchSource refused non-finite features at load: no per-forward check (a sync per modality).
+                    if world == 1:
+                        output = model(**batch, check_finite=False)
+                    else:
+                        output = _global_batch_output(model, batch, accelerator)
                 loss = output.loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite training loss {loss.item()} at step {state['global_step']} (epoch {epoch}, "
-                        f"batch {position}, first rows {batch_rows[:8].tolist()}); terms: "
-                        f"{ {k: v.item() for k, v in output.loss_terms.items()} }. The last good checkpoint is "
-                        f"{latest_checkpoint(args.output_dir)}"
-                    )
-                accelerator.backward(loss)
+                if direct:
+                    (loss / args.gradient_accumulation_steps).backward()  # what accelerator.backward does here
+                else:
+                    accelerator.backward(loss)
                 if accelerator.sync_gradients and world > 1:
-                    _average_gradients(params, world)
+                    average_gradients(params, world)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+                    if direct:
+                        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    else:
+                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                if accelerator.sync_gradients or not direct:  # the wrappers skip accumulation steps themselves
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
             micro += 1
             running.append(loss.detach())
+            terms = {k: v.detach() for k, v in output.loss_terms.items()}
+            unchecked.append((running[-1], terms, state["global_step"], epoch, position, batch_rows))
             if not accelerator.sync_gradients:
                 continue
-            accelerator.unwrap_model(model).aligner.after_optimizer_step()
+            unwrapped.aligner.after_optimizer_step()
             state["global_step"] += 1
             step = state["global_step"]
+            if (
+                len(unchecked) >= check_every * args.gradient_accumulation_steps
+                or step % args.logging_steps == 0
+                or step == total_steps
+                or (len(eval_rows) and step % eval_steps == 0)
+                or (args.output_dir and step % save_steps == 0)
+            ):
+                _check_losses(unchecked, args.output_dir)
             if step % args.logging_steps == 0 or step == total_steps:
-                log = {"step": step, "epoch": micro / batches_per_epoch, "loss": torch.stack(running).mean().item()}
-                log.update({f"loss_{k}": v.item() for k, v in output.loss_terms.items()})
+                log = {"step": step, "epoch": micro / batches_per_epoch}
+                log.update(logged_values(running, output.loss_terms, unwrapped.logit_scale))
                 log["learning_rate"] = scheduler.get_last_lr()[0]
-                log.update(_diagnostics(accelerator.unwrap_model(model)))
+                log.update(_diagnostics(unwrapped))
                 running = []
                 _record(state, log, accelerator)
             if len(eval_rows) and (step % eval_steps == 0 or step == total_steps):
-                metrics = evaluate_on_rows(accelerator.unwrap_model(model), source, eval_rows, args)
+                metrics = evaluate_on_rows(unwrapped, source, eval_rows, args)
+                model.train()
                 _record(state, {"step": step, **metrics}, accelerator)
                 if _improved(state, metrics, args):
                     state.update(best_metric=metrics[args.metric_for_best_model], best_step=step, bad_evals=0)
-                    best_state = _aligner_state(accelerator.unwrap_model(model))
+                    best_state = _aligner_state(unwrapped)
                 else:
                     state["bad_evals"] += 1
             if args.output_dir and (step % save_steps == 0 or step == total_steps):
@@ -359,14 +387,23 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
 
 @torch.no_grad()
 def evaluate_on_rows(model, source: BatchSource, rows: torch.Tensor, args: AlignmentArguments) -> dict:
-    """Validation loss (mean over eval batches) and retrieval recall@k on the held-out rows."""
+    """Validation loss and retrieval recall@k on the held-out rows (every caption of every held-out image).
+
+    The model runs in eval mode, where every loss term has its full weight (a regulariser's warm-up does not apply),
+    so `eval_loss` measures the same objective at every evaluation. Returns `eval_loss`, each term as
+    `eval_<term>` (`eval_infonce`, `eval_structure`, ...; means over rows, weighted like `eval_loss`) and
+    `eval_<retrieval metric>` (`eval_mean_R@1`, ...). With `args.mask_same_image` captions of one image are not
+    each other's negatives.
+    """
     model.eval()
     device = model.logit_scale.device
-    losses, images, texts = [], [], []
+    sums, images, texts = {}, [], []
     for start in range(0, len(rows), args.per_device_eval_batch_size):
-        batch = _to_device(source.fetch(rows[start : start + args.per_device_eval_batch_size]), device)
-        output = model(**batch)
-        losses.append(output.loss.float() * len(output.image_embeds))
+        part = rows[start : start + args.per_device_eval_batch_size]
+        batch = _to_device(source.fetch(part, with_image_ids=args.mask_same_image), device)
+        output = model(**batch, check_finite=False)  # BatchSource refused non-finite rows at load
+        for name, value in {"loss": output.loss, **output.loss_terms}.items():
+            sums[name] = sums.get(name, 0.0) + value.float() * len(output.image_embeds)
         images.append(output.image_embeds)
         texts.append(output.text_embeds)
     image_embeds, text_embeds = torch.cat(images), torch.cat(texts)
@@ -376,9 +413,25 @@ def evaluate_on_rows(model, source: BatchSource, rows: torch.Tensor, args: Align
     recall = chunked_retrieval_metrics(
         image_embeds[first.to(device)], text_embeds, owner.to(device), similarity=model.similarity
     )
-    metrics = {"eval_loss": (torch.stack(losses).sum() / len(rows)).item()}
+    metrics = {f"eval_{name}": (total / len(rows)).item() for name, total in sums.items()}
     metrics.update({f"eval_{k}": v for k, v in recall.items()})
     return metrics
+
+
+def _check_losses(unchecked: list, output_dir: str | None) -> None:
+    """Raise `FloatingPointError` naming the first step of `unchecked` whose loss is NaN/Inf, with one host-device
+    sync for them all; else empty the list. Entries: (loss, detached loss terms, step, epoch, batch, batch rows)."""
+    if not unchecked:
+        return
+    finite = torch.isfinite(torch.stack([entry[0] for entry in unchecked]))
+    if not bool(finite.all()):
+        loss, terms, step, epoch, position, batch_rows = unchecked[int(torch.nonzero(~finite)[0])]
+        raise FloatingPointError(
+            f"non-finite training loss {loss.item()} at step {step} (epoch {epoch}, batch {position}, first rows "
+            f"{batch_rows[:8].tolist()}); terms: { {k: v.item() for k, v in terms.items()} }. The last good "
+            f"checkpoint is {latest_checkpoint(output_dir)}"
+        )
+    unchecked.clear()
 
 
 # ---------------------------------------------------------------------------------------------- several processes
@@ -386,22 +439,27 @@ def _global_batch_output(model, batch: dict, accelerator: Accelerator) -> Aligne
     """This process's share of a global batch's forward pass; the loss is the whole global batch's.
 
     The process embeds rows `[n·r/N, n·(r+1)/N)` of the (n, ...) global batch, the embeddings of all N processes are
-    gathered with their gradient (`_gather_rows`, in rank order: the global batch's order), and the logits and every
+    gathered with their gradient (`gather_rows`, in rank order: the global batch's order), and the logits and every
     loss term are computed on the whole batch, with the global batch's features for the regularisers. Every process
-    gets the same loss; `_average_gradients` turns the processes' gradients into the one-process gradient.
+    gets the same loss; `average_gradients` turns the processes' gradients into the one-process gradient.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
     n = batch["vision_features"].shape[0]
     bounds = [n * r // world for r in range(world + 1)]
     local = {k: v[bounds[rank] : bounds[rank + 1]] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    image_embeds = _gather_rows(
-        model.get_image_features(vision_features=local["vision_features"], vision_mask=local.get("vision_mask")), bounds
+    # BatchSource refused non-finite rows at load: no per-forward check.
+    image_embeds = model.get_image_features(
+        vision_features=local["vision_features"], vision_mask=local.get("vision_mask"), check_finite=False
     )
-    text_embeds = _gather_rows(
-        model.get_text_features(text_features=local["text_features"], text_mask=local.get("text_mask")), bounds
+    text_embeds = model.get_text_features(
+        text_features=local["text_features"], text_mask=local.get("text_mask"), check_finite=False
     )
-    logits = model.similarity(image_embeds, text_embeds) * model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-    terms = model.loss_terms(batch["vision_features"], batch["text_features"], image_embeds, text_embeds, logits)
+    image_embeds, text_embeds = gather_rows(image_embeds, bounds), gather_rows(text_embeds, bounds)
+    scale = model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    logits = model.similarity.score_unit_norm(image_embeds, text_embeds) * scale
+    terms = model.loss_terms(
+        batch["vision_features"], batch["text_features"], image_embeds, text_embeds, logits, batch.get("image_ids")
+    )
     return AlignerOutput(
         loss=torch.stack(list(terms.values())).sum(),
         logits_per_image=logits,
@@ -412,63 +470,59 @@ def _global_batch_output(model, batch: dict, accelerator: Accelerator) -> Aligne
     )
 
 
-class _GatherRows(torch.autograd.Function):
-    """All-gather of (B_r, ...) rows padded to a common B; backward sums the gradient of the gathered tensor over
-    the processes (each computed the same loss from it) and returns this process's rows."""
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor, padded_rows: int) -> torch.Tensor:
-        ctx.rank, ctx.rows = dist.get_rank(), local.shape[0]
-        padded = torch.cat([local, local.new_zeros((padded_rows - local.shape[0], *local.shape[1:]))])
-        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank, : ctx.rows], None
-
-
-def _gather_rows(local: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-    """(bounds[r+1] - bounds[r], ...) rows from each process r -> all (bounds[-1], ...) rows in rank order."""
-    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    parts = _GatherRows.apply(local, max(sizes))
-    return torch.cat([parts[r, :size] for r, size in enumerate(sizes)])
-
-
-def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Replace each gradient by its mean over the processes, in one all-reduce of the concatenated gradients."""
-    with_grad = [p for p in params if p.grad is not None]  # None on every process alike (same loss graph)
-    if not with_grad:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
-    dist.all_reduce(flat)
-    flat /= world
-    for p, chunk in zip(with_grad, flat.split([p.numel() for p in with_grad])):
-        p.grad.copy_(chunk.view_as(p.grad))
-
-
 # ---------------------------------------------------------------------------------------------- helpers
+def build_optimizer(params: list[torch.nn.Parameter], args: AlignmentArguments) -> torch.optim.AdamW:
+    """AdamW over `params` with the arguments' learning rate, weight decay, betas and epsilon."""
+    return torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+    )
+
+
+def _scheduler_kwargs(scheduler: str, kwargs) -> dict:
+    """`lr_scheduler_kwargs` as a dict (None -> {}, a JSON object string -> its dict), checked against the
+    arguments the transformers schedule named `scheduler` takes, so a typo fails before any work."""
+    if kwargs is None:
+        return {}
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"lr_scheduler_kwargs must be a JSON object, got {kwargs!r} ({err})") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"lr_scheduler_kwargs must be a dict (or a JSON object), got {kwargs!r}")
+    parameters = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(scheduler)]).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(kwargs)  # the schedule takes any keywords itself
+    # get_scheduler passes these itself; what is left is the schedule's own (none for the constant ones, whose
+    # get_scheduler branch would drop any silently)
+    accepted = sorted(set(parameters) - {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"})
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"lr_scheduler_kwargs has {unknown}, which lr_scheduler_type={scheduler!r} does not take; it takes "
+            f"{accepted or 'none'}"
+        )
+    return dict(kwargs)
+
+
 def _mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def _epoch_order(rows: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
-    # A fixed permutation per (seed, epoch): a resumed run sees exactly the batches the interrupted one would have.
-    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100003 + epoch))]
-
-
 def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def init_from_training_rows(model, source: BatchSource, train_rows, args, device) -> None:
-    """Give the method its data-dependent start from up to `args.init_samples` training rows (seeded order)."""
-    rows = _epoch_order(train_rows, args.seed, -1)[: args.init_samples]
+def init_from_training_rows(model, source: BatchSource, sampler: CaptionSampler, args, device) -> None:
+    """Give the method its data-dependent start from up to `args.init_samples` training rows: those of the sampler's
+    epoch −1 (one caption per image unless sampling `all`), in their seeded order."""
+    rows = sampler.epoch_rows(-1)[: args.init_samples]
     batch = _to_device(source.fetch(rows), device)
     model.aligner.init_from_data(
         batch["vision_features"],
@@ -529,7 +583,7 @@ def _summarise(model, args, state, final, n_train, n_eval, runtime, accelerator)
 
 __all__ = [
     "AlignmentArguments",
-    "BatchSource",
+    "build_optimizer",
     "TrainingResult",
     "evaluate_on_rows",
     "init_from_training_rows",

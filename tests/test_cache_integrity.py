@@ -104,9 +104,21 @@ def test_cache_built_for_other_inputs_names_each_differing_part(model, dataset, 
     with pytest.raises(FeatureCacheError, match=r"built for other inputs: layers.vision: recorded \[2\], now \[1\]"):
         extract_features(model, model.processor, dataset, cache_path=folder, vision_layers=[1])
 
+    # The same encoders through another tap: the column the aligner reads differs, so the cache does too.
     other_pooling = AlignerModel.from_encoders(tiny_vit, tiny_bert, projection_dim=8, vision_pooling="mean")
-    with pytest.raises(FeatureCacheError, match=r'pooling.vision: recorded "cls", now "mean"'):
+    with pytest.raises(
+        FeatureCacheError,
+        match=r'taps.vision.vision_last_hidden_state: recorded "last_hidden_state · cls, 1 prefix token", '
+        r'now "last_hidden_state · mean, 1 prefix token"',
+    ):
         extract_features(other_pooling, other_pooling.processor, dataset, cache_path=folder)
+    legacy_tap = AlignerModel.from_encoders(tiny_vit, tiny_bert, projection_dim=8, vision_source="hidden_states")
+    with pytest.raises(
+        FeatureCacheError,
+        match=r'taps.vision.vision_last_hidden_state: recorded "last_hidden_state · cls, 1 prefix '
+        r'token", now null',
+    ):
+        extract_features(legacy_tap, legacy_tap.processor, dataset, cache_path=folder)
 
     other_data = dataset.select([0, 1, 2])
     with pytest.raises(

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import hf_align
 from hf_align import METHODS, AlignerModel
 from hf_align.evaluation import retrieval_metrics
-from hf_align.methods.codebook import CodebookAligner, kmeans, swapped_prediction_loss
+from hf_align.methods.codebook import CodebookAligner, auto_queue_length, kmeans, swapped_prediction_loss
 from hf_align.ot import sinkhorn
 from hf_align.testing import make_paired_task
 from hf_align.training import AlignmentArguments
@@ -73,8 +73,21 @@ def test_bad_settings_are_refused(kwargs, message):
 def test_codebook_larger_than_training_set_is_refused(task):
     model = codebook_model(num_codes=32)
     vision, text = batch(task, size=20)
-    with pytest.raises(ValueError, match=r"num_codes=32 is larger than the 20 training pairs given to k-means"):
+    message = (
+        r"codebook: num_codes=32 codes need at least 32 training pairs for the k-means initialisation, but "
+        r"init_from_data got 20\. Lower num_codes to at most 20, or give it more pairs: hf_align\.train passes "
+        r"min\(AlignmentArguments\.init_samples, number of training pairs\)"
+    )
+    with pytest.raises(ValueError, match=message):
         model.aligner.init_from_data(vision, text)
+    # hf_align.train stops there, before the optimiser exists or any step runs
+    small = make_paired_task(n=20, seed=1).to_features()
+    args = AlignmentArguments(max_steps=5, per_device_train_batch_size=8, eval_fraction=0.0, save_model=False)
+    before = {name: p.detach().clone() for name, p in model.aligner.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        hf_align.train(model, small, args)
+    for name, p in model.aligner.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
     with pytest.raises(ValueError, match=r"k-means with k=5 clusters needs at least 5 points, got 4"):
         kmeans(torch.randn(4, 3), 5)
 
@@ -312,3 +325,180 @@ def test_trains_on_synthetic_task_without_collapse(task):
     assert results["codebook"] > 100 * chance  # measured 41.5 (linear: 38.1)
     assert results["codebook"] > results["linear"] - 5
     assert len(perplexities) == 3 and min(perplexities) > 8  # of 32 codes (measured 25.6): no collapse onto a few
+
+
+# ---------------------------------------------------------------------------------------------- SwAV's queue
+@pytest.mark.parametrize(
+    "rows,codes,expected", [(8, 32, 24), (256, 3000, 2816), (10, 25, 20), (32, 32, 0), (100, 64, 0), (1, 3, 2)]
+)
+def test_auto_queue_length_makes_batch_plus_queue_reach_the_codebook_in_whole_batches(rows, codes, expected):
+    assert auto_queue_length(rows, codes) == expected
+    if expected:
+        assert expected % rows == 0 and rows + expected >= codes > rows + expected - rows
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(queue_length=-8), r"queue_length must be 'auto' or an int >= 0 \(0 = no queue\), got -8"),
+        (dict(queue_length="full"), r"queue_length must be 'auto' or an int >= 0 \(0 = no queue\), got 'full'"),
+        (dict(queue_start_steps=-1), r"queue_start_steps must be an int >= 0, got -1"),
+        (dict(freeze_codebook_steps=-2), r"freeze_codebook_steps must be an int >= 0, got -2"),
+    ],
+)
+def test_bad_queue_and_freeze_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        codebook_model(**kwargs)
+
+
+def test_sinkhorn_runs_on_the_queue_rescored_with_the_current_codes_and_keeps_the_batch_rows(task):
+    """B = 8 < K = 32: the auto queue holds 24 rows (3 batches), is used once full, and holds teacher *embeddings*
+    (re-scored with the codes of the current step), newest first."""
+    model = codebook_model(num_codes=32, codebook_weight=1.0)
+    aligner = model.aligner
+    model.train()
+    batches = [batch(task, size=8, start=8 * i) for i in range(5)]
+    codes = aligner.teacher_codes()
+    pushed = []
+    for vision, text in batches[:3]:  # filling: targets from the batch alone
+        out = model(vision_features=vision, text_features=text, return_loss=True)
+        z_v, z_t = aligner.teacher_embeddings(vision, text)
+        s_v, s_t = aligner.code_scores(out.image_embeds), aligner.code_scores(out.text_embeds)
+        expected = swapped_prediction_loss(s_v, s_t, sinkhorn(z_v @ codes.T), sinkhorn(z_t @ codes.T), 0.1)
+        torch.testing.assert_close(out.loss_terms["codebook"], expected)
+        pushed.append((z_v, z_t))
+    assert aligner.diagnostics()["codebook_queue_filled"] == 24.0
+    # The teacher moves (heads and codes) before the fourth batch: the queue keeps the embeddings made when each
+    # batch was pushed, and scores them against the codes of now.
+    teacher = aligner.teacher_state()
+    with torch.no_grad():
+        for tensor in teacher.values():
+            tensor.add_(0.3 * torch.randn_like(tensor))
+    queue_v = torch.cat([pushed[2][0], pushed[1][0], pushed[0][0]])
+    queue_t = torch.cat([pushed[2][1], pushed[1][1], pushed[0][1]])
+    torch.testing.assert_close(aligner.queue("vision"), queue_v, rtol=0, atol=0)
+    torch.testing.assert_close(aligner.queue("text"), queue_t, rtol=0, atol=0)
+    vision, text = batches[3]
+    out = model(vision_features=vision, text_features=text, return_loss=True)
+    codes = aligner.teacher_codes()
+    z_v, z_t = aligner.teacher_embeddings(vision, text)
+    q_v = sinkhorn(torch.cat([queue_v, z_v]) @ codes.T)[-8:]
+    q_t = sinkhorn(torch.cat([queue_t, z_t]) @ codes.T)[-8:]
+    s_v, s_t = aligner.code_scores(out.image_embeds), aligner.code_scores(out.text_embeds)
+    torch.testing.assert_close(out.loss_terms["codebook"], swapped_prediction_loss(s_v, s_t, q_v, q_t, 0.1))
+    # the queue changes the targets (32 rows share the codes instead of 8), and rows of the batch sum to 1
+    alone = swapped_prediction_loss(s_v, s_t, sinkhorn(z_v @ codes.T), sinkhorn(z_t @ codes.T), 0.1)
+    assert abs(out.loss_terms["codebook"].item() - alone.item()) > 1e-3
+    torch.testing.assert_close(q_v.sum(1), torch.ones(8))
+    # FIFO: the fourth batch went in front, the first one dropped out
+    torch.testing.assert_close(aligner.queue("vision"), torch.cat([z_v, queue_v[:16]]), rtol=0, atol=0)
+    # evaluation reads the full queue but never pushes into it
+    model.eval()
+    model(vision_features=batches[4][0], text_features=batches[4][1], return_loss=True)
+    torch.testing.assert_close(aligner.queue("vision"), torch.cat([z_v, queue_v[:16]]), rtol=0, atol=0)
+
+
+def test_queue_starts_at_queue_start_steps_and_is_off_when_the_batch_covers_the_codes(task):
+    model = codebook_model(num_codes=32, queue_start_steps=2)
+    aligner = model.aligner
+    model.train()
+    filled = []
+    for i in range(4):
+        vision, text = batch(task, size=8, start=8 * i)
+        model(vision_features=vision, text_features=text, return_loss=True)
+        aligner.after_optimizer_step()
+        filled.append(aligner.diagnostics()["codebook_queue_filled"])
+    assert filled == [0.0, 0.0, 8.0, 16.0]  # steps 0 and 1 push nothing
+    assert aligner.queue("vision") is None  # not full yet: 16 of 24 rows
+    # B >= K: "auto" resolves to no queue at all
+    wide = codebook_model(num_codes=8)
+    wide.train()
+    wide(vision_features=batch(task)[0], text_features=batch(task)[1], return_loss=True)
+    assert "codebook_queue_filled" not in wide.aligner.diagnostics()
+    assert wide.aligner.training_state()["queue_state"].tolist() == [0, 0]
+    # an explicit length is used as given (rows, not batches)
+    fixed = codebook_model(num_codes=32, queue_length=12)
+    fixed.train()
+    for i in range(2):
+        fixed(vision_features=batch(task, 8, 8 * i)[0], text_features=batch(task, 8, 8 * i)[1], return_loss=True)
+    assert fixed.aligner.queue("vision").shape == (12, 16)
+
+
+def test_frozen_codebook_gets_no_update_for_freeze_codebook_steps(task):
+    model = codebook_model(num_codes=8, freeze_codebook_steps=2, reseed_dead_codes=False)
+    aligner = model.aligner
+    aligner.init_from_data(*batch(task, size=400))
+    start = aligner.codebook.detach().clone()
+    heads = aligner.vision_head.weight.detach().clone()
+    optimizer = torch.optim.AdamW(aligner.parameters(), lr=0.05, weight_decay=0.1)  # decay would move it too
+    model.train()
+    moved = []
+    for i in range(3):
+        vision, text = batch(task, size=64, start=64 * i)
+        model(vision_features=vision, text_features=text, return_loss=True).loss.backward()
+        frozen_grad = aligner.codebook.grad is None
+        optimizer.step()
+        optimizer.zero_grad()
+        aligner.after_optimizer_step()
+        moved.append((frozen_grad, not torch.equal(aligner.codebook.detach(), start)))
+    assert moved == [(True, False), (True, False), (False, True)]
+    assert not torch.equal(aligner.vision_head.weight.detach(), heads)  # the heads train meanwhile
+    assert not aligner.codebook_frozen
+
+
+def test_training_state_with_a_queue_resumes_exactly(task, tmp_path):
+    from safetensors.torch import save_file
+
+    def steps(model, starts):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        model.train()
+        for start in starts:
+            vision, text = batch(task, size=8, start=start)
+            loss = model(vision_features=vision, text_features=text, return_loss=True).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            model.aligner.after_optimizer_step()
+
+    settings = dict(num_codes=32, freeze_codebook_steps=3, queue_start_steps=1)
+    straight = codebook_model(**settings)
+    straight.aligner.init_from_data(*batch(task, size=400))
+    steps(straight, [0, 8])  # step 0 pushes nothing, step 1 fills 8 of 24 rows
+    save_file({k: v.contiguous() for k, v in straight.aligner.training_state().items()}, tmp_path / "state.safetensors")
+    resumed = codebook_model(**settings)
+    resumed.load_state_dict(straight.state_dict())
+    resumed.aligner.load_training_state(load_file(tmp_path / "state.safetensors"))
+    assert resumed.aligner.diagnostics()["codebook_queue_filled"] == 8.0
+    for model in (straight, resumed):
+        torch.manual_seed(1)
+        steps(model, [16, 24, 32, 40])  # the queue fills, is used from step 4 on, and the codebook thaws at step 3
+    assert straight.aligner.queue("vision") is not None
+    for key, value in straight.aligner.training_state().items():
+        torch.testing.assert_close(resumed.aligner.training_state()[key], value, rtol=0, atol=0, msg=key)
+    for name, p in straight.aligner.named_parameters():
+        torch.testing.assert_close(dict(resumed.aligner.named_parameters())[name], p, rtol=0, atol=0)
+    # a state written before the queue existed loads with an empty queue; inconsistent queue tensors are refused
+    old = {k: v for k, v in straight.aligner.training_state().items() if not k.startswith("queue")}
+    resumed.aligner.load_training_state(old)
+    assert resumed.aligner.queue("vision") is None
+    assert resumed.aligner.training_state()["queue_state"].tolist() == [-1, 0]
+    bad = dict(straight.aligner.training_state())
+    bad["queue.text"] = bad["queue.text"][:5]
+    with pytest.raises(
+        ValueError, match=r"queue_state gives 24 queue rows, so the queue tensors must be \{'queue.vision': \(24, 16\)"
+    ):
+        resumed.aligner.load_training_state(bad)
+
+
+def test_queue_through_train_on_small_batches(task):
+    train_task, _ = task.split(800)
+    torch.manual_seed(0)
+    model = AlignerModel.from_feature_dims(64, 48, method="codebook", projection_dim=32, num_codes=64)
+    run = hf_align.train(
+        model,
+        train_task.to_features(),
+        AlignmentArguments(max_steps=12, per_device_train_batch_size=16, eval_fraction=0.0, logging_steps=4, seed=0),
+    )
+    filled = [h["diag_codebook_queue_filled"] for h in run.history if "diag_codebook_queue_filled" in h]
+    assert filled == [48.0, 48.0, 48.0]  # 16 + 48 >= 64 codes: three batches, full from step 3
+    assert model.aligner.queue("vision").shape == (48, 32)

@@ -3,11 +3,15 @@ outputs (JSON / Markdown / PNG), CLI on the synthetic task, bad input."""
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 import hf_align
 from hf_align.cli import main
+from hf_align.experiments import data_efficiency
 from hf_align.experiments.data_efficiency import DataEfficiencyResult, Variant, default_variants, run_data_efficiency
+from hf_align.features import features_from_tensors
 from hf_align.testing import make_paired_task
 
 FAST = hf_align.AlignmentArguments(
@@ -77,7 +81,7 @@ def test_files_written_and_reloadable(result):
     assert DataEfficiencyResult.load(str(out / "data_efficiency.json")).summary() == res.summary()
     table = (out / "data_efficiency.md").read_text()
     assert (
-        "| n pairs | linear / last | linear+STRUCTURE / last | linear / selected | linear+STRUCTURE / selected |"
+        "| n images | linear / last | linear+STRUCTURE / last | linear / selected | linear+STRUCTURE / selected |"
         in table
     )
     cell = res.summary()["linear+STRUCTURE / selected"][150]
@@ -125,9 +129,9 @@ def test_bad_input(cache):
         run_data_efficiency(cache, n_test=600)
     with pytest.raises(ValueError, match=r"n_test=1 gives 1 held-out images of the 600 in the cache; need at least 2"):
         run_data_efficiency(cache, n_test=1)
-    with pytest.raises(ValueError, match=r"no training size fits: sizes \[5000\] all exceed the 500 pairs"):
+    with pytest.raises(ValueError, match=r"no training size fits: sizes \[5000\] all exceed the 500 images"):
         run_data_efficiency(cache, sizes=(5000,), n_test=100)
-    with pytest.raises(ValueError, match="sizes must be ints >= 2"):
+    with pytest.raises(ValueError, match=r"sizes must be ints >= 2 \(training images\), got 1"):
         run_data_efficiency(cache, sizes=(1,), n_test=100)
     with pytest.raises(TypeError, match="features must be a datasets.Dataset feature cache, got list"):
         run_data_efficiency([1, 2])
@@ -135,3 +139,36 @@ def test_bad_input(cache):
         Variant("x", layers="first")
     with pytest.raises(ValueError, match="the feature cache holds no pooled text layers"):
         run_data_efficiency(cache.remove_columns(["text_layer_0", "text_layer_1"]), n_test=100)
+
+
+def test_n_counts_images_with_all_their_captions(monkeypatch):
+    # 60 images with 5 captions each (rows 5i .. 5i+4 belong to image 100 + i)
+    task = make_paired_task(n=60, n_vision_layers=1, n_text_layers=1, seed=2)
+    g = torch.Generator().manual_seed(0)
+    text = task.text[0].repeat_interleave(5, 0) + 0.05 * torch.randn(300, task.text[0].shape[1], generator=g)
+    cache = features_from_tensors(
+        {0: task.vision[0].repeat_interleave(5, 0)}, {0: text}, image_id=torch.arange(100, 160).repeat_interleave(5)
+    )
+    subsets = []
+    one_run = data_efficiency._one_run
+
+    def recording(variant, subset, test, n, seed, *args):
+        subsets.append((n, seed, np.asarray(subset["image_id"]), np.asarray(test["image_id"])))
+        return one_run(variant, subset, test, n, seed, *args)
+
+    monkeypatch.setattr(data_efficiency, "_one_run", recording)
+    args = hf_align.AlignmentArguments(max_steps=2, per_device_train_batch_size=64, eval_fraction=0.0)
+    variant = Variant("linear", method_kwargs={"projection_dim": 8})
+    result = run_data_efficiency(cache, sizes=(10, 20), seeds=(0, 1), variants=[variant], n_test=20, training_args=args)
+    assert result.settings["pool_images"] == 40 and result.settings["pool_rows"] == 200
+    assert result.settings["caption_sampling"] == "auto"
+    assert [(run["n"], run["n_rows"]) for run in result.runs] == [(10, 50), (20, 100)] * 2
+    by_key = {(n, seed): ids for n, seed, ids, _ in subsets}
+    for (n, seed), ids in by_key.items():
+        images, counts = np.unique(ids, return_counts=True)
+        assert len(images) == n and (counts == 5).all()  # n images, each with all 5 captions
+        assert set(images).isdisjoint(subsets[0][3])  # none of the held-out images
+        assert set(images) <= set(by_key[20, seed])  # nested: the 10 images are among the 20
+    assert set(by_key[10, 0]) != set(by_key[10, 1])  # each seed draws its own images
+    assert "| n images | linear |" in result.to_markdown()
+    assert "n counts training images (each with all its captions, caption sampling 'auto')" in result.to_markdown()

@@ -70,15 +70,23 @@ def test_captions_are_encoded_in_length_sorted_chunks_and_written_in_source_orde
     captions = [c for pair in data["caption"] for c in pair]
     lengths = [len(ids) for ids in tokenizer(captions)["input_ids"]]
     widths = []
-    original = model.text_hidden_states
+    original = model.text_outputs
 
-    def recording(input_ids, attention_mask, token_type_ids=None):
+    def recording(input_ids, attention_mask=None, token_type_ids=None, fixed_length=None):
         widths.append(tuple(input_ids.shape))
-        return original(input_ids, attention_mask, token_type_ids)
+        return original(input_ids, attention_mask, token_type_ids, fixed_length)
 
-    monkeypatch.setattr(model, "text_hidden_states", recording)
+    monkeypatch.setattr(model, "text_outputs", recording)
     features = extract_features(model, model.processor, data, batch_size=4, cache_dir=tmp_path, num_workers=0)
-    # each batch of 4 images has 8 captions: sorted by length, in 2 chunks of 4, each padded to its own longest
+    # each batch of 4 images has 8 captions: sorted by length, in 2 chunks of 4, each padded to its own longest; one
+    # text encoder pass per chunk gives both stored columns (the tapped last hidden state and what the tap reads)
+    assert features.column_names == [
+        "vision_layer_2",
+        "vision_last_hidden_state",
+        "text_layer_2",
+        "text_last_hidden_state",
+        "image_id",
+    ]
     expected = []
     for batch in (lengths[:8], lengths[8:]):
         ordered = sorted(batch)
@@ -90,8 +98,8 @@ def test_captions_are_encoded_in_length_sorted_chunks_and_written_in_source_orde
     # row r holds caption r in source order: equal to that caption encoded alone (no padding at all)
     assert features["image_id"] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
     with torch.no_grad():
-        alone = torch.stack([model.encode_text(**tokenizer([c], return_tensors="pt"))[0][0] for c in captions])
-    torch.testing.assert_close(torch.tensor(features["text_layer_2"]), alone, rtol=0, atol=1e-5)
+        alone = torch.stack([model.tapped_text_features(**tokenizer([c], return_tensors="pt"))[0][0] for c in captions])
+    torch.testing.assert_close(torch.tensor(features["text_last_hidden_state"]), alone, rtol=0, atol=1e-5)
 
 
 def test_text_token_columns_come_back_in_source_order(tiny_vit, tiny_bert, tmp_path):
@@ -100,13 +108,11 @@ def test_text_token_columns_come_back_in_source_order(tiny_vit, tiny_bert, tmp_p
     features = extract_features(model, model.processor, data, batch_size=3, cache_dir=tmp_path, num_workers=2)
     tokenizer = model.processor.tokenizer
     captions = [c for pair in data["caption"] for c in pair]
-    tokens = features.with_format("numpy")[:]["text_tokens_layer_2"]
+    tokens = features.with_format("numpy")[:]["text_tokens_last_hidden_state"]  # what a token method's tap reads
     for caption, stored in zip(captions, tokens):
         inputs = tokenizer([caption], return_tensors="pt")
         with torch.no_grad():
-            alone = model.text_hidden_states(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])[
-                2
-            ][0]
+            alone = model.text_outputs(**inputs).last_hidden_state[0]
         assert np.asarray(stored).shape == tuple(alone.shape)  # its own tokens, no padding
         torch.testing.assert_close(
             torch.as_tensor(np.asarray(stored, dtype=np.float32)), alone, rtol=0, atol=2e-3

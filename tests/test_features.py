@@ -47,20 +47,22 @@ def test_second_extraction_reuses_the_cache_without_running_encoders(model, data
     assert second.column_names == first.column_names
     np.testing.assert_array_equal(np.asarray(second["vision_layer_2"]), np.asarray(first["vision_layer_2"]))
     assert [d for d in os.listdir(tmp_path) if ".tmp" in d] == []  # no half-written folder left behind
-    # a different layer request is a different cache
+    # a different layer request is a different cache; what the text tap reads is stored whatever the layers
     third = extract_features(model, model.processor, data, vision_layers=[0], text_layers=[0], cache_dir=tmp_path)
-    assert set(third.column_names) == {"vision_layer_0", "text_layer_0", "image_id"}
+    assert set(third.column_names) == {"vision_layer_0", "text_layer_0", "text_sentence_embedding", "image_id"}
     assert len(os.listdir(tmp_path)) == 2
 
 
 def test_cache_layout_and_values_match_the_encoders(model, data, tmp_path):
     features = extract_features(model, model.processor, data, keep_columns=["label"], cache_dir=tmp_path)
-    # 'auto' stores every vision layer; text stores the tapped one; two captions per image -> two rows per image
+    # 'auto' stores every vision layer; text stores the last hidden state and what the text tap reads, MiniLM's own
+    # sentence-transformers embedding; two captions per image -> two rows per image
     assert features.column_names == [
         "vision_layer_0",
         "vision_layer_1",
         "vision_layer_2",
         "text_layer_6",
+        "text_sentence_embedding",
         "image_id",
         "label",
     ]
@@ -70,8 +72,13 @@ def test_cache_layout_and_values_match_the_encoders(model, data, tmp_path):
     states = model.vision_model(pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states
     torch.testing.assert_close(torch.tensor(features[3]["vision_layer_1"]), states[1][0, 0], rtol=1e-4, atol=1e-5)
     text_states = model.text_model(input_ids=inputs["input_ids"], output_hidden_states=True).hidden_states
+    # hidden states pool as the pipeline does (mean); its embedding is that mean of the final output, normalised
     torch.testing.assert_close(
         torch.tensor(features[3]["text_layer_6"]), text_states[6][0].mean(0), rtol=1e-4, atol=1e-5
+    )
+    final = model.text_model(input_ids=inputs["input_ids"]).last_hidden_state[0].mean(0)
+    torch.testing.assert_close(
+        torch.tensor(features[3]["text_sentence_embedding"]), final / final.norm(), rtol=1e-4, atol=1e-5
     )
 
 

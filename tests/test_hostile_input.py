@@ -1,6 +1,7 @@
 """Hostile and odd input: each sample is either converted correctly or rejected with an error naming its row, and a bad
 sample never poisons the rest of its batch."""
 
+import dataclasses
 import io
 import logging
 
@@ -168,8 +169,8 @@ def test_100k_character_caption_is_truncated_with_a_warning(model, tmp_path, cap
             model, model.processor, image_dataset([image, image], ["short", long_caption]), cache_dir=tmp_path
         )
     assert (
-        "1 caption(s) longer than the text encoder's limit of 128 tokens were truncated to it: rows [1] (longest: 20002 tokens)"
-        in caplog.text
+        "1 caption(s) longer than the text encoder's limit of 128 tokens were truncated to it: rows [1] "
+        "(longest: 20002 tokens)" in caplog.text
     )
     cut = extract_features(model, model.processor, image_dataset([image], ["word " * 126]), cache_dir=tmp_path)
     torch.testing.assert_close(text(features)[1], text(cut)[0], rtol=0, atol=1e-5)
@@ -178,14 +179,23 @@ def test_100k_character_caption_is_truncated_with_a_warning(model, tmp_path, cap
 # ---------------------------------------------------------------------------------------------- encoder outputs
 def test_nan_in_encoder_output_names_the_row_and_is_skippable(model, tmp_path, monkeypatch):
     images = [encoded(Image.new("RGB", (8, 8), (red, 0, 0))) for red in (0, 40, 255, 80)]
-    original = model.vision_hidden_states
+    original = model.vision_outputs
 
     def poisoned(pixel_values):  # the encoder "overflows" on the pure red image (row 2), and only on it
-        states = original(pixel_values)
+        outputs = original(pixel_values)
         poison = pixel_values[:, 0, 0, 0] > 0.9  # red 255 normalises to 1.0, the others to <= -0.37
-        return tuple(torch.where(poison[:, None, None], float("nan"), s) for s in states)
 
-    monkeypatch.setattr(model, "vision_hidden_states", poisoned)
+        def nan(state):
+            return torch.where(poison.view(-1, *[1] * (state.dim() - 1)), float("nan"), state)
+
+        return dataclasses.replace(
+            outputs,
+            hidden_states=tuple(nan(s) for s in outputs.hidden_states),
+            last_hidden_state=nan(outputs.last_hidden_state),
+            pooler_output=nan(outputs.pooler_output),
+        )
+
+    monkeypatch.setattr(model, "vision_outputs", poisoned)
     with pytest.raises(BadSampleError, match=r"row 2: NaN or Inf in the vision encoder's output at layer 2"):
         extract_features(model, model.processor, image_dataset(images), cache_dir=tmp_path)
     features = extract_features(model, model.processor, image_dataset(images), cache_dir=tmp_path, on_bad_sample="skip")
@@ -210,12 +220,29 @@ def test_model_refuses_nan_and_inf_features_by_argument_name():
     assert torch.isfinite(model(vision_features=good_v, text_features=good_t, return_loss=True).loss)
 
 
+def test_check_finite_false_skips_the_feature_check_for_prechecked_callers():
+    # train() checks the cache once at load and passes check_finite=False: the features go through unchecked, so the
+    # NaN row reaches the embeddings (and only its own row and column of the scores).
+    model = AlignerModel.from_feature_dims(6, 4, projection_dim=3)
+    vision, text = torch.randn(3, 6), torch.randn(3, 4)
+    vision[1, 2] = float("nan")
+    embeds = model.get_image_features(vision_features=vision, check_finite=False)
+    assert torch.isnan(embeds[1]).all() and torch.isfinite(embeds[[0, 2]]).all()
+    logits = model(vision_features=vision, text_features=text, check_finite=False).logits_per_image
+    assert torch.isnan(logits[1]).all() and torch.isfinite(logits[[0, 2]]).all()
+    text[2, 0] = float("inf")
+    assert torch.isnan(model.get_text_features(text_features=text, check_finite=False)[2]).all()
+    with pytest.raises(ValueError, match=r"`text_features` holds NaN or Inf in 1 of 3 rows \(rows \[2\]\)"):
+        model.get_text_features(text_features=text)
+
+
 def test_nan_pixels_are_blamed_on_the_encoder_output(model):
     pixel_values = torch.zeros(2, 3, 32, 32)
     pixel_values[1, 0, 0, 0] = float("nan")
     with pytest.raises(
         ValueError,
-        match=r"the vision encoder's output for `pixel_values` \(vision_layer=-1\) holds NaN or Inf in 1 of 2 rows \(rows \[1\]\)",
+        match=r"the vision encoder's output for `pixel_values` \(vision_layer=-1\) holds NaN or Inf in 1 of 2 rows "
+        r"\(rows \[1\]\)",
     ):
         model.get_image_features(pixel_values=pixel_values)
 

@@ -1,4 +1,5 @@
-"""Layer selection: recovers the planted layer pair, report save/load/plot, auto-layer resolution, CLI, bad input."""
+"""Layer selection: recovers the planted layer pair, rows normalised before every score, report save/load/plot,
+auto-layer resolution, CLI, bad input."""
 
 import json
 
@@ -45,8 +46,43 @@ def test_scores_equal_the_pairwise_functions(cache):
     table = cache.select(rows).with_format("torch")[:]
     for i, v in enumerate([1, 2]):
         assert report.scores[i][0] == pytest.approx(
-            hf_align.cka(table[f"vision_layer_{v}"], table["text_layer_0"]), rel=1e-9
+            hf_align.cka(table[f"vision_layer_{v}"], table["text_layer_0"], normalize=True), rel=1e-9
         )
+
+
+def _rescaled_rows_cache(seed=0):
+    """Vision layer 0 = a; text layer 0 = a rotated, each row multiplied by a random positive scale (the same
+    directions: the planted pair); text layer 1 = a + noise (a partial match with ordinary row norms)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(500, 32, generator=g)
+    scales = torch.exp(1.5 * torch.randn(500, 1, generator=g))
+    rotation, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    text = {0: (a @ rotation) * scales, 1: a + torch.randn(500, 32, generator=g)}
+    return features_from_tensors({0: a, 1: torch.randn(500, 16, generator=g)}, text), a, scales
+
+
+@pytest.mark.parametrize("metric", ["cka", "unbiased_cka"])
+def test_cka_scores_row_normalised_features(metric):
+    cache, a, scales = _rescaled_rows_cache()
+    report = hf_align.select_layers(cache, metric=metric, n_samples=500)
+    assert report.normalize is True and report.summary()["normalize"] is True
+    # cka(a, a·s) with per-row scales s: exactly 1 once rows are normalised (a rotation changes nothing)
+    assert report.scores[0][0] == pytest.approx(1.0, abs=1e-9)
+    assert report.best_pair == (0, 0)
+    raw = hf_align.select_layers(cache, metric=metric, n_samples=500, normalize=False)
+    assert raw.normalize is False
+    assert raw.scores[0][0] < 0.2  # measured 0.07 (cka) and 0.11 (unbiased): a few huge rows dominate
+    assert raw.best_pair == (0, 1)  # raw rows let the noisy layer win
+    score = getattr(hf_align, metric)
+    assert score(a, a * scales, normalize=True) == pytest.approx(1.0, abs=1e-9)
+    assert score(a, a * scales) < 0.9
+
+
+def test_mutual_knn_already_compares_directions():
+    cache, _, _ = _rescaled_rows_cache()
+    normalised = hf_align.select_layers(cache, n_samples=500)
+    raw = hf_align.select_layers(cache, n_samples=500, normalize=False)
+    assert normalised.scores == raw.scores and normalised.scores[0][0] == 1.0
 
 
 def test_one_caption_per_image_is_sampled():
@@ -68,7 +104,13 @@ def test_report_saves_loads_and_plots(cache, tmp_path):
     report.save(str(path))
     payload = json.loads(path.read_text())
     assert payload["best_pair"] == list(PLANTED) and payload["metric"] == "mutual_knn" and payload["k"] == 15
+    assert payload["normalize"] is True
     assert LayerSelectionReport.load(str(path)) == report
+    # a report written before `normalize` existed: CKA scored raw rows then, mutual k-NN always normalised
+    for metric, normalize in (("cka", False), ("mutual_knn", True)):
+        old = {k: v for k, v in payload.items() if k != "normalize"}
+        path.write_text(json.dumps({**old, "metric": metric}))
+        assert LayerSelectionReport.load(str(path)).normalize is normalize
     png = report.plot(str(tmp_path / "heatmap.png"))
     with open(png, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -166,3 +208,7 @@ def test_other_bad_arguments(cache):
         hf_align.select_layers(cache, metric="rsa")
     with pytest.raises(ValueError, match="n_samples must be an int >= 2, got 1"):
         hf_align.select_layers(cache, n_samples=1)
+    with pytest.raises(ValueError, match="normalize must be True or False, got 'yes'"):
+        hf_align.select_layers(cache, normalize="yes")
+    with pytest.raises(ValueError, match="normalize must be True or False, got 1"):
+        hf_align.cka(torch.randn(5, 2), torch.randn(5, 3), normalize=1)

@@ -9,10 +9,13 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from safetensors import safe_open
+from sentence_transformers import SentenceTransformer, models
 from transformers import AutoModel, Trainer, TrainingArguments, pipeline
 
 from hf_align import AlignerModel
 from hf_align.lora import ImageTextCollator, base_encoder_state_dict, encoder_lora_parameters, resolve_lora_config
+from hf_align.sentence_pipeline import SentenceEncoder
+from hf_align.taps import Tap
 from hf_align.testing import digits_dataset
 
 BOTH = ["q_proj", "v_proj", "query", "value"]  # attention projections of the ViT and of BERT
@@ -106,14 +109,16 @@ def test_lora_aligner_trains_end_to_end_and_round_trips(encoders, random_images,
     assert not any(p.requires_grad for p in encoder_lora_parameters(loaded))  # loaded frozen, as PEFT does
     assert_base_weights_unchanged(loaded, encoders)
 
-    # The adapter folder is plain PEFT: it loads onto a fresh encoder and gives the same tapped features.
+    # The adapter folder is plain PEFT: it loads onto a fresh encoder and gives the same tapped features (the ViT's
+    # own final output, CLS token: what `auto` taps).
     pixel_values = model.processor(images=random_images)["pixel_values"]
     peft_vit = PeftModel.from_pretrained(
         AutoModel.from_pretrained(encoders[0]), str(tmp_path), subfolder="vision_encoder_lora"
     )
+    assert loaded.config.tap("vision") == Tap(-1, "last_hidden_state", "cls")
     with torch.no_grad():
-        cls_tokens = peft_vit(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1][:, 0]
-        assert torch.equal(cls_tokens, loaded.encode_vision(pixel_values)[0])
+        cls_tokens = peft_vit(pixel_values=pixel_values).last_hidden_state[:, 0]
+        assert torch.equal(cls_tokens, loaded.tapped_vision_features(pixel_values)[0])
 
     # The stock transformers pipeline loads the folder with its adapters and scores as the trained model does.
     classifier = pipeline("zero-shot-image-classification", model=str(tmp_path))
@@ -246,3 +251,34 @@ def test_trainer_trains_lora_end_to_end_on_raw_pairs(encoders, tmp_path):
         ImageTextCollator(model.processor, text_column="text")([pairs[0]])
     with pytest.raises(ValueError, match=r"'caption' must hold one caption string per image, got \['list'\]"):
         collate([{"image": pairs[0]["image"], "caption": ["a", "b"]}])
+
+
+def test_lora_on_a_sentence_transformers_text_encoder_bundles_and_reloads(encoders, random_images, tmp_path):
+    # The text encoder is a sentence-transformers folder read through its pipeline (CLS pooling, Normalize): the
+    # adapter goes on the transformers model inside, and a bundle saves that model's base weights beside the pipeline.
+    transformer = models.Transformer(encoders[1])
+    pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")
+    SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu").save(str(tmp_path / "st"))
+    lora = LoraConfig(r=2, target_modules=["query", "value"], layers_to_transform=[-1])
+    model = AlignerModel.from_encoders(encoders[0], str(tmp_path / "st"), projection_dim=8, encoder_lora={"text": lora})
+    assert model.config.tap("text") == Tap(-1, "sentence_embedding", "none")
+    assert isinstance(model.text_model, PeftModel) and isinstance(model.text_model.get_base_model(), SentenceEncoder)
+    torch.manual_seed(0)
+    for parameter in encoder_lora_parameters(model):  # as if trained: B no longer zero, so the adapter counts
+        torch.nn.init.normal_(parameter, std=0.2)
+    inputs = model.processor(images=random_images, text=CAPTIONS)
+    with torch.no_grad():
+        before = model(**inputs)
+        with model.text_model.disable_adapter():
+            plain = model.get_text_features(**{k: inputs[k] for k in ("input_ids", "attention_mask")})
+    assert not torch.allclose(plain, before.text_embeds, atol=1e-3)
+    model.save_pretrained(tmp_path / "bundle", bundle_encoders=True)
+    bundled = tmp_path / "bundle" / "text_encoder"
+    assert (bundled / "modules.json").is_file() and (bundled / "1_Pooling" / "config.json").is_file()
+    # the transformers model's own tensors under their own names: no adapter, no pipeline step
+    assert tensor_names(bundled / "model.safetensors") == set(AutoModel.from_pretrained(encoders[1]).state_dict())
+    reloaded = AlignerModel.from_pretrained(tmp_path / "bundle")
+    assert isinstance(reloaded.text_model.get_base_model(), SentenceEncoder)
+    with torch.no_grad():
+        after = reloaded(**inputs)
+    torch.testing.assert_close(after.text_embeds, before.text_embeds, rtol=0, atol=0)

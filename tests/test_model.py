@@ -1,10 +1,14 @@
 """AlignerModel as a Hub model: building on any encoder pair, CLIP-style outputs, save/load round trips."""
 
 import collections
+import dataclasses
+import json
 import os
+import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForZeroShotImageClassification
 
@@ -13,7 +17,9 @@ import hf_align.aligner_parts
 import hf_align.registry
 from hf_align import AlignerConfig, AlignerModel
 from hf_align.encoders import EncoderLoadError
-from hf_align.testing import digits_dataset
+from hf_align.sentence_pipeline import NormalizeStep, SentenceEncoder
+from hf_align.taps import Tap
+from hf_align.testing import digits_dataset, save_tiny_vision_encoder
 
 
 def _inputs(model, n=3):
@@ -221,7 +227,178 @@ def test_mismatched_feature_dimensions_are_rejected():
 
 
 def test_cls_pooling_on_a_convnet_is_refused(tiny_vision_encoders, tiny_bert):
-    model = AlignerModel.from_encoders(tiny_vision_encoders["convnext"], tiny_bert, projection_dim=4)
-    assert model.config.resolved_vision_pooling == "mean" and not model.config.vision_has_cls
-    with pytest.raises(ValueError, match="vision_pooling='cls' but this vision encoder has no CLS token"):
-        AlignerModel.from_encoders(tiny_vision_encoders["convnext"], tiny_bert, vision_pooling="cls", projection_dim=4)
+    convnext = tiny_vision_encoders["convnext"]
+    model = AlignerModel.from_encoders(convnext, tiny_bert, vision_source="last_hidden_state", projection_dim=4)
+    assert model.config.tap("vision") == Tap(-1, "last_hidden_state", "mean")
+    assert model.config.vision_num_prefix_tokens == 0
+    with pytest.raises(
+        ValueError,
+        match=r"vision_pooling='cls' but the vision encoder's last_hidden_state has no CLS token; use 'mean'",
+    ):
+        AlignerModel.from_encoders(convnext, tiny_bert, vision_pooling="cls", projection_dim=4)
+    # A config that asks for it anyway is refused when the model is built.
+    config = AlignerConfig.from_dict({**model.config.to_dict(), "vision_pooling": "cls"})
+    with pytest.raises(ValueError, match=r"vision_pooling='cls' but the tapped vision sequence has no CLS token"):
+        AlignerModel(config)
+
+
+# ---------------------------------------------------------------------------------------------- taps
+def test_every_tap_choice_is_explicit_overridable_and_recorded(tiny_vision_encoders, minilm, tmp_path):
+    dinov2 = tiny_vision_encoders["dinov2"]
+    model = AlignerModel.from_encoders(dinov2, minilm, projection_dim=8)
+    config = model.config
+    # `auto` resolved to what the authors use, and recorded: DINOv2's final (normed) CLS token; MiniLM's own pipeline.
+    assert (config.vision_source, config.vision_pooling, config.vision_num_prefix_tokens) == (
+        "last_hidden_state",
+        "cls",
+        1,
+    )
+    assert (config.text_source, config.text_pooling, config.text_hidden_size) == ("sentence_embedding", "none", 384)
+    assert config.text_pipeline == {
+        "pooling_modes": ["mean"],
+        "include_prompt": True,
+        "steps": [{"type": "Normalize"}],
+        "max_seq_length": 256,
+    }
+    assert isinstance(model.text_model, SentenceEncoder)
+    model.save_pretrained(tmp_path / "auto")
+    card = (tmp_path / "auto" / "README.md").read_text()
+    assert (
+        "| Features read | `last_hidden_state · cls`: the encoder's own final output | `sentence_embedding`: the "
+        "repo's sentence-transformers pipeline (mean pooling → Normalize) |" in card
+    )
+
+    chosen = AlignerModel.from_encoders(
+        dinov2,
+        minilm,
+        vision_source="hidden_states",
+        vision_pooling="mean",
+        vision_num_prefix_tokens=0,
+        text_source="last_hidden_state",
+        text_pooling="cls",
+        projection_dim=8,
+    )
+    assert chosen.config.tap("vision") == Tap(-1, "hidden_states", "mean")
+    assert chosen.config.tap("text") == Tap(-1, "last_hidden_state", "cls") and chosen.config.text_pipeline is None
+    assert not isinstance(chosen.text_model, SentenceEncoder)  # the pipeline goes unread: the plain model
+    inputs = _inputs(chosen)
+    with torch.no_grad():
+        states = chosen.vision_model(pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states
+        final = chosen.text_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        vision, _ = chosen.tapped_vision_features(inputs["pixel_values"])
+        text, _ = chosen.tapped_text_features(inputs["input_ids"], inputs["attention_mask"])
+    torch.testing.assert_close(vision, states[-1].mean(1), rtol=0, atol=1e-6)  # 0 prefix tokens: CLS averaged in
+    torch.testing.assert_close(text, final.last_hidden_state[:, 0], rtol=0, atol=1e-6)
+
+    with pytest.raises(ValueError, match=r"vision_source must be one of \('auto', 'hidden_states', .*got 'sentence_"):
+        AlignerModel.from_encoders(dinov2, minilm, vision_source="sentence_embedding")
+    with pytest.raises(
+        ValueError,
+        match=r"vision_layer='auto' selects among the encoder's hidden states: vision_source must be 'auto' or "
+        r"'hidden_states', got 'pooler_output'",
+    ):
+        AlignerModel.from_encoders(dinov2, minilm, vision_layer="auto", vision_source="pooler_output")
+    with pytest.raises(ValueError, match=r"text_source='last_hidden_state' exists only after the last layer"):
+        AlignerModel.from_encoders(dinov2, minilm, text_layer=2, text_source="last_hidden_state")
+
+
+# An aligner saved before taps existed: its config.json has none of these fields, and `auto` poolings.
+TAP_FIELDS = ("vision_source", "text_source", "vision_num_prefix_tokens", "text_pipeline")
+
+
+@pytest.mark.parametrize(("kind", "pooling"), [("vit", "auto"), ("dinov2", "auto"), ("dinov2", "mean")])
+def test_an_aligner_saved_before_taps_loads_and_reads_hidden_states_as_it_did(
+    kind, pooling, tiny_vision_encoders, tiny_bert, tmp_path
+):
+    model = AlignerModel.from_encoders(tiny_vision_encoders[kind], tiny_bert, projection_dim=8)
+    model.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "config.json"
+    written = json.loads(path.read_text())
+    for name in TAP_FIELDS:
+        del written[name]
+    written.update(vision_pooling=pooling, text_pooling="auto")
+    path.write_text(json.dumps(written))
+
+    legacy = AlignerModel.from_pretrained(tmp_path / "old")
+    vision_pooling = "cls" if pooling == "auto" else pooling
+    assert legacy.config.tap("vision") == Tap(-1, "hidden_states", vision_pooling)
+    assert legacy.config.tap("text") == Tap(-1, "hidden_states", "mean")
+    assert legacy.config.num_prefix_tokens("vision") == 1  # its `vision_has_cls`
+    inputs = _inputs(legacy)
+    with torch.no_grad():
+        out = legacy(**inputs)
+        # What these aligners were trained on: hidden_states[-1] (before the final norm), CLS or mean over patches;
+        # the text's masked mean of hidden_states[-1].
+        states = legacy.vision_model(pixel_values=inputs["pixel_values"], output_hidden_states=True).hidden_states
+        vision = states[-1][:, 0] if vision_pooling == "cls" else states[-1][:, 1:].mean(1)
+        text_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        text_states = legacy.text_model(**text_inputs, output_hidden_states=True).hidden_states
+        mask = inputs["attention_mask"][..., None].float()
+        text = (text_states[-1] * mask).sum(1) / mask.sum(1)
+        expected_images = F.normalize(legacy.aligner.embed_image(vision, None), dim=-1)
+        expected_texts = F.normalize(legacy.aligner.embed_text(text, None), dim=-1)
+        new_tap = model(**inputs)
+    torch.testing.assert_close(out.image_embeds, expected_images, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.text_embeds, expected_texts, rtol=0, atol=1e-6)
+    # The same weights read through the new vision tap (after the final norm) give other embeddings: the legacy tap
+    # is really the one in use. (BERT has no final norm: its last hidden state is hidden_states[-1].)
+    assert not torch.allclose(out.image_embeds, new_tap.image_embeds, atol=1e-3)
+    torch.testing.assert_close(out.text_embeds, new_tap.text_embeds, rtol=0, atol=1e-6)
+    # Its feature cache holds the hidden-state columns it reads, and training on it sees what it computes.
+    features = hf_align.extract_features(legacy, legacy.processor, digits_dataset(3), cache_dir=tmp_path / "cache")
+    assert features.column_names == ["vision_layer_2", "text_layer_2", "image_id"]
+    batch = hf_align.FeatureCollator()(hf_align.features_for(legacy, features)[:])
+    with torch.no_grad():
+        cached = legacy.get_image_features(vision_features=batch["vision_features"])
+        raw = legacy.get_image_features(**legacy.processor(images=list(digits_dataset(3)["image"])))
+    torch.testing.assert_close(cached, raw, rtol=0, atol=1e-5)
+
+
+def test_from_pretrained_reloads_the_encoder_wrappers_it_was_saved_with(minilm, tmp_path):
+    # A full CLIP repo read through its projection, and MiniLM through its sentence-transformers pipeline: both come
+    # back as they were saved, from the encoders' own folders and from a bundle.
+    clip = save_tiny_vision_encoder(str(tmp_path / "clip"), "clip_full")
+    model = AlignerModel.from_encoders(clip, minilm, vision_source="projected", projection_dim=8)
+    assert model.config.tap("vision") == Tap(-1, "projected", "none") and model.config.vision_hidden_size == 16
+    assert type(model.vision_model).__name__ == "CLIPVisionModelWithProjection"
+    inputs = _inputs(model)
+    with torch.no_grad():
+        before = model(**inputs)
+    model.save_pretrained(tmp_path / "referenced")
+    model.save_pretrained(tmp_path / "bundled", bundle_encoders=True)
+    assert os.path.isfile(tmp_path / "bundled" / "text_encoder" / "modules.json")
+    shutil.rmtree(clip)  # the bundle alone must do for the vision tower
+    with pytest.raises(EncoderLoadError, match="vision_encoder=.*clip' could not be loaded"):
+        AlignerModel.from_pretrained(tmp_path / "referenced")
+    reloaded = AlignerModel.from_pretrained(tmp_path / "bundled")
+    assert type(reloaded.vision_model) is type(model.vision_model)
+    assert isinstance(reloaded.text_model, SentenceEncoder)
+    assert reloaded.text_model.pipeline.describe() == model.config.text_pipeline
+    with torch.no_grad():
+        after = reloaded(**inputs)
+    for name in ("image_embeds", "text_embeds", "logits_per_image"):
+        torch.testing.assert_close(getattr(after, name), getattr(before, name), rtol=0, atol=0, msg=name)
+    # A text encoder without the pipeline the aligner was built on, or with another one, is refused by name.
+    plain = reloaded.text_model.model
+    with pytest.raises(ValueError, match=r"text encoder .* gives no 'sentence_embedding' \(it gives \['hidden_states'"):
+        reloaded.attach_encoders(reloaded.vision_model, plain)
+    cls_pipeline = dataclasses.replace(reloaded.text_model.pipeline, pooling_modes=("cls",))
+    with pytest.raises(
+        ValueError,
+        match=r'the aligner reads the sentence-transformers pipeline \{.*"pooling_modes": \["mean"\].* but the text '
+        r'encoder given has \{.*"pooling_modes": \["cls"\]',
+    ):
+        reloaded.attach_encoders(reloaded.vision_model, SentenceEncoder(plain, cls_pipeline, [NormalizeStep()]))
+
+
+def test_set_layers_keeps_a_tap_after_the_last_layer_or_moves_it_to_a_hidden_state(tiny_vision_encoders, tiny_bert):
+    model = AlignerModel.from_encoders(tiny_vision_encoders["dinov2"], tiny_bert, projection_dim=8)
+    model.set_layers(vision_layer=2, text_layer=-1)  # the last hidden state: the encoders' own outputs there stay
+    assert model.config.tap("vision") == Tap(-1, "last_hidden_state", "cls")
+    assert model.config.tap("text") == Tap(-1, "last_hidden_state", "mean")
+    model.set_layers(vision_layer=1)
+    assert model.config.tap("vision") == Tap(1, "hidden_states", "cls") and model.config.vision_num_prefix_tokens == 1
+    pixel_values = _inputs(model)["pixel_values"]
+    with torch.no_grad():
+        states = model.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(model.tapped_vision_features(pixel_values)[0], states[1][:, 0], rtol=0, atol=0)

@@ -2,6 +2,7 @@
 base models, a model-index equal to what was evaluated and recorded, and a body built from the training record."""
 
 import os
+import re
 
 import datasets
 import pytest
@@ -11,6 +12,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 import hf_align
 import hf_align.hub
+from hf_align.methods.citations import ASIF, CLIP, PAL, bibtex_entries, join, merge_citations
 from hf_align.modelcard import (
     TASK_RETRIEVAL,
     TASK_ZERO_SHOT,
@@ -21,6 +23,8 @@ from hf_align.modelcard import (
     record_evaluation,
     record_training_dataset,
 )
+from hf_align.regularizers import REGULARIZERS
+from hf_align.regularizers.structure import StructureRegularizer
 from hf_align.testing import digits_dataset, make_paired_task, save_tiny_text_encoder, save_tiny_vision_encoder
 
 VISION_ID, TEXT_ID = "facebook/dinov2-small", "sentence-transformers/all-MiniLM-L6-v2"
@@ -106,6 +110,53 @@ def test_card_body_reports_evaluations_and_setup(saved_card):
     assert "- **Aligner method:** `linear` with `projection_dim=8`" in body
     assert f'AlignerModel.from_pretrained("{folder}")' in body
     assert "no training record is available" in body
+
+
+def test_saved_card_cites_the_method(saved_card):
+    _, card = saved_card
+    body = card.text
+    assert "## Citation" in body
+    assert "please cite the work it implements: the `linear` aligner cites `radford2021clip`." in body
+    assert f"```bibtex\n{CLIP}\n```" in body  # the entry verbatim, in a bibtex block
+
+
+def test_card_cites_method_and_regularisers_each_entry_once(tmp_path):
+    model = hf_align.AlignerModel.from_feature_dims(8, 6, method="mlp", projection_dim=4, structure_weight=10.0)
+    model.save_pretrained(tmp_path)
+    body = ModelCard.load(tmp_path / "README.md").text
+    assert (
+        "the `mlp` aligner cites `radford2021clip`, `groger2025structure`; "
+        "the `structure` regulariser cites `groger2025structure`." in body
+    )
+    citation = body.split("```bibtex\n")[1].split("\n```")[0]
+    assert citation == f"{CLIP}\n\n{StructureRegularizer.citation}"  # STRUCTURE once, though cited twice
+    assert [key for key, _ in bibtex_entries(citation)] == ["radford2021clip", "groger2025structure"]
+
+
+# What docs/methods.md §12 says each component cites.
+CITED = {
+    "asif": ["norelli2023asif", "moschella2023relative"],
+    "codebook": ["duan2022codis", "caron2020swav"],
+    "linear": ["radford2021clip"],
+    "mlp": ["radford2021clip", "groger2025structure"],
+    "relative": ["moschella2023relative", "kim2026pal"],
+    "token_relative": ["kim2026pal", "moschella2023relative"],
+    "structure": ["groger2025structure"],
+}
+
+
+def test_every_method_and_regulariser_cites_parsable_bibtex():
+    components = {**dict(hf_align.METHODS.items()), **dict(REGULARIZERS.items())}
+    assert {name: [key for key, _ in bibtex_entries(c.citation)] for name, c in components.items()} == CITED
+    for name, component in components.items():
+        for key, entry in bibtex_entries(component.citation):
+            assert entry.count("{") == entry.count("}") and entry.endswith("}"), (name, key)
+            assert re.search(r"^\s+title\s+=", entry, re.MULTILINE) and re.search(r"year\s+=\s+\{\d{4}\}", entry)
+    keys, entries = merge_citations([("a", ""), ("b", ASIF), ("c", join(ASIF, PAL))])
+    assert keys == [("b", ["norelli2023asif"]), ("c", ["norelli2023asif", "kim2026pal"])] and entries == [ASIF, PAL]
+    message = r"a citation must be BibTeX entries \(each starting '@type\{key,'\), got 'CLIP"
+    with pytest.raises(ValueError, match=message):
+        bibtex_entries("CLIP, Radford et al. 2021")
 
 
 def test_reevaluation_replaces_and_new_split_adds(evaluated):

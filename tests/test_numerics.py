@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from hf_align import AlignerModel, symmetric_infonce
+from hf_align.batches import CaptionSampler
 from hf_align.features import features_from_tensors
 from hf_align.ot import log_sinkhorn, sinkhorn
 from hf_align.regularizers.structure import structure_regularizer
 from hf_align.testing import make_paired_task
-from hf_align.training import AlignmentArguments, _epoch_order, train
+from hf_align.training import AlignmentArguments, train
 
 EXTREME = (1e-4, 1e4)
 
@@ -151,10 +152,31 @@ def test_nan_features_are_refused_before_the_first_step_and_checkpoints_stay(tmp
     assert after == before
 
 
+def test_nan_loss_inside_an_unchecked_window_is_named_by_its_own_step(monkeypatch):
+    # Losses are checked for NaN once per window of min(logging_steps, 50) steps (and before logging, evaluating and
+    # saving). Here nothing is logged, evaluated or saved before step 12: the NaN of step 6 is found at the end of
+    # the run and still named by its own step, epoch, batch and rows.
+    rows = CaptionSampler(torch.arange(200), torch.arange(200), "auto", ARGS["seed"]).epoch_rows(0)
+    features = _task_features(poison_row=int(rows[6 * 20 + 3]), value=7.0)
+    model = AlignerModel.from_feature_dims(8, 6, projection_dim=4)
+    embed_image = model.aligner.embed_image
+
+    def overflowing(features, mask=None):
+        embeds = embed_image(features, mask)
+        return torch.where((features == 7.0).all(1, keepdim=True), torch.full_like(embeds, float("inf")), embeds)
+
+    monkeypatch.setattr(model.aligner, "embed_image", overflowing)
+    with pytest.raises(FloatingPointError) as error:
+        train(model, features, AlignmentArguments(**{**ARGS, "logging_steps": 20}))
+    expected = f"non-finite training loss nan at step 6 (epoch 0, batch 6, first rows {rows[120:128].tolist()}); "
+    assert str(error.value).startswith(expected)
+    assert "The last good checkpoint is None" in str(error.value)
+
+
 def test_nan_loss_stops_training_with_step_and_batch_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
     # The row first drawn in batch 6 of epoch 0 (10 batches per epoch) carries a marker value; the aligner is made to
     # overflow on it, as an fp16 method might on a real outlier.
-    rows = _epoch_order(torch.arange(200), ARGS["seed"], 0)
+    rows = CaptionSampler(torch.arange(200), torch.arange(200), "auto", ARGS["seed"]).epoch_rows(0)
     marked = int(rows[6 * 20 + 3])
     features = _task_features(poison_row=marked, value=7.0)
     clean_out = str(tmp_path / "clean")

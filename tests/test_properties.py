@@ -138,7 +138,7 @@ invalid_config = st.one_of(
         st.sampled_from([0, -4, True, 32.0, "32"]),
     ),
     st.tuples(st.sampled_from(["vision_layer", "text_layer"]), st.sampled_from([1.5, "last", None, True])),
-    st.tuples(st.sampled_from(["vision_pooling", "text_pooling"]), st.sampled_from(["max", "CLS", None, 1])),
+    st.tuples(st.sampled_from(["vision_pooling", "text_pooling"]), st.sampled_from(["maximum", "CLS", None, 1])),
     st.tuples(
         st.just("contrastive_temperature"), st.sampled_from([0.0, -0.05, float("nan"), float("inf"), True, "0.05"])
     ),

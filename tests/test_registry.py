@@ -94,6 +94,7 @@ def test_methods_regularisers_heads_and_commands_share_the_helper():
     assert REGULARIZERS.names() == ["structure"] and StructureRegularizer.regularizer_name == "structure"
     assert COMMANDS.names() == [
         "analyze",
+        "benchmark",
         "compare",
         "data-efficiency",
         "evaluate",

@@ -15,6 +15,7 @@ import torch
 import hf_align
 from hf_align import AlignerModel
 from hf_align.evaluation import evaluate_retrieval, retrieval_metrics
+from hf_align.methods.asif import ASIFConfig, auto_topk
 from hf_align.relative_representations import relative_representation
 from hf_align.testing import make_paired_task
 from hf_align.training import AlignmentArguments, train
@@ -87,6 +88,32 @@ def test_asif_embedding_against_hand_computed_values():
     torch.testing.assert_close(model.aligner.embed_patches(x[None]), raw[None])
 
 
+@pytest.mark.parametrize(
+    "anchors,kept", [(1, 1), (4, 2), (5, 3), (4096, 64), (10_000, 100), (82_783, 288), (640_000, 800), (1_600_000, 800)]
+)
+def test_asif_auto_topk_is_the_square_root_capped_at_the_authors_800(anchors, kept):
+    assert auto_topk(anchors) == kept
+    config = ASIFConfig(num_anchors=anchors)  # the default topk is "auto"
+    assert config.topk == "auto" and config.resolved_topk == kept
+    assert ASIFConfig(num_anchors=anchors, topk=1).resolved_topk == 1
+
+
+def test_asif_auto_topk_keeps_ceil_sqrt_k_entries_per_vector():
+    # 10 anchors on the first quadrant of the unit circle and inputs in that quadrant: every cosine is positive, so
+    # each row keeps exactly ⌈√10⌉ = 4 non-zeros, the 4 largest cosines raised to p = 8
+    angles = torch.linspace(0, math.pi / 2, 10)
+    anchors = torch.stack([angles.cos(), angles.sin()], dim=1)
+    model = AlignerModel.from_feature_dims(2, 2, method="asif", num_anchors=10)
+    model.aligner.set_anchors(anchors, anchors)
+    x = torch.tensor([[1.0, 0.1], [1.0, 0.9], [0.2, 1.0]])
+    out = model.aligner.embed_image(x)
+    assert (out > 0).sum(1).tolist() == [4, 4, 4]
+    cosines = relative_representation(x, anchors)
+    kept = cosines.topk(4, dim=1).indices.sort(dim=1).values
+    assert torch.equal((out > 0).nonzero()[:, 1].view(3, 4), kept)
+    torch.testing.assert_close(out.gather(1, kept), cosines.gather(1, kept) ** 8)
+
+
 def test_asif_anchors_equal_to_all_pairs_retrieve_themselves(task):
     train_part, held_out = task.split(600)
     # A high power makes each relative vector peak at its own anchor (with the authors' p = 8 the many
@@ -123,6 +150,8 @@ def test_asif_bad_input(task):
         model.get_image_features(vision_features=task.vision[LAYER][:4])
     with pytest.raises(ValueError, match=r"num_anchors=256 paired anchors but init_from_data got only 100 training"):
         model.aligner.init_from_data(task.vision[LAYER][:100], task.text[LAYER][:100])
+    with pytest.raises(ValueError, match=r"asif: topk must be a positive int or 'auto', got 'sqrt'"):
+        AlignerModel.from_feature_dims(64, 48, method="asif", num_anchors=800, topk="sqrt")
     with pytest.raises(ValueError, match=r"asif: topk=900 must not exceed num_anchors=800"):
         AlignerModel.from_feature_dims(64, 48, method="asif", num_anchors=800, topk=900)
     with pytest.raises(ValueError, match=r"asif: power must be a number > 0"):

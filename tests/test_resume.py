@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from hf_align import AlignerModel
 from hf_align.checkpoints import latest_checkpoint
+from hf_align.features import features_from_tensors
 from hf_align.testing import make_paired_task
 from hf_align.training import AlignmentArguments, train
 
@@ -27,16 +28,16 @@ SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     import datasets
-    from hf_align import training
+    from hf_align import batches, training
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from run_args import build
 
     cache, out = sys.argv[1:3]
-    fetch = training.BatchSource.fetch
-    def slow_fetch(self, indices):
+    fetch = batches.BatchSource.fetch
+    def slow_fetch(self, indices, **kwargs):
         time.sleep(0.1)
-        return fetch(self, indices)
-    training.BatchSource.fetch = slow_fetch
+        return fetch(self, indices, **kwargs)
+    batches.BatchSource.fetch = slow_fetch
     model, args = build(out)
     training.train(model, datasets.load_from_disk(cache), args)
     """
@@ -223,3 +224,50 @@ def test_codebook_resume_restores_the_ema_teacher(tmp_path, monkeypatch):
         torch.testing.assert_close(resumed.aligner_state_dict()[key], value, rtol=0, atol=0, msg=key)
     for key, value in reference.aligner.training_state().items():
         torch.testing.assert_close(resumed.aligner.training_state()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_per_epoch_caption_sampling_resumes_exactly(tmp_path, monkeypatch):
+    """One caption per image drawn afresh each epoch: a resumed run draws the captions the uninterrupted one did."""
+    task = make_paired_task(40, n_vision_layers=1, n_text_layers=1, seed=4)
+    g = torch.Generator().manual_seed(0)
+    text = task.text[0].repeat_interleave(3, 0) + 0.05 * torch.randn(120, task.text[0].shape[1], generator=g)
+    features = features_from_tensors(
+        {0: task.vision[0].repeat_interleave(3, 0)}, {0: text}, image_id=torch.arange(40).repeat_interleave(3)
+    )
+
+    def run(out, die_at=None):
+        torch.manual_seed(0)
+        model = AlignerModel.from_feature_dims(64, 48, projection_dim=8, structure_weight=1.0, structure_warmup_steps=5)
+        args = AlignmentArguments(
+            output_dir=out,
+            max_steps=10,
+            per_device_train_batch_size=16,  # 36 training images: 3 steps per epoch, so the kill lands in epoch 1
+            eval_fraction=0.1,
+            eval_steps=4,
+            save_steps=4,
+            logging_steps=4,
+            learning_rate=5e-3,
+            seed=2,
+            resume_from_checkpoint="latest",
+        )
+        if die_at is not None:
+            steps = []
+            step = model.aligner.after_optimizer_step
+
+            def dying_step():
+                step()
+                steps.append(1)
+                if len(steps) == die_at:
+                    raise KeyboardInterrupt
+
+            monkeypatch.setattr(model.aligner, "after_optimizer_step", dying_step)
+        train(model, features, args)
+        return model
+
+    reference = run(str(tmp_path / "reference"))
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path / "resumed"), die_at=6)
+    assert latest_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-4")
+    resumed = run(str(tmp_path / "resumed"))
+    for key, value in reference.aligner_state_dict().items():
+        torch.testing.assert_close(resumed.aligner_state_dict()[key], value, rtol=0, atol=0, msg=key)

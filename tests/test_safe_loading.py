@@ -114,7 +114,8 @@ def test_encoder_width_that_does_not_match_the_weights_is_refused(saved, tmp_pat
     edit_config(folder, vision_encoder=wider)
     with pytest.raises(
         ValueError,
-        match=r"vision encoder '.*wider_vit' gives width 48 at vision_layer=-1, but the aligner weights expect vision_hidden_size=32",
+        match=r"vision encoder '.*wider_vit' gives width 48 at last_hidden_state · cls, but the aligner weights expect "
+        r"vision_hidden_size=32",
     ):
         AlignerModel.from_pretrained(folder)
 
@@ -138,7 +139,8 @@ def test_weights_that_do_not_fit_the_config_are_refused(saved):
     edit_config(folder, method="mlp", method_config={"projection_dim": 8})
     with pytest.raises(
         ValueError,
-        match=r"do not match its config.json .*missing from the checkpoint \(would be random\): \['aligner.text_head.alpha'.*"
+        match=r"do not match its config.json .*missing from the checkpoint \(would be random\): "
+        r"\['aligner.text_head.alpha'.*"
         r"in the checkpoint but not in the model: \['aligner.text_head.weight', 'aligner.vision_head.weight'\]",
     ):
         AlignerModel.from_pretrained(folder, load_encoders=False)
@@ -147,7 +149,8 @@ def test_weights_that_do_not_fit_the_config_are_refused(saved):
         AlignerModel.from_pretrained(folder, load_encoders=False)
     with pytest.raises(
         ValueError,
-        match=r"of another shape than the config gives: \['aligner.text_head.weight \(checkpoint \(8, 32\), config \(16, 32\)\)'",
+        match=r"of another shape than the config gives: "
+        r"\['aligner.text_head.weight \(checkpoint \(8, 32\), config \(16, 32\)\)'",
     ):
         AlignerModel.from_pretrained(folder, load_encoders=False, ignore_mismatched_sizes=True)
 
@@ -157,7 +160,8 @@ def test_revision_that_no_longer_resolves_is_named(saved):
     edit_config(folder, vision_encoder="some-org/deleted-encoder", vision_revision="0123456789abcdef")
     with pytest.raises(
         EncoderLoadError,
-        match=r"vision_encoder='some-org/deleted-encoder' at vision_revision='0123456789abcdef' could not be loaded as a "
+        match=r"vision_encoder='some-org/deleted-encoder' at vision_revision='0123456789abcdef' could not be "
+        r"loaded as a "
         r"transformers AutoModel \(HF_HUB_OFFLINE is set",
     ):
         AlignerModel.from_pretrained(folder)

@@ -13,7 +13,15 @@ import hf_align
 import hf_align.segmentation
 from hf_align import AlignerModel
 from hf_align.configuration import TASK_SEGMENTATION
-from hf_align.segmentation import confusion_matrix, evaluate_segmentation, segmentation_metrics
+from hf_align.segmentation import (
+    ADE150_CLASSES,
+    CONTEXT59_CLASSES,
+    VOC_CLASSES,
+    confusion_matrix,
+    evaluate_segmentation,
+    segmentation_metrics,
+    segmentation_preset,
+)
 from hf_align.segmentation_inference import (
     class_profiles,
     overlay_segmentation,
@@ -66,6 +74,100 @@ def test_metric_errors():
         segmentation_metrics(confusion_matrix(torch.zeros(4), torch.full((4,), 255), num_classes=3))
     with pytest.raises(ValueError, match=r"predictions and targets differ in size: 4 vs 6 pixels"):
         confusion_matrix(torch.zeros(4), torch.zeros(6), num_classes=3)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+def label_map(scores: torch.Tensor) -> torch.Tensor:
+    """The argmax over classes of a hand-built (C, H, W) score map, as the segmenter takes it."""
+    return scores.argmax(0)
+
+
+def one_hot_scores(labels: list[int], num_classes: int) -> torch.Tensor:
+    """(C, 1, W) scores peaking at the given label of each pixel (2 above a ramp from 1 down to 0 over the classes)."""
+    ramp = torch.linspace(1.0, 0.0, num_classes)[:, None]
+    scores = (ramp + 2.0 * F.one_hot(torch.tensor(labels), num_classes).T)[:, None, :]
+    assert label_map(scores)[0].tolist() == labels
+    return scores
+
+
+def test_voc_presets_count_background_pixels_and_differ_only_in_the_mean():
+    voc20, voc21 = segmentation_preset("voc20"), segmentation_preset("voc21")
+    assert voc20.class_names == voc21.class_names == ("background", *VOC_CLASSES) and len(VOC_CLASSES) == 20
+    assert voc20.class_names[11] == "dining table" and voc20.class_names[20] == "tv monitor"  # PAL's rewrites
+    # 8 pixels: background, aeroplane (1), bicycle (2), bird (3); the last one is void (255)
+    mask = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 255]])
+    prediction = label_map(one_hot_scores([0, 1, 1, 1, 2, 0, 3, 2], 21))
+    confusion = voc20.confusion(prediction, mask)
+    assert torch.equal(voc21.confusion(prediction, mask), confusion) and confusion.sum() == 7  # void not counted
+    # IoU: background 1/(2+2-1), aeroplane 2/(2+3-2) (a background pixel predicted "aeroplane" is its false positive),
+    # bicycle 1/(2+1-1), bird 1/1; classes neither labelled nor predicted are skipped
+    iou = {"background": 100 / 3, "aeroplane": 200 / 3, "bicycle": 50.0, "bird": 100.0}
+    m20, m21 = voc20.metrics(confusion), voc21.metrics(confusion)
+    assert m20["per_class_iou"] == pytest.approx(iou) and m21["per_class_iou"] == pytest.approx(iou)
+    assert m20["mIoU"] == pytest.approx((200 / 3 + 50 + 100) / 3)  # background's IoU left out of the mean
+    assert m21["mIoU"] == pytest.approx((100 / 3 + 200 / 3 + 50 + 100) / 4)
+    assert m20["pixel_accuracy"] == pytest.approx(500 / 7)
+    # a protocol that ignores background pixels would score aeroplane 100: PAL's VOC20 figure is not that one
+    ignoring = segmentation_metrics(confusion_matrix(prediction, mask.masked_fill(mask == 0, 255), 21))
+    assert ignoring["per_class_iou"]["1"] == 100.0
+
+
+def test_context_presets_follow_the_59_class_label_order():
+    context59, context60 = segmentation_preset("context59"), segmentation_preset("context60")
+    assert len(CONTEXT59_CLASSES) == len(set(CONTEXT59_CLASSES)) == 59
+    assert context59.class_names == ("background", *CONTEXT59_CLASSES)
+    assert (CONTEXT59_CLASSES[0], CONTEXT59_CLASSES[14], CONTEXT59_CLASSES[58]) == ("aeroplane", "cat", "wood")
+    mask = torch.tensor([[0, 0, 15, 59, 255]])  # background, background, cat, wood, void
+    prediction = label_map(one_hot_scores([15, 0, 15, 59, 3], 60))
+    confusion = context59.confusion(prediction, mask)
+    # background 1/(2+1-1) = 50, cat 1/(1+2-1) = 50, wood 100
+    assert context59.metrics(confusion)["mIoU"] == pytest.approx((50 + 100) / 2)
+    assert context60.metrics(confusion)["mIoU"] == pytest.approx((50 + 50 + 100) / 3)
+
+
+def test_ade150_default_shifts_labels_and_ignores_unlabelled_pixels():
+    ade = segmentation_preset("ade150")
+    assert ade.class_names == ADE150_CLASSES and len(set(ADE150_CLASSES)) == 150
+    assert (ADE150_CLASSES[0], ADE150_CLASSES[7], ADE150_CLASSES[149]) == ("wall", "bed", "flag")
+    assert "not comparable with PAL's ADE20K figure" in ade.background_rule
+    mask = torch.tensor([[0, 1, 2, 150, 3]])  # unlabelled, wall, building, flag, sky
+    prediction = label_map(one_hot_scores([5, 0, 1, 149, 0], 150))
+    assert torch.equal(ade.scored_labels(mask), torch.tensor([[-1, 0, 1, 149, 2]]))
+    metrics = ade.metrics(ade.confusion(prediction, mask))
+    # wall 1/(1+2-1) = 50, building 100, flag 100, sky 0 (labelled, never predicted)
+    assert metrics["per_class_iou"] == pytest.approx({"wall": 50.0, "building": 100.0, "flag": 100.0, "sky": 0.0})
+    assert metrics["mIoU"] == pytest.approx(62.5)
+
+
+def test_pal_ade_protocol_puts_the_dummy_background_iou_of_zero_into_the_mean():
+    pal = segmentation_preset("ade150", pal_ade_protocol=True)
+    assert pal.class_names == ("background", *ADE150_CLASSES) and pal.mean_excludes == ()
+    mask = torch.tensor([[0, 1, 2, 150, 3]])  # raw ids are the class indices; 0 (unlabelled) is ignored
+    # the background prompt wins the wall pixel: background IoU 0/(0+1-0) = 0 enters the mean, wall gets 0 too
+    wins = pal.metrics(pal.confusion(label_map(one_hot_scores([7, 0, 2, 150, 3], 151)), mask))
+    assert wins["per_class_iou"] == pytest.approx(
+        {"background": 0.0, "wall": 0.0, "building": 100.0, "sky": 100.0, "flag": 100.0}
+    )
+    assert wins["mIoU"] == pytest.approx(60.0)
+    # when it wins no labelled pixel it has no ground truth and no prediction: skipped, not a 0
+    loses = pal.metrics(pal.confusion(label_map(one_hot_scores([0, 1, 2, 150, 3], 151)), mask))
+    assert "background" not in loses["per_class_iou"] and loses["mIoU"] == 100.0
+    # the same predictions under the default protocol (no background prompt, labels shifted) score 100 on 4 classes
+    ade = segmentation_preset("ade150")
+    shifted = ade.metrics(ade.confusion(label_map(one_hot_scores([9, 0, 1, 149, 2], 150)), mask))
+    assert shifted["mIoU"] == 100.0 and len(shifted["per_class_iou"]) == 4
+
+
+def test_preset_errors():
+    with pytest.raises(ValueError, match=r"preset must be one of \['ade150', 'context59', 'context60', 'voc20', "):
+        segmentation_preset("voc2012")
+    with pytest.raises(ValueError, match=r"pal_ade_protocol=True reproduces PAL's ADE20K protocol: it needs "):
+        segmentation_preset("voc20", pal_ade_protocol=True)
+    message = r"mask labels \[151\] are not labels of preset 'ade150': it reads classes 1\.\.150 and ignores 0"
+    with pytest.raises(ValueError, match=message):
+        segmentation_preset("ade150").scored_labels(torch.tensor([[0, 151, 3]]))
+    with pytest.raises(ValueError, match=r"mean_excludes must hold class indices in \[0, 3\), got \[3\]"):
+        segmentation_metrics(torch.eye(3), mean_excludes=[3])
 
 
 def test_inference_names_stay_importable_from_segmentation():
@@ -162,14 +264,14 @@ def test_segment_gives_one_label_map_per_image_at_its_size(kind, tiny_vision_enc
 
 
 def test_segment_equals_the_token_path(vit_model):
-    """Images already at the encoder's 32x32 input: segment() == segment_tokens on the tapped layer's tokens."""
+    """Images already at the encoder's 32x32 input: segment() == segment_tokens on the tapped tokens."""
     model = vit_model
     images = random_images([(32, 32), (32, 32)], seed=1)
     templates = ["a photo of a {}.", "a {}."]
     profiles = class_profiles(model, model.processor, CLASSES, templates)
     with torch.no_grad():
         pixel_values = model.processor(images=images)["pixel_values"]
-        tokens = model.vision_hidden_states(pixel_values)[model.config.absolute_layer("vision")]
+        tokens, _ = model.tapped_vision_features(pixel_values)  # the tapped layer's tokens: last_hidden_state
         expected = segment_tokens(model, tokens, profiles, output_size=(32, 32))  # 17 tokens: CLS + 4x4 patches
     maps = model.segment(images, CLASSES, templates=templates)
     assert torch.equal(torch.stack(maps), expected)
@@ -210,6 +312,39 @@ def test_evaluate_segmentation_agrees_with_segment(vit_model):
         "details": "3 classes + 'background' prompt",
     }
     model.config.training_summary = {}  # the module's shared model stays unrecorded
+
+
+def test_evaluate_segmentation_with_a_preset(vit_model):
+    import datasets
+
+    model = vit_model
+    images = random_images([(30, 40), (24, 24)], seed=5)
+    rng = np.random.default_rng(6)
+    masks = [rng.choice([0, 1, 5, 15, 255], size=(img.size[1], img.size[0])).astype(np.uint8) for img in images]
+    dataset = datasets.Dataset.from_dict({"image": images, "mask": [Image.fromarray(m) for m in masks]})
+    voc20 = segmentation_preset("voc20")
+    result = evaluate_segmentation(model, None, dataset, templates=["a {}."], preset="voc20", dataset_name="voc")
+    maps = model.segment(images, list(voc20.class_names), templates=["a {}."])
+    expected = voc20.metrics(sum(voc20.confusion(p, torch.as_tensor(m)) for p, m in zip(maps, masks)))
+    assert result["mIoU"] == pytest.approx(expected["mIoU"])
+    assert result["per_class_iou"] == pytest.approx(expected["per_class_iou"])
+    assert result["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"])
+    assert result.details.startswith('preset `voc20`: a "background" prompt (label 0) competes in the argmax')
+    with pytest.raises(ValueError, match=r"preset='voc20' sets the prompts.*do not also give \['class_names'\]"):
+        evaluate_segmentation(model, None, dataset, CLASSES, preset="voc20")
+    with pytest.raises(ValueError, match=r"do not also give \['ignore_index', 'background'\]"):
+        evaluate_segmentation(model, None, dataset, preset="voc20", ignore_index=0, background="sky")
+    with pytest.raises(ValueError, match=r"pal_ade_protocol=True reproduces PAL's ADE20K protocol: it needs "):
+        evaluate_segmentation(model, None, dataset, CLASSES, pal_ade_protocol=True)
+    with pytest.raises(ValueError, match=r"give class_names \(the class of each mask label, in label order\) or a"):
+        evaluate_segmentation(model, None, dataset)
+    with pytest.raises(
+        ValueError, match=r"mask labels \[255\] are not labels of preset 'ade150': it reads classes 1\.\.150"
+    ):
+        evaluate_segmentation(
+            model, None, dataset, templates=["a {}."], preset="ade150"
+        )  # VOC's void 255 is no ADE label
+    model.config.training_summary = {}
 
 
 def test_overlay(vit_model):

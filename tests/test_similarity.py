@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hf_align import AlignerModel
 from hf_align.similarity import SIMILARITIES, SimilarityHead, build_similarity, check_similarity, register_similarity
@@ -208,3 +209,19 @@ def test_learned_head_trains_with_the_aligner_and_is_saved(name, tmp_path):
             model(vision_features=x, text_features=y).logits_per_image,
         )
     assert reloaded.config.similarity == name
+
+
+def test_cosine_unit_norm_path_is_the_dot_product_and_equals_forward_on_unit_rows():
+    head = build_similarity("cosine", 5)
+    image, text = torch.randn(4, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    # no renormalisation: on arbitrary rows it is the plain dot product (the caller vouches for unit norm)
+    torch.testing.assert_close(head.score_unit_norm(image, text), image @ text.t(), rtol=0, atol=0)
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    torch.testing.assert_close(head.score_unit_norm(image, text), head(image, text), rtol=1e-12, atol=1e-12)
+    with pytest.raises(
+        ValueError, match=r"similarity 'cosine' scores \(B, 5\) embeddings; text_embeds has shape \(3, 4\)"
+    ):
+        head.score_unit_norm(image, text[:, :4])
+    # other heads keep their forward
+    euclidean = build_similarity("euclidean", 5)
+    torch.testing.assert_close(euclidean.score_unit_norm(image, text), euclidean(image, text), rtol=0, atol=0)

@@ -1,17 +1,26 @@
 """transformers.Trainer trains an aligner on a feature cache with FeatureCollator and no subclassing; evaluation
-gives a loss; CardDataCallback runs the method hooks and records the run for the model card."""
+gives a loss; CardDataCallback runs the method hooks and records the run for the model card. AlignerTrainer's
+create_model_card() and push_to_hub() (against the stand-in Hub of test_hub_roundtrip) write hf_align's card."""
 
+import json
 import os
 
 import pytest
 import torch
+import transformers.utils.hub
 from huggingface_hub import ModelCard
+from safetensors.torch import load as load_safetensors
+from test_hub_roundtrip import StandInHub, use_hub
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 import hf_align
 from hf_align.configuration import TASK_RETRIEVAL
 from hf_align.testing import make_paired_task
-from hf_align.trainer_callback import CardDataCallback, non_default_training_args
+from hf_align.trainer_callback import AlignerTrainer, CardDataCallback, non_default_training_args
+
+# Hub encoders as from_encoders records them (id + resolved commit): the card's base_model and revisions.
+VISION_ID, TEXT_ID = "facebook/dinov2-small", "sentence-transformers/all-MiniLM-L6-v2"
+VISION_SHA, TEXT_SHA = "e" * 40, "c" * 40
 
 
 def training_args(tmp_path, **overrides):
@@ -34,11 +43,16 @@ def training_args(tmp_path, **overrides):
 
 
 @pytest.fixture(scope="module")
-def views():
-    """The model-facing view of a 300-pair synthetic cache, split 240 / 60 (features_for keeps image_id)."""
-    task = make_paired_task(n=300, vision_dim=24, text_dim=16, seed=0)
+def cache():
+    """A 300-pair synthetic feature cache (24-d vision, 16-d text features)."""
+    return make_paired_task(n=300, vision_dim=24, text_dim=16, seed=0).to_features()
+
+
+@pytest.fixture(scope="module")
+def views(cache):
+    """The model-facing view of the cache, split 240 / 60 (features_for keeps image_id)."""
     model = hf_align.AlignerModel.from_feature_dims(24, 16, projection_dim=16)
-    view = hf_align.features_for(model, task.to_features())
+    view = hf_align.features_for(model, cache)
     return view.select(range(240)), view.select(range(240, 300))
 
 
@@ -190,3 +204,130 @@ def test_non_default_arguments_leave_out_paths(tmp_path):
         "seed": 0,
         "warmup_steps": 3,
     }
+
+
+# ---------------------------------------------------------------------------------------------- AlignerTrainer cards
+@pytest.fixture
+def stand_in_hub(monkeypatch):
+    """The stand-in Hub, with transformers' shared HfApi (its endpoint is read once, when it is made) made again."""
+    hub = StandInHub()
+    use_hub(monkeypatch, endpoint=hub.url)
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
+    yield hub
+    hub.close()
+
+
+def hub_aligner() -> hf_align.AlignerModel:
+    """An aligner for the synthetic features, described as built on two Hub encoders at pinned commits."""
+    model = hf_align.AlignerModel.from_feature_dims(24, 16, projection_dim=16)
+    model.config.update(
+        {"vision_encoder": VISION_ID, "vision_revision": VISION_SHA, "text_encoder": TEXT_ID, "text_revision": TEXT_SHA}
+    )
+    return model
+
+
+def trained_aligner_trainer(views, cache, tmp_path, **overrides) -> tuple[AlignerTrainer, dict]:
+    """An AlignerTrainer run (2 epochs) with the held-out retrieval recorded on the card: (trainer, its metrics)."""
+    train, evaluation = views
+    model = hub_aligner()
+    trainer = AlignerTrainer(
+        model=model,
+        args=training_args(tmp_path, num_train_epochs=2, **overrides),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=hf_align.FeatureCollator(),
+    )
+    trainer.train()
+    metrics = hf_align.evaluate_retrieval(model, dataset=cache.select(range(240, 300)), dataset_name="synthetic-pairs")
+    model.model_card_data.add_evaluation(metrics)
+    return trainer, metrics
+
+
+def check_hf_align_card(card: ModelCard, model_id: str, metrics: dict) -> None:
+    """`card` is hf_align's card of the trained aligner (not transformers' generic Trainer card) naming `model_id`."""
+    assert card.data.library_name == "hf_align"
+    assert card.data.base_model == [VISION_ID, TEXT_ID] and card.data.base_model_relation == "adapter"
+    assert f"| Revision | `{VISION_SHA}` | `{TEXT_SHA}` |" in card.text
+    assert "joined by a small trained `linear` aligner fitted on 240 image–text pairs" in card.text
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == metrics
+    assert card.data.to_dict()["model-index"][0]["name"] == model_id
+    assert f'AlignerModel.from_pretrained("{model_id}")' in card.text
+    assert "| Trained with | transformers.Trainer |" in card.text and "generated_from_trainer" in card.data.tags
+    assert "More information needed" not in card.text  # the generic card's placeholder
+
+
+def test_aligner_trainer_create_model_card_writes_the_hf_align_card(views, cache, tmp_path):
+    trainer, metrics = trained_aligner_trainer(views, cache, tmp_path)
+    # no callbacks were given: AlignerTrainer added the one CardDataCallback that records the run
+    assert sum(isinstance(c, CardDataCallback) for c in trainer.callback_handler.callbacks) == 1
+    model = trainer.model
+    assert model.config.training_summary["global_step"] == 8  # 240 pairs, batches of 60, 2 epochs
+
+    trainer.create_model_card(language="en", license="apache-2.0", tags="synthetic")
+    output_dir = trainer.args.output_dir
+    card = ModelCard.load(os.path.join(output_dir, "README.md"))
+    check_hf_align_card(card, output_dir, metrics)
+    assert (card.data.language, card.data.license) == ("en", "apache-2.0")
+    assert "synthetic" in card.data.tags
+    # exactly the card the model renders itself, plus the two header fields
+    expected = model.model_card_data.generate_model_card(output_dir, ["synthetic"])
+    expected.data.language, expected.data.license = "en", "apache-2.0"
+    assert str(card) == str(expected)
+
+    # a plain Trainer writes transformers' generic card over it: what AlignerTrainer exists to avoid
+    Trainer(model=model, args=training_args(tmp_path, eval_strategy="no"), train_dataset=views[0]).create_model_card()
+    generic = ModelCard.load(os.path.join(output_dir, "README.md"))
+    assert generic.data.base_model is None and "More information needed" in generic.text
+
+
+def test_aligner_trainer_push_to_hub_uploads_the_hf_align_card(views, cache, tmp_path, stand_in_hub):
+    trainer, metrics = trained_aligner_trainer(
+        views, cache, tmp_path, hub_model_id="me/trainer-aligner", hub_token="hf_standin"
+    )
+    info = trainer.push_to_hub(model_name="ignored when a Hub repo is set")
+    assert info.commit_url.startswith(f"{stand_in_hub.url}/me/trainer-aligner/commit/")
+    files = stand_in_hub.repos["me/trainer-aligner"]
+    card = ModelCard(files["README.md"].decode())
+    check_hf_align_card(card, "me/trainer-aligner", metrics)
+    model = trainer.model
+    assert str(card) == str(model.model_card_data.generate_model_card("me/trainer-aligner"))
+    # the rest of the upload is the saved aligner: its config and exactly its aligner weights
+    assert json.loads(files["config.json"])["model_type"] == "hf_align"
+    weights = load_safetensors(files["model.safetensors"])
+    assert weights.keys() == model.aligner_state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.aligner_state_dict().items())
+    posts = [path for method, path, _ in stand_in_hub.requests if method == "POST"]
+    assert posts[0] == "/api/repos/create" and posts[-1] == "/api/models/me/trainer-aligner/commit/main"
+
+
+def test_aligner_trainer_refuses_generic_card_arguments(views, tmp_path, stand_in_hub):
+    trainer = AlignerTrainer(
+        model=hub_aligner(),
+        args=training_args(tmp_path, eval_strategy="no", hub_model_id="me/refused", hub_token="hf_standin"),
+        train_dataset=views[0],
+        data_collator=hf_align.FeatureCollator(),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"AlignerTrainer writes hf_align's model card, which has no finetuned_from \(got 'bert-base'\): the "
+        r"card's base_model is the two encoders",
+    ):
+        trainer.create_model_card(finetuned_from="bert-base")
+    assert not os.path.exists(os.path.join(trainer.args.output_dir, "README.md"))
+    with pytest.raises(ValueError, match=r"no dataset \(got 'coco'\): record training data with "):
+        trainer.push_to_hub(dataset="coco")
+    assert stand_in_hub.requests == []  # refused before creating the repo or saving anything
+    assert not os.path.exists(os.path.join(trainer.args.output_dir, "config.json"))
+
+
+def test_aligner_trainer_keeps_a_given_callback_and_needs_an_aligner(views, tmp_path):
+    callback = CardDataCallback(init_samples=7)
+    trainer = AlignerTrainer(
+        model=hub_aligner(),
+        args=training_args(tmp_path, eval_strategy="no"),
+        train_dataset=views[0],
+        callbacks=[callback],
+    )
+    assert [c for c in trainer.callback_handler.callbacks if isinstance(c, CardDataCallback)] == [callback]
+    with pytest.raises(TypeError, match="AlignerTrainer works with hf_align.AlignerModel, got Linear"):
+        AlignerTrainer(model=torch.nn.Linear(2, 2), args=training_args(tmp_path, eval_strategy="no"))

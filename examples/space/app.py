@@ -1,15 +1,19 @@
-"""Gradio demo (and Hugging Face Space) for any hf_align aligner.
+"""Gradio demo (and Hugging Face Space) for a trained hf_align aligner.
 
-Tabs: zero-shot classification (an image + your labels -> scores), retrieval over a small gallery (text -> images,
-image -> captions) and zero-shot segmentation (`AlignerModel.segment`, made for token methods such as
-`token_relative`).
+The app opens on the aligner it is given, never on an untrained one. The first to try is the quickstart's: the
+ImageNet-trained EfficientNet-Lite0 and all-MiniLM-L6-v2 aligned on scikit-learn's handwritten digits, all offline:
 
-    python app.py --model user/aligner            # or a local folder; or set HF_ALIGN_MODEL
-    python app.py --model ./out --gallery ./my_images --port 7860
+    hf-align quickstart                                  # trains it, saves hf_align_quickstart/aligner
+    python app.py --model hf_align_quickstart/aligner    # http://127.0.0.1:7860
+    python app.py --model user/aligner --gallery ./my_images --port 7861   # any aligner; or set HF_ALIGN_MODEL
+
+Tabs: zero-shot classification (an image + labels -> the top-5 scores as bars; the page opens on a gallery image
+already classified), retrieval over a small gallery (text -> images, image -> captions) and zero-shot segmentation
+(the label map over the image, `AlignerModel.segment`: made for token methods such as `token_relative`).
 
 The gallery defaults to 24 images of scikit-learn's bundled handwritten digits (captioned "a handwritten digit
-three", ...), so the demo runs offline; `--gallery DIR` uses the images of a folder instead, captioned by their file
-names ("red_car.jpg" -> "red car").
+three", ...) with the ten digit names as labels; `--gallery DIR` uses the images of a folder instead, captioned and
+labelled by their file names ("red_car.jpg" -> "red car").
 """
 
 from __future__ import annotations
@@ -17,34 +21,73 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import gradio as gr
 import torch
 from PIL import Image
 from transformers import pipeline
 
+from hf_align.experiments.quickstart import QuickstartArguments
+from hf_align.modelcard import TASK_NAMES, metric_display_name, ordered_metrics
 from hf_align.pipelines import RETRIEVAL_TASK, ZERO_SHOT_TASK, register_pipelines
 from hf_align.segmentation_inference import overlay_segmentation
 
 MODEL_ENV = "HF_ALIGN_MODEL"
 GALLERY_ENV = "HF_ALIGN_GALLERY"
+# Where `hf-align quickstart` (default arguments, run from the same directory) saves its aligner.
+QUICKSTART_ALIGNER = os.path.join(QuickstartArguments.output_dir, "aligner")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-DEFAULT_TEMPLATE = "a photo of {}."
+DIGIT_TEMPLATE = "a handwritten digit {}"  # how the quickstart captions its training digits
+PHOTO_TEMPLATE = "a photo of {}."
 DEFAULT_GALLERY_SIZE = 24
+TOP_K = 5  # classes the classification chart shows
+EXAMPLES = 8  # gallery images offered as one-click examples
+IMAGE_HEIGHT = 256  # px
+# Small images (the 32 px digits) are drawn filling their frame, pixels kept sharp, rather than at their own size.
+CSS = ".fill-frame img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
-def load_gallery(folder: str | None = None, size: int = DEFAULT_GALLERY_SIZE) -> tuple[list[Image.Image], list[str]]:
-    """Gallery images and one caption each: the images of `folder` (captions from file names), else digits."""
+@dataclass
+class Gallery:
+    """The retrieval gallery (images, one caption each) and the classification defaults that suit it."""
+
+    images: list[Image.Image]
+    captions: list[str]
+    labels: list[str]
+    template: str
+
+
+def load_gallery(folder: str | None = None, size: int = DEFAULT_GALLERY_SIZE) -> Gallery:
+    """The images of `folder` (captions and labels from file names, template "a photo of {}."), else `size` digits
+    (the ten digit names as labels, the quickstart's caption template)."""
     if folder:
         names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
         if not names:
             raise ValueError(f"gallery folder {folder!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
         images = [Image.open(os.path.join(folder, n)).convert("RGB") for n in names]
-        return images, [os.path.splitext(n)[0].replace("_", " ").replace("-", " ") for n in names]
-    from hf_align.testing import digits_dataset
+        captions = [os.path.splitext(n)[0].replace("_", " ").replace("-", " ") for n in names]
+        return Gallery(images, captions, list(dict.fromkeys(captions)), PHOTO_TEMPLATE)
+    from hf_align.testing import DIGIT_NAMES, digits_dataset
 
     digits = digits_dataset(size)
-    return list(digits["image"]), list(digits["caption"])
+    return Gallery(list(digits["image"]), list(digits["caption"]), list(DIGIT_NAMES), DIGIT_TEMPLATE)
+
+
+def required_model(model: str | None) -> str:
+    """`model` (a Hub id or folder), checked to be given; the error says how to make one with the quickstart."""
+    make_one = (
+        f"train one with `hf-align quickstart` (EfficientNet-Lite0 + all-MiniLM-L6-v2 aligned on the digits, saved "
+        f"to {QUICKSTART_ALIGNER}), then run `python app.py --model {QUICKSTART_ALIGNER}`"
+    )
+    if not model:
+        raise ValueError(
+            f"no aligner given: {make_one}; or name any trained aligner with --model <Hub id or folder> or the "
+            f"{MODEL_ENV} environment variable"
+        )
+    if os.path.normpath(model) == QUICKSTART_ALIGNER and not os.path.isdir(model):
+        raise ValueError(f"folder {model!r} does not exist here: {make_one}")
+    return model
 
 
 def parse_labels(text: str) -> list[str]:
@@ -62,9 +105,10 @@ def _require_image(image) -> None:
 class AlignerDemo:
     """The demo's callbacks around one aligner; `build()` lays them out as a `gr.Blocks` app."""
 
-    def __init__(self, model: str, gallery_images: Sequence[Image.Image], gallery_captions: Sequence[str]):
+    def __init__(self, model: str, gallery: Gallery):
         register_pipelines()
         self.model_name = model
+        self.gallery = gallery
         self.classifier = pipeline(ZERO_SHOT_TASK, model=model)
         self.model = self.classifier.model
         shared = {
@@ -72,12 +116,13 @@ class AlignerDemo:
             "tokenizer": self.classifier.tokenizer,
             "image_processor": self.classifier.image_processor,
         }
-        self.image_search = pipeline(RETRIEVAL_TASK, **shared).set_gallery(images=gallery_images)
-        self.caption_search = pipeline(RETRIEVAL_TASK, **shared).set_gallery(texts=gallery_captions)
+        self.image_search = pipeline(RETRIEVAL_TASK, **shared).set_gallery(images=gallery.images)
+        self.caption_search = pipeline(RETRIEVAL_TASK, **shared).set_gallery(texts=gallery.captions)
         self.is_token_method = self.model.aligner.input_kind == "tokens"
 
     def classify(self, image: Image.Image, labels: str, template: str) -> dict[str, float]:
-        """Softmax over the labels of `logits_per_image` (what the transformers pipeline returns)."""
+        """Softmax over all the labels of `logits_per_image` (what the transformers pipeline returns); the chart
+        shows the `TOP_K` best."""
         _require_image(image)
         results = self.classifier(image, candidate_labels=parse_labels(labels), hypothesis_template=template or "{}")
         return {r["label"]: r["score"] for r in results}
@@ -109,6 +154,29 @@ class AlignerDemo:
         counts = torch.bincount(label_map.flatten(), minlength=len(names)).double()
         return overlay_segmentation(image, label_map), dict(zip(names, (counts / counts.sum()).tolist()))
 
+    def description(self) -> str:
+        """Markdown: the aligner's encoders and method, and what its config records of its training and evaluations
+        (a model with no training run recorded is flagged: its scores may be those of random projections)."""
+        config = self.model.config
+        summary = config.training_summary
+        lines = [
+            f"Aligner `{self.model_name}`: vision encoder `{config.vision_encoder}`, text encoder "
+            f"`{config.text_encoder}`, method `{config.method}`."
+        ]
+        if "global_step" in summary:
+            pairs = f" on {summary['train_pairs']:,} image–text pairs" if summary.get("train_pairs") else ""
+            lines.append(f"Trained with `{summary['trainer']}` for {summary['global_step']:,} steps{pairs}.")
+        else:
+            lines.append(
+                "**No training run is recorded in this aligner's config**: unless it was trained some other way, its "
+                "scores are those of an untrained aligner."
+            )
+        for run in summary.get("evaluations", []):
+            dataset = run["dataset"].get("name") or run["dataset"].get("id") or "unnamed data"
+            metrics = ", ".join(f"{metric_display_name(k)} {v:.4g}" for k, v in ordered_metrics(run["metrics"])[:3])
+            lines.append(f"{TASK_NAMES[run['task']]} on {dataset}: {metrics}.")
+        return "\n\n".join(lines)
+
     def segmentation_notice(self) -> str:
         method = self.model.config.method
         if self.is_token_method:
@@ -120,31 +188,42 @@ class AlignerDemo:
         )
 
     def build(self) -> gr.Blocks:
+        gallery = self.gallery
         top_k_max = min(10, len(self.image_search.gallery_items))
+        default_labels = ", ".join(gallery.labels)
+        examples = [[image] for image in gallery.images[:EXAMPLES]]
         with gr.Blocks(title="hf_align demo", analytics_enabled=False) as demo:
-            gr.Markdown(
-                f"# hf_align aligner demo\nModel: `{self.model_name}` (method `{self.model.config.method}`; vision "
-                f"`{self.model.config.vision_encoder}`, text `{self.model.config.text_encoder}`)"
-            )
+            gr.Markdown("# hf_align aligner demo\n" + self.description())
             with gr.Tab("Zero-shot classification"):
                 with gr.Row():
                     with gr.Column():
-                        image = gr.Image(type="pil", label="Image")
-                        labels = gr.Textbox(label="Labels, comma separated", value="cat, dog, car")
-                        template = gr.Textbox(label="Prompt template", value=DEFAULT_TEMPLATE)
+                        image = gr.Image(
+                            value=gallery.images[0],
+                            type="pil",
+                            label="Image",
+                            height=IMAGE_HEIGHT,
+                            elem_classes="fill-frame",
+                        )
+                        gr.Examples(examples, inputs=[image], label="Gallery images")
+                        labels = gr.Textbox(label="Labels, comma separated", value=default_labels)
+                        template = gr.Textbox(label="Prompt template", value=gallery.template)
                         run = gr.Button("Classify", variant="primary")
-                    scores = gr.Label(label="Scores")
+                    scores = gr.Label(num_top_classes=TOP_K, label=f"Top-{TOP_K} labels (softmax over all labels)")
                 run.click(self.classify, [image, labels, template], scores, api_name="classify")
+                # The page opens with the example image already classified.
+                demo.load(self.classify, [image, labels, template], scores, api_visibility="private")
             with gr.Tab("Retrieval"):
                 gr.Markdown(f"A gallery of {len(self.image_search.gallery_items)} images, each with a caption.")
                 top_k = gr.Slider(1, top_k_max, value=min(5, top_k_max), step=1, label="Top k")
                 with gr.Row():
                     with gr.Column():
-                        query = gr.Textbox(label="Text query", value="a handwritten digit three")
+                        query = gr.Textbox(label="Text query", value=gallery.captions[0])
                         search = gr.Button("Find images", variant="primary")
                         found = gr.Gallery(label="Best images (score)", columns=5, format="png")
                     with gr.Column():
-                        query_image = gr.Image(type="pil", label="Image query")
+                        query_image = gr.Image(
+                            type="pil", label="Image query", height=IMAGE_HEIGHT, elem_classes="fill-frame"
+                        )
                         describe = gr.Button("Find captions", variant="primary")
                         captions = gr.Label(label="Best captions (score)")
                 search.click(self.search_images, [query, top_k], found, api_name="search_images")
@@ -153,13 +232,21 @@ class AlignerDemo:
                 gr.Markdown(self.segmentation_notice())
                 with gr.Row():
                     with gr.Column():
-                        seg_image = gr.Image(type="pil", label="Image")
-                        seg_labels = gr.Textbox(label="Classes, comma separated", value="cat, grass, sky")
-                        seg_template = gr.Textbox(label="Prompt template", value=DEFAULT_TEMPLATE)
+                        seg_image = gr.Image(
+                            value=gallery.images[0],
+                            type="pil",
+                            label="Image",
+                            height=IMAGE_HEIGHT,
+                            elem_classes="fill-frame",
+                        )
+                        seg_labels = gr.Textbox(label="Classes, comma separated", value=default_labels)
+                        seg_template = gr.Textbox(label="Prompt template", value=gallery.template)
                         background = gr.Checkbox(label="Add a 'background' class", value=False)
                         segment = gr.Button("Segment", variant="primary")
                     with gr.Column():
-                        overlay = gr.Image(type="pil", label="Label map", format="png")
+                        overlay = gr.Image(
+                            type="pil", label="Label map", format="png", height=IMAGE_HEIGHT, elem_classes="fill-frame"
+                        )
                         areas = gr.Label(label="Share of the image")
                 segment.click(
                     self.segment,
@@ -173,7 +260,7 @@ class AlignerDemo:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model", default=os.environ.get(MODEL_ENV), help=f"aligner Hub id or folder (env {MODEL_ENV})"
+        "--model", default=os.environ.get(MODEL_ENV), help=f"trained aligner: Hub id or folder (env {MODEL_ENV})"
     )
     parser.add_argument(
         "--gallery", default=os.environ.get(GALLERY_ENV), help=f"folder of gallery images (env {GALLERY_ENV})"
@@ -181,10 +268,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
-    if not args.model:
-        parser.error(f"give the aligner with --model <Hub id or folder> or the {MODEL_ENV} environment variable")
-    images, captions = load_gallery(args.gallery)
-    AlignerDemo(args.model, images, captions).build().launch(server_name=args.host, server_port=args.port)
+    try:
+        model = required_model(args.model)
+    except ValueError as err:
+        parser.error(str(err))
+    AlignerDemo(model, load_gallery(args.gallery)).build().launch(server_name=args.host, server_port=args.port, css=CSS)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 from ..registry import Registry
 from . import (
     analyze,
+    benchmark,
     compare,
     data_efficiency,
     evaluate,
@@ -18,7 +19,7 @@ from . import (
 )
 from .base import CommandSpec
 
-_BUILTIN = (analyze, compare, data_efficiency, evaluate, extract, push, quickstart, select_layers, train)
+_BUILTIN = (analyze, benchmark, compare, data_efficiency, evaluate, extract, push, quickstart, select_layers, train)
 
 COMMANDS: Registry[CommandSpec] = Registry("command", CommandSpec, classes=False)
 for _module in _BUILTIN:

@@ -1,5 +1,6 @@
-"""`hf-align data-efficiency`: held-out retrieval against the number of training pairs, for an aligner with and
-without STRUCTURE on the last and the selected layers, from one feature cache (or the offline synthetic task)."""
+"""`hf-align data-efficiency`: held-out retrieval against the number of training images (all their captions), for an
+aligner with and without STRUCTURE on the last and the selected layers, from one feature cache (or the offline
+synthetic task)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ class DataEfficiencyArguments:
     synthetic_shared_layers: str = field(
         default="1,1", metadata={"help": "Synthetic (vision, text) layer pair carrying the shared latent (of 3 each)."}
     )
-    sizes: str = field(default="1000,2500,5000,10000,25000,50000", metadata={"help": "Training sizes n (pairs)."})
-    include_all: bool = field(default=False, metadata={"help": "Also train on every pair left after the test split."})
+    sizes: str = field(
+        default="1000,2500,5000,10000,25000,50000",
+        metadata={"help": "Training sizes n (images, each with all its captions)."},
+    )
+    include_all: bool = field(default=False, metadata={"help": "Also train on every image left after the test split."})
     seeds: str = "0,1,2"
     n_test: int = field(default=1000, metadata={"help": "Held-out images."})
     method: str = field(default="linear", metadata={"help": "Aligner method (registry name)."})

@@ -31,6 +31,9 @@ class SelectLayersArguments:
     )
     text_layers: str | None = field(default=None, metadata={"help": "Candidate text layers (default: all)."})
     split: str = field(default="train", metadata={"help": "Split to use when the folder holds a DatasetDict."})
+    normalize: bool = field(
+        default=True, metadata={"help": "L2-normalise rows before scoring, as the STRUCTURE authors do."}
+    )
 
     def resolved_k(self) -> int | str:
         return int(self.k) if self.k.lstrip("-").isdigit() else self.k
@@ -48,6 +51,7 @@ def run(args: SelectLayersArguments) -> int:
         k=args.resolved_k(),
         vision_layers=parse_layer_list("vision_layers", args.vision_layers),
         text_layers=parse_layer_list("text_layers", args.text_layers),
+        normalize=args.normalize,
     )
     os.makedirs(args.output_dir, exist_ok=True)
     report.save(os.path.join(args.output_dir, REPORT_FILE))

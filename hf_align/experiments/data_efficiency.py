@@ -1,17 +1,18 @@
-"""Data-efficiency experiment (METHODS.md §6): how held-out retrieval grows with the number of training pairs, for
-plain and STRUCTURE-regularised aligners on the last and on the selected encoder layers, from ONE feature cache.
+"""Data-efficiency experiment (docs/methods.md §10): how held-out retrieval grows with the number of training images,
+for plain and STRUCTURE-regularised aligners on the last and on the selected encoder layers, from ONE feature cache.
 
 Protocol:
 
 * `n_test` images (with all their captions) are held out once (`split_seed`); every run is scored on them with
   `hf_align.evaluate_retrieval`.
-* For each seed the remaining rows are shuffled once and the first n are the training pairs, so the subsets are
-  nested (the 1k pairs of seed s are part of its 2.5k pairs). Sizes above the pool are dropped; `include_all` adds
-  the whole pool.
+* **n counts images.** For each seed the remaining images are shuffled once and the first n of them, with all their
+  captions, are the training set, so the subsets are nested (the 1k images of seed s are part of its 2.5k images).
+  How the captions of an image are used is `training_args.caption_sampling` (by default one drawn afresh per epoch
+  when an image has several). Sizes above the pool of images are dropped; `include_all` adds the whole pool.
 * Each variant trains a fresh aligner with `hf_align.train` on the same subset, with the same fixed number of
   optimiser steps (`training_args.max_steps`), so the comparison is about data, not compute.
 * `layers="last"` taps the deepest cached layer of each modality; `layers="selected"` sets both layers to `"auto"`,
-  so `train` runs layer selection on the n training pairs themselves (no peeking at the held-out images).
+  so `train` runs layer selection on the training images themselves (no peeking at the held-out images).
 
 `run_data_efficiency(...)` returns a `DataEfficiencyResult`; `save(output_dir)` writes `data_efficiency.json`
 (every run), `data_efficiency.md` (mean ± std over seeds) and `data_efficiency.png`.
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..features import cached_layers, layer_column, split_by_image
+from ..features import cached_layers, column_array, layer_column, split_by_image
 from ..training import AlignmentArguments, train
 
 logger = logging.get_logger(__name__)
@@ -75,7 +76,8 @@ def default_variants(
 
 @dataclass
 class DataEfficiencyResult:
-    """Every run (`runs`: variant, n, seed, layers, metrics, seconds) and the settings that produced them."""
+    """Every run (`runs`: variant, n = training images, n_rows = their caption rows, seed, layers, metrics, seconds)
+    and the settings that produced them."""
 
     runs: list[dict]
     settings: dict
@@ -111,10 +113,12 @@ class DataEfficiencyResult:
         lines = [
             f"# Data efficiency: held-out {metric} (%), mean ± std over seeds {settings.get('seeds')}",
             "",
-            f"{settings.get('n_test_images')} held-out images; {settings.get('max_steps')} optimiser steps per run, "
-            f"batch ≤ {settings.get('batch_size')}, lr {settings.get('learning_rate')}.",
+            f"n counts training images (each with all its captions, caption sampling "
+            f"{settings.get('caption_sampling')!r}); {settings.get('n_test_images')} held-out images; "
+            f"{settings.get('max_steps')} optimiser steps per run, batch ≤ {settings.get('batch_size')}, "
+            f"lr {settings.get('learning_rate')}.",
             "",
-            "| n pairs | " + " | ".join(self.variants) + " |",
+            "| n images | " + " | ".join(self.variants) + " |",
             "|---:|" + "---:|" * len(self.variants),
         ]
         for n in self.sizes:
@@ -143,7 +147,7 @@ class DataEfficiencyResult:
             stds = [summary[variant][n]["std"] for n in sizes]
             axes.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=variant)
         axes.set_xscale("log")
-        axes.set_xlabel("training pairs n")
+        axes.set_xlabel("training images n")
         axes.set_ylabel(f"held-out {metric} (%)")
         axes.set_title(f"data efficiency (seeds {self.settings.get('seeds')})", fontsize="medium")
         axes.grid(alpha=0.3)
@@ -178,16 +182,16 @@ class DataEfficiencyResult:
 def _check_sizes(sizes: Sequence[int], pool: int, include_all: bool) -> list[int]:
     for n in sizes:
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 2:
-            raise ValueError(f"sizes must be ints >= 2 (training pairs), got {n!r}")
+            raise ValueError(f"sizes must be ints >= 2 (training images), got {n!r}")
     kept = sorted({int(n) for n in sizes if n <= pool})
     dropped = sorted({int(n) for n in sizes if n > pool})
     if dropped:
-        logger.warning(f"data efficiency: sizes {dropped} exceed the {pool} training pairs the cache holds; dropped")
+        logger.warning(f"data efficiency: sizes {dropped} exceed the {pool} training images the cache holds; dropped")
     if include_all and pool not in kept:
         kept.append(pool)
     if not kept:
         raise ValueError(
-            f"no training size fits: sizes {list(sizes)} all exceed the {pool} pairs left after the test split"
+            f"no training size fits: sizes {list(sizes)} all exceed the {pool} images left after the test split"
         )
     return kept
 
@@ -205,19 +209,20 @@ def run_data_efficiency(
     metric: str = "mean_R@1",
     output_dir: str | None = None,
 ) -> DataEfficiencyResult:
-    """Train every variant on n pairs for each n and seed, and score held-out retrieval.
+    """Train every variant on n images for each n and seed, and score held-out retrieval.
 
     Args:
         features: one feature cache with pooled `vision_layer_{l}` / `text_layer_{l}` columns (all layers wanted for
             the `selected` variants) and optionally `image_id`.
-        sizes: training-set sizes n (pairs); those above what the cache holds after the test split are dropped.
+        sizes: training-set sizes n, in images (each with all its captions); those above the images the cache holds
+            after the test split are dropped.
         seeds: one run per seed (subset draw, initialisation and batch order).
         variants: curves to draw (default: `default_variants()` = linear and linear+STRUCTURE, last and selected).
             `selected` variants are skipped when the cache holds a single layer per modality (they would be `last`).
         n_test: held-out images.
         training_args: template of `AlignmentArguments` (`seed`, `output_dir`, `save_model` are set per run and the
-            batch is capped at n). Default: 500 steps, batch 1024, lr 1e-3, no validation split.
-        include_all: also train on every pair left after the test split.
+            batch is capped at the rows of an epoch). Default: 500 steps, batch 1024, lr 1e-3, no validation split.
+        include_all: also train on every image left after the test split.
         selection_kwargs: keywords for layer selection in the `selected` variants (metric, n_samples, k).
         metric: the retrieval number tabulated and plotted (every metric is kept in `runs`).
         output_dir: when given, the JSON / Markdown / PNG are written there.
@@ -242,16 +247,18 @@ def run_data_efficiency(
     template = training_args or AlignmentArguments(
         max_steps=500, per_device_train_batch_size=1024, learning_rate=1e-3, eval_fraction=0.0
     )
-    pool, test_rows = (
-        rows.tolist() for rows in split_by_image(features, n_test, split_seed, min_held_out=2, name="n_test")
-    )
-    sizes = _check_sizes(sizes, len(pool), include_all)
-    test = features.select(test_rows)
+    pool, test_rows = split_by_image(features, n_test, split_seed, min_held_out=2, name="n_test")
+    ids = column_array(features, "image_id")[pool] if "image_id" in features.column_names else np.arange(len(pool))
+    images, owner = np.unique(ids, return_inverse=True)  # owner[r]: index into `images` of pool row r
+    sizes = _check_sizes(sizes, len(images), include_all)
+    test = features.select(test_rows.tolist())
     runs = []
     for seed in seeds:
-        order = [pool[i] for i in torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()]
+        shuffle = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).numpy()
+        rank = np.empty_like(shuffle)  # rank[k]: position of pool image k in this seed's shuffle
+        rank[shuffle] = np.arange(len(images))
         for n in sizes:
-            subset = features.select(sorted(order[:n]))
+            subset = features.select(pool[rank[owner] < n].tolist())  # the first n images, all their captions
             for variant in variants:
                 runs.append(_one_run(variant, subset, test, n, seed, template, widths, layers, selection_kwargs))
                 logger.info(f"data efficiency: {variant.name} n={n} seed={seed}: {runs[-1]['metrics'][metric]:.2f}")
@@ -263,7 +270,9 @@ def run_data_efficiency(
             "sizes": sizes,
             "n_test_images": n_test,
             "n_test_rows": len(test_rows),
+            "pool_images": len(images),
             "pool_rows": len(pool),
+            "caption_sampling": template.caption_sampling,
             "split_seed": split_seed,
             "max_steps": template.max_steps,
             "num_train_epochs": template.num_train_epochs if template.max_steps <= 0 else None,
@@ -293,12 +302,14 @@ def _one_run(variant, subset, test, n, seed, template, widths, layers, selection
 
         model.config.vision_layer = model.config.text_layer = "auto"
         resolve_auto_layers(model, subset, **{"seed": seed, **(selection_kwargs or {})})
+    # An epoch visits n rows (one caption per image) unless every caption row is a pair: no batch is larger.
+    epoch_rows = len(subset) if template.caption_sampling == "all" else n
     args = dataclasses.replace(
         template,
         seed=seed,
         output_dir=None,
         save_model=False,
-        per_device_train_batch_size=min(template.per_device_train_batch_size, n),
+        per_device_train_batch_size=min(template.per_device_train_batch_size, epoch_rows),
     )
     start = time.perf_counter()
     train(model, subset, args)
@@ -307,6 +318,7 @@ def _one_run(variant, subset, test, n, seed, template, widths, layers, selection
     return {
         "variant": variant.name,
         "n": n,
+        "n_rows": len(subset),
         "seed": seed,
         "layers": [model.config.vision_layer, model.config.text_layer],
         "layers_source": variant.layers,

@@ -1,7 +1,8 @@
 """The feature cache: frozen encoder outputs extracted once, stored as an Arrow-backed `datasets.Dataset` on disk.
 
-* `schema`: the cache's columns (`layer_column`, `cached_layers`, `column_array`), caches built from tensors
-  (`features_from_tensors`), the model's view of a cache (`features_for`, `FeatureCollator`) and `split_by_image`.
+* `schema`: the cache's columns (`layer_column`, `source_column`, `tap_column`, `cached_layers`, `column_array`),
+  caches built from tensors (`features_from_tensors`), the model's view of a cache (`features_for`,
+  `FeatureCollator`) and `split_by_image`.
 * `store`: the folder on disk: fingerprint, atomic write, size and checksum checks (`load_cache`, `skipped_samples`,
   `FeatureCacheError`) and `open_feature_cache`, which opens any cache folder a command is given.
 * `extract`: `extract_features`, the encoders run once over a dataset, and `BadSampleError`.
@@ -18,8 +19,10 @@ from .schema import (
     features_for,
     features_from_tensors,
     layer_column,
+    source_column,
     split_by_image,
     stack_features,
+    tap_column,
 )
 from .store import (
     CACHE_FORMAT_VERSION,
@@ -60,6 +63,8 @@ __all__ = [
     "open_feature_cache",
     "process_state",
     "skipped_samples",
+    "source_column",
     "split_by_image",
     "stack_features",
+    "tap_column",
 ]

@@ -32,17 +32,10 @@ from transformers.utils import logging
 
 from ..configuration import resolve_layer_index
 from ..distributed import broadcast, on_every_process, on_main, process_state
-from ..encoders import (
-    as_token_sequence,
-    image_size_of,
-    non_finite_rows,
-    pool_text,
-    pool_vision,
-    probe_text,
-    probe_vision,
-)
+from ..encoders import blank_pixel_values, non_finite_rows, read_tap, text_fixed_length
+from ..taps import Tap, default_pooling, tap_width
 from .decode import _log_truncated, _Preprocessor, _SourceBatches, _text_length_limit
-from .schema import _features_schema, layer_column
+from .schema import _features_schema, layer_column, tap_column
 from .store import (
     CACHE_FORMAT_VERSION,
     DATA_FILE,
@@ -93,8 +86,12 @@ def extract_features(
         processor: its `AlignerProcessor`.
         dataset: a `datasets.Dataset` with an image column (PIL images / anything the image processor takes) and a
             text column (a string, or a list of strings for several captions per image).
-        vision_layers / text_layers: `None` = the layer the model taps (every layer when it is `"auto"`), `"all"`,
-            or a list of hidden-state indices (negative allowed). Several layers are stored from one forward pass.
+        vision_layers / text_layers: hidden states to store pooled (for layer selection): `None` = the layer the
+            model taps (the last one for taps after it; every layer when it is `"auto"`), `"all"`, or a list of
+            hidden-state indices (negative allowed). They are pooled as the model's tap pools when it reads hidden
+            states, else as `auto` pools them. What the model's tap reads is stored too (its token column for token
+            methods, its own column for a source after the last layer: `hf_align.features.schema`). Everything
+            comes from one forward pass per batch.
         keep_columns: source columns to copy into the cache (e.g. `["label"]`).
         batch_size: images per encoder forward pass; captions are sorted by length and encoded `batch_size` at a time.
         cache_dir: where caches live (default `$HF_ALIGN_CACHE` or `~/.cache/hf_align/features`).
@@ -126,22 +123,20 @@ def extract_features(
         raise ValueError(f"num_workers must be None or an int >= 0, got {num_workers!r}")
     config = model.config
     layers = {
-        "vision": _requested_layers("vision", vision_layers, config),
-        "text": _requested_layers("text", text_layers, config),
+        m: _requested_layers(m, requested, config)
+        for m, requested in (("vision", vision_layers), ("text", text_layers))
     }
-    tokens = {m: getattr(config, f"resolved_{m}_pooling") == "tokens" for m in ("vision", "text")}
-    token_layers = {m: ([config.absolute_layer(m)] if tokens[m] else []) for m in ("vision", "text")}
-    pooled = {"vision": "cls" if config.vision_has_cls else "mean", "text": "mean"}
-    for m in ("vision", "text"):
-        if not tokens[m]:
-            pooled[m] = getattr(config, f"resolved_{m}_pooling")
+    reads = {m: _reads(model, m, layers[m]) for m in layers}
+    pipeline = getattr(model.text_model, "pipeline", None)  # a sentence-transformers pipeline (through LoRA too)
     parts = {
         "format": CACHE_FORMAT_VERSION,
         "vision_encoder": [config.vision_encoder, config.vision_revision, _local_signature(config.vision_encoder)],
         "text_encoder": [config.text_encoder, config.text_revision, _local_signature(config.text_encoder)],
         "layers": layers,
-        "token_layers": token_layers,
-        "pooling": pooled,
+        # Every stored column with the tap it reads (source, layer, pooling) and the prefix tokens it leaves out:
+        # a cache extracted through one tap is never reused for another.
+        "taps": {m: {name: read.signature() for name, read in reads[m].items()} for m in reads},
+        "text_pipeline": pipeline.describe() if hasattr(pipeline, "describe") else None,
         "processor": _processor_signature(processor, max_text_length),
         "columns": [image_column, text_column, sorted(keep_columns)],
         "dataset": dataset._fingerprint,
@@ -167,9 +162,7 @@ def extract_features(
             dataset,
             image_column,
             text_column,
-            layers,
-            token_layers,
-            pooled,
+            reads,
             keep_columns,
             batch_size,
             max_text_length,
@@ -210,12 +203,69 @@ def _check_extraction_inputs(model, processor, dataset, image_column, text_colum
 def _requested_layers(modality: str, requested, config) -> list[int]:
     num = getattr(config, f"{modality}_num_layers")
     if requested is None:
-        requested = "all" if getattr(config, f"{modality}_layer") == "auto" else [getattr(config, f"{modality}_layer")]
+        requested = "all" if getattr(config, f"{modality}_layer") == "auto" else [config.absolute_layer(modality)]
     if requested == "all":
         return list(range(num))
     if isinstance(requested, (int, str)) or not all(isinstance(v, int) for v in requested):
         raise ValueError(f"{modality}_layers must be None, 'all' or a list of ints, got {requested!r}")
     return sorted({resolve_layer_index(f"{modality}_layers", v, num) for v in requested})
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One cache column: the tap it reads, the prefix tokens that tap leaves out, its width and, for messages, where
+    in the encoder it comes from."""
+
+    tap: Tap
+    num_prefix_tokens: int
+    width: int
+    where: str
+
+    @property
+    def tokens(self) -> bool:
+        return not self.tap.pooled
+
+    def signature(self) -> str:
+        """The tap and its prefix tokens in words (`hidden_states[2] · mean, 1 prefix token`): what the cache's
+        fingerprint records of the column."""
+        prefix = self.num_prefix_tokens
+        return self.tap.describe() + (f", {prefix} prefix token{'s' if prefix > 1 else ''}" if prefix else "")
+
+
+def _reads(model, modality: str, layers: list[int]) -> dict[str, _Read]:
+    """The columns an extraction stores for `modality`, by name: the pooled hidden-state `layers`, and what the
+    model's tap reads when that is not among them (token sequences, or a source after the last layer).
+
+    The hidden states are pooled as the model's tap pools them when it reads hidden states (so its column is the one
+    it trains on), else as `auto` pools hidden states (what layer selection then points the model at).
+    """
+    config = model.config
+    info = model.encoder_info(modality)
+    pooling = getattr(config, f"resolved_{modality}_pooling")
+    prefix = config.num_prefix_tokens(modality)
+    if getattr(config, f"{modality}_source") == "hidden_states" and pooling != "tokens":
+        hidden_pooling, hidden_prefix = pooling, prefix
+    else:
+        hidden_pooling = default_pooling(info, modality, "hidden_states")
+        hidden_prefix = info.num_prefix_tokens.get("hidden_states", 0) if modality == "vision" else 0
+    reads = {
+        layer_column(modality, layer): _Read(
+            Tap(layer, "hidden_states", hidden_pooling), hidden_prefix, info.hidden_sizes[layer], f"layer {layer}"
+        )
+        for layer in layers
+    }
+    if getattr(config, f"{modality}_layer") == "auto":
+        return reads  # layer selection first: the model reads nothing yet
+    tap = config.tap(modality)
+    name = tap_column(config, modality)
+    if name not in reads:
+        absolute = config.absolute_layer(modality)
+        if tap.source == "hidden_states":
+            tap, where = Tap(absolute, "hidden_states", tap.pooling), f"layer {absolute}"
+        else:
+            where = tap.source
+        reads[name] = _Read(tap, prefix, tap_width(info, tap), where)
+    return reads
 
 
 @dataclass(frozen=True)
@@ -225,9 +275,8 @@ class _Plan:
     image_column: str
     text_column: str
     keep_columns: tuple[str, ...]
-    layers: dict  # modality -> pooled layers
-    token_layers: dict  # modality -> token layers
-    pooled: dict  # modality -> pooling of the pooled columns
+    reads: dict  # modality -> column name -> _Read
+    text_passes: dict  # fixed text length (None: as tokenized) -> the text columns read from that pass
     batch_size: int
     text_limit: int
     on_bad_sample: str
@@ -239,9 +288,7 @@ def _write_features(
     dataset,
     image_column,
     text_column,
-    layers,
-    token_layers,
-    pooled,
+    reads,
     keep_columns,
     batch_size,
     max_text_length,
@@ -266,36 +313,32 @@ def _write_features(
     n_images = len(dataset)
     first_caption = dataset[0][text_column]
     captions_per_image = len(first_caption) if isinstance(first_caption, list) else 1
-    vision_info_dims = _layer_widths(model, "vision", layers["vision"])
-    text_info_dims = _layer_widths(model, "text", layers["text"])
-    token_shape = None
-    if token_layers["vision"]:
-        token_shape = (_vision_token_count(model), vision_info_dims[token_layers["vision"][0]])
-    text_token_estimate = None
-    if token_layers["text"]:
-        text_token_estimate = (32, text_info_dims[token_layers["text"][0]])
+    pooled = {m: {name: r.width for name, r in reads[m].items() if not r.tokens} for m in reads}
+    vision_tokens = {name: (_vision_token_count(model, r), r.width) for name, r in reads["vision"].items() if r.tokens}
+    text_tokens = {name: r.width for name, r in reads["text"].items() if r.tokens}
     estimate = estimate_cache_bytes(
         n_images * captions_per_image,
-        list(vision_info_dims.values()),
-        list(text_info_dims.values()),
-        token_shape,
-        text_token_estimate,
+        list(pooled["vision"].values()),
+        list(pooled["text"].values()),
+        next(iter(vision_tokens.values()), None),
+        (32, next(iter(text_tokens.values()))) if text_tokens else None,
     )
     logger.info(f"extracting features of {n_images} images: estimated cache size {estimate / 2**20:.1f} MiB")
     schema = _features_schema(
-        {layer: vision_info_dims[layer] for layer in layers["vision"]},
-        {layer: text_info_dims[layer] for layer in layers["text"]},
-        {layer: token_shape for layer in token_layers["vision"]},
-        {layer: text_info_dims[layer] for layer in token_layers["text"]},
+        {**pooled["vision"], **pooled["text"]},
+        vision_tokens,
+        text_tokens,
         datasets.Features({c: dataset.features[c] for c in keep_columns}),
     )
+    text_passes: dict[int | None, list[str]] = {}  # a SigLIP text tower's pooled taps need their own pass
+    for name, read in reads["text"].items():
+        text_passes.setdefault(text_fixed_length(model.text_model, read.tap), []).append(name)
     plan = _Plan(
         image_column,
         text_column,
         tuple(keep_columns),
-        layers,
-        token_layers,
-        pooled,
+        reads,
+        text_passes,
         batch_size,
         text_limit,
         on_bad_sample,
@@ -360,72 +403,66 @@ def _encode_batches(model, processor, dataset, plan: _Plan, batches: range, num_
     return n_rows, skipped
 
 
-def _layer_widths(model, modality: str, layers: list[int]) -> dict[int, int]:
-    encoder = getattr(model, f"{modality}_model")
-    info = probe_vision(encoder, "") if modality == "vision" else probe_text(encoder, "")
-    return {layer: info.hidden_sizes[layer] for layer in layers}
-
-
-def _vision_token_count(model) -> int:
-    size = image_size_of(model.vision_model.config)
-    param = next(model.vision_model.parameters())
-    pixel_values = torch.zeros(1, getattr(model.vision_model.config, "num_channels", 3), size, size, dtype=param.dtype)
-    state = model.vision_hidden_states(pixel_values)[model.config.absolute_layer("vision")]
-    return as_token_sequence(state).shape[1]
+def _vision_token_count(model, read: _Read) -> int:
+    """Tokens per image of a vision token column (one blank image through the encoder)."""
+    outputs = model.vision_outputs(blank_pixel_values(model.vision_model))
+    return read_tap(outputs, read.tap, read.num_prefix_tokens)[0].shape[1]
 
 
 # ---------------------------------------------------------------------------------------------- one batch
 @torch.no_grad()
 def _launch(model, prepared: dict, plan: _Plan, device: torch.device) -> dict:
-    """Start encoding a prepared batch without waiting for it: inputs go to the device, the encoders run, the tapped
-    layers are pooled and copied back (on CUDA into pinned memory, asynchronously; `event` marks the copies' end).
+    """Start encoding a prepared batch without waiting for it: inputs go to the device, the encoders run once per
+    batch (text: once per chunk and input regime), every column's tap is read and copied back (on CUDA into pinned
+    memory, asynchronously; `event` marks the copies' end).
 
     Returns `{"prepared", "outputs", "event"}`; outputs: column name -> (n_images, ...) vision or (n_captions, ...)
-    text tensors in caption order, except text token columns: a list of (chunk, T_chunk, d) tensors in sorted order.
+    text tensors in caption order, except text token columns: a list of ((chunk, T_chunk, d) tokens, (chunk, T_chunk)
+    mask of the real ones) in sorted order.
     """
     launched = {"prepared": prepared, "outputs": None, "event": None}
     if prepared["pixel_values"] is None:
         return launched
     autocast = _autocast(model)
-    has_cls = model.config.vision_has_cls
     outputs: dict[str, Any] = {}
     with autocast:
-        vision_states = model.vision_hidden_states(prepared["pixel_values"].to(device, non_blocking=True))
-    for layer in plan.layers["vision"]:
-        values, _ = pool_vision(vision_states[layer].float(), plan.pooled["vision"], has_cls)
-        outputs[layer_column("vision", layer)] = values
-    for layer in plan.token_layers["vision"]:
-        values, _ = pool_vision(vision_states[layer], "tokens", has_cls)
-        outputs[layer_column("vision", layer, tokens=True)] = values.half()
-    del vision_states
-    text_pooled = {layer: [] for layer in plan.layers["text"]}
-    text_tokens = {layer: [] for layer in plan.token_layers["text"]}
+        vision = model.vision_outputs(prepared["pixel_values"].to(device, non_blocking=True))
+    for name, read in plan.reads["vision"].items():
+        if read.tokens:
+            outputs[name] = read_tap(vision, read.tap, read.num_prefix_tokens)[0].half()
+        else:  # pooled in float32 (the encoder may have run in bf16)
+            outputs[name] = read_tap(vision, read.tap, read.num_prefix_tokens, dtype=torch.float32)[0]
+    del vision
+    pieces: dict[str, list] = {name: [] for name in plan.reads["text"]}
     for chunk in prepared["text_chunks"]:
         inputs = {name: value.to(device, non_blocking=True) for name, value in chunk.items()}
-        with autocast:
-            states = model.text_hidden_states(
-                inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids")
-            )
-        for layer, pieces in text_pooled.items():
-            pieces.append(pool_text(states[layer].float(), inputs["attention_mask"], plan.pooled["text"])[0])
-        for layer, pieces in text_tokens.items():
-            pieces.append(states[layer].half())
+        for fixed_length, names in plan.text_passes.items():
+            with autocast:
+                text = model.text_outputs(
+                    inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"), fixed_length
+                )
+            for name in names:
+                read = plan.reads["text"][name]
+                if read.tokens:  # the mask read_tap returns: padding moved to the right, as in the tokens
+                    tokens, mask = read_tap(text, read.tap)
+                    pieces[name].append((tokens.half(), mask))
+                else:
+                    pieces[name].append(read_tap(text, read.tap, dtype=torch.float32)[0])
     caption_row = torch.argsort(prepared["text_order"]).to(device)  # sorted row of each caption
-    for layer, pieces in text_pooled.items():
-        outputs[layer_column("text", layer)] = torch.cat(pieces)[caption_row]
-    for layer, pieces in text_tokens.items():
-        outputs[layer_column("text", layer, tokens=True)] = pieces
+    for name, values in pieces.items():
+        outputs[name] = values if plan.reads["text"][name].tokens else torch.cat(values)[caption_row]
     # Non-blocking device-to-host copies land in pinned memory; a no-op on CPU.
-    launched["outputs"] = {
-        name: [v.to("cpu", non_blocking=True) for v in value]
-        if isinstance(value, list)
-        else value.to("cpu", non_blocking=True)
-        for name, value in outputs.items()
-    }
+    launched["outputs"] = {name: _to_host(value) for name, value in outputs.items()}
     if device.type == "cuda":
         launched["event"] = torch.cuda.Event()
         launched["event"].record()
     return launched
+
+
+def _to_host(value):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(v) for v in value)
+    return value.to("cpu", non_blocking=True)
 
 
 def _collect(launched: dict, plan: _Plan, writer: ArrowWriter, skipped: list[dict]) -> int:
@@ -455,26 +492,23 @@ def _collect(launched: dict, plan: _Plan, writer: ArrowWriter, skipped: list[dic
     columns: dict[str, Any] = {}
     bad_images: dict[int, str] = {}  # index into the usable images -> reason
     bad_captions: dict[int, str] = {}  # index into the captions -> reason
-    for layer in plan.layers["vision"]:
-        name = layer_column("vision", layer)
-        _note_non_finite(bad_images, outputs[name], f"NaN or Inf in the vision encoder's output at layer {layer}")
-        columns[name] = outputs[name].numpy()[owner_index]
-    for layer in plan.layers["text"]:
-        name = layer_column("text", layer)
-        _note_non_finite(bad_captions, outputs[name], f"NaN or Inf in the text encoder's output at layer {layer}")
-        columns[name] = outputs[name].numpy()
+    for modality, bad in (("vision", bad_images), ("text", bad_captions)):
+        for name, read in plan.reads[modality].items():
+            if not read.tokens:
+                _note_non_finite(bad, outputs[name], f"NaN or Inf in the {modality} encoder's output at {read.where}")
+                columns[name] = outputs[name].numpy()[owner_index] if modality == "vision" else outputs[name].numpy()
     float16 = "stored as float16, so |x| > 65504 overflows"
-    for layer in plan.token_layers["vision"]:
-        name = layer_column("vision", layer, tokens=True)
-        _note_non_finite(bad_images, outputs[name], f"NaN or Inf in the vision tokens at layer {layer} ({float16})")
-        columns[name] = outputs[name].numpy()[owner_index]
+    for name, read in plan.reads["vision"].items():
+        if read.tokens:
+            reason = f"NaN or Inf in the vision tokens at {read.where} ({float16})"
+            _note_non_finite(bad_images, outputs[name], reason)
+            columns[name] = outputs[name].numpy()[owner_index]
     order = prepared["text_order"].tolist() if prepared["text_order"] is not None else []
-    for layer in plan.token_layers["text"]:
-        name = layer_column("text", layer, tokens=True)
-        rows, finite = [None] * len(order), []
-        sorted_rows = []
-        for state, chunk in zip(outputs[name], prepared["text_chunks"]):
-            mask = chunk["attention_mask"].bool()
+    for name, read in plan.reads["text"].items():
+        if not read.tokens:
+            continue
+        rows, finite, sorted_rows = [None] * len(order), [], []
+        for state, mask in outputs[name]:
             real = state.masked_fill(~mask[..., None], 0)  # padding positions are never stored
             finite.append(torch.isfinite(real).flatten(1).all(1))
             sorted_rows += [row[m].numpy() for row, m in zip(state, mask)]
@@ -482,7 +516,7 @@ def _collect(launched: dict, plan: _Plan, writer: ArrowWriter, skipped: list[dic
         for sorted_row, caption in enumerate(order):
             rows[caption] = sorted_rows[sorted_row]
             if not finite[sorted_row]:
-                bad_captions.setdefault(caption, f"NaN or Inf in the text tokens at layer {layer} ({float16})")
+                bad_captions.setdefault(caption, f"NaN or Inf in the text tokens at {read.where} ({float16})")
         columns[name] = rows
     for image, reason in bad_images.items():
         reject(positions[image], reason)

@@ -5,6 +5,9 @@ Layout of a cache (one row per image–caption pair; an image with several capti
 * `vision_layer_{l}` / `text_layer_{l}`: pooled features of hidden state `l` (absolute index), float32 (d,).
 * `vision_tokens_layer_{l}`: patch tokens (T, d) float16; `text_tokens_layer_{l}`: the caption's non-padding tokens
   (T_i, d) float16, variable length. Stored only for token poolings.
+* `{modality}_{source}` (`vision_pooler_output`, `text_sentence_embedding`, `vision_last_hidden_state`, ...): what a
+  model's tap reads after the last layer (`source_column`), float32 (d,); `{modality}_tokens_last_hidden_state`: the
+  encoder's final tokens, as the token columns above.
 * `image_id`: int64 id of the source image (the row of the source dataset); captions of one image share it.
 * any `keep_columns` of the source dataset (e.g. `label`), repeated per caption.
 
@@ -30,14 +33,30 @@ __all__ = [
     "features_for",
     "features_from_tensors",
     "layer_column",
+    "source_column",
     "split_by_image",
     "stack_features",
+    "tap_column",
 ]
 
 
 def layer_column(modality: str, layer: int, tokens: bool = False) -> str:
     """Cache column of `modality` ("vision"/"text") at absolute hidden-state index `layer`."""
     return f"{modality}_tokens_layer_{layer}" if tokens else f"{modality}_layer_{layer}"
+
+
+def source_column(modality: str, source: str, tokens: bool = False) -> str:
+    """Cache column of what `modality`'s tap reads from `source`, one of the encoder's own outputs after its last
+    layer (`last_hidden_state`, `pooler_output`, `projected`, `sentence_embedding`)."""
+    return f"{modality}_tokens_{source}" if tokens else f"{modality}_{source}"
+
+
+def tap_column(config, modality: str) -> str:
+    """The cache column holding what the aligner of `config` reads from its `modality` encoder."""
+    tap = config.tap(modality)
+    if tap.source == "hidden_states":
+        return layer_column(modality, config.absolute_layer(modality), not tap.pooled)
+    return source_column(modality, tap.source, not tap.pooled)
 
 
 def cached_layers(features: datasets.Dataset, modality: str, tokens: bool = False) -> list[int]:
@@ -57,21 +76,18 @@ def column_array(dataset: datasets.Dataset, name: str) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- building a cache
 def _features_schema(
-    vision_dims: dict[int, int],
-    text_dims: dict[int, int],
-    vision_token_dims: dict[int, tuple[int, int]],
-    text_token_dims: dict[int, int],
+    pooled: dict[str, int],
+    vision_tokens: dict[str, tuple[int, int]],
+    text_tokens: dict[str, int],
     extra: datasets.Features | None = None,
 ) -> datasets.Features:
-    schema = {}
-    for layer, dim in vision_dims.items():
-        schema[layer_column("vision", layer)] = datasets.List(datasets.Value("float32"), length=dim)
-    for layer, dim in text_dims.items():
-        schema[layer_column("text", layer)] = datasets.List(datasets.Value("float32"), length=dim)
-    for layer, (length, dim) in vision_token_dims.items():
-        schema[layer_column("vision", layer, tokens=True)] = datasets.Array2D(shape=(length, dim), dtype="float16")
-    for layer, dim in text_token_dims.items():
-        schema[layer_column("text", layer, tokens=True)] = datasets.Array2D(shape=(None, dim), dtype="float16")
+    """Column name -> width of the pooled columns, (T, width) of the vision token columns, width of the text ones
+    (variable length)."""
+    schema = {name: datasets.List(datasets.Value("float32"), length=dim) for name, dim in pooled.items()}
+    for name, (length, dim) in vision_tokens.items():
+        schema[name] = datasets.Array2D(shape=(length, dim), dtype="float16")
+    for name, dim in text_tokens.items():
+        schema[name] = datasets.Array2D(shape=(None, dim), dtype="float16")
     schema["image_id"] = datasets.Value("int64")
     schema.update(extra or {})
     return datasets.Features(schema)
@@ -117,11 +133,12 @@ def features_from_tensors(
         if len(values) != n:
             raise ValueError(f"extra column {name!r} has {len(values)} values, expected {n}")
         columns[name] = values.tolist() if isinstance(values, (torch.Tensor, np.ndarray)) else list(values)
+    pooled = {layer_column("vision", k): v.shape[-1] for k, v in vision.items()}
+    pooled.update({layer_column("text", k): v.shape[-1] for k, v in text.items()})
     schema = _features_schema(
-        {k: v.shape[-1] for k, v in vision.items()},
-        {k: v.shape[-1] for k, v in text.items()},
-        {k: tuple(v.shape[1:]) for k, v in vision_tokens.items()},
-        {k: v.shape[-1] for k, v in text_tokens.items()},
+        pooled,
+        {layer_column("vision", k, tokens=True): tuple(v.shape[1:]) for k, v in vision_tokens.items()},
+        {layer_column("text", k, tokens=True): v.shape[-1] for k, v in text_tokens.items()},
     )
     for name in extra_columns or {}:
         schema[name] = datasets.Dataset.from_dict({name: columns[name][:1]}).features[name]
@@ -170,12 +187,23 @@ def _common_length(tensors: dict[str, torch.Tensor]) -> int:
 def features_for(model, features: datasets.Dataset) -> datasets.Dataset:
     """The columns `model` trains on, renamed to its `forward` arguments: `vision_features`, `text_features`.
 
-    Picks the layers `model.config` taps (pooled columns, or token columns for token poolings) and keeps `image_id`.
-    The result is what `transformers.Trainer` takes as `train_dataset` with `FeatureCollator`.
+    Picks what `model.config` taps (`tap_column`: a hidden-state layer's pooled or token column, or the column of one
+    of the encoder's own outputs) and keeps `image_id`. The result is what `transformers.Trainer` takes as
+    `train_dataset` with `FeatureCollator`.
     """
     config = model.config
     columns = {}
     for modality in ("vision", "text"):
+        if getattr(config, f"{modality}_source") != "hidden_states":
+            name = tap_column(config, modality)
+            if name not in features.column_names:
+                raise ValueError(
+                    f"the feature cache has no column {name!r}, which holds what this aligner reads from its "
+                    f"{modality} encoder ({config.tap(modality).describe()}); re-extract it with this model "
+                    f"(extract_features stores it); columns: {features.column_names}"
+                )
+            columns[name] = f"{modality}_features"
+            continue
         tokens = getattr(config, f"resolved_{modality}_pooling") == "tokens"
         layer = _cache_layer(config, features, modality, tokens)
         name = layer_column(modality, layer, tokens)

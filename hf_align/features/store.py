@@ -4,10 +4,11 @@ how it is checked before it is read.
 A cache lives in `<cache_dir>/<fingerprint>/` (or the `cache_path` given to `extract_features`) and is written under
 a temporary name (`<folder>.tmp-<host>-<pid>`), then renamed, so a crash never leaves a half-written cache behind; the
 leftovers of a stopped extraction on this host are removed by the next one. The fingerprint covers the encoders (id,
-revision or local weights), layers, poolings, the image processor and tokenizer settings, the columns, the
-bad-sample policy and the source dataset's own fingerprint. `hf_align_cache.json` records those parts, the row count,
-the Arrow file's size and SHA-256, and the samples left out: every load checks the size (and the checksum when cheap,
-or on request), so a truncated or edited cache is refused instead of read.
+revision or local files), what each stored column reads (its tap: source, layer, pooling, and the prefix tokens it
+leaves out), the text encoder's sentence-transformers pipeline, the image processor and tokenizer settings, the
+columns, the bad-sample policy and the source dataset's own fingerprint. `hf_align_cache.json` records those parts,
+the row count, the Arrow file's size and SHA-256, and the samples left out: every load checks the size (and the
+checksum when cheap, or on request), so a truncated or edited cache is refused instead of read.
 
 `open_feature_cache` opens any folder a command is given: a finished cache, or a dataset saved with `save_to_disk`.
 """
@@ -64,12 +65,22 @@ def _fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _local_signature(path: str | None) -> list | None:
-    """Size and mtime of a local encoder's weight files, so re-saving different weights there invalidates caches."""
+def _local_signature(path: str | None) -> str | None:
+    """A digest of the sizes and mtimes of a local encoder's weight and config files, subfolders included (a
+    sentence-transformers folder keeps its pooling config and Dense weights in `1_Pooling/`, `2_Dense/`), so re-saving
+    other weights or another pipeline there invalidates caches. `None` for a Hub id."""
     if not path or not os.path.isdir(path):
         return None
-    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
-    return [[f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f))] for f in files]
+    digest = hashlib.sha256()
+    for folder, subfolders, files in os.walk(path):
+        subfolders.sort()
+        for name in sorted(files):
+            if name.endswith((".safetensors", ".bin", ".json")):
+                full = os.path.join(folder, name)
+                digest.update(
+                    f"{os.path.relpath(full, path)}:{os.path.getsize(full)}:{os.path.getmtime(full)}\n".encode()
+                )
+    return digest.hexdigest()[:16]
 
 
 def _processor_signature(processor, max_text_length) -> dict:
@@ -272,7 +283,7 @@ def _differences(prefix: str, recorded, expected) -> list[str]:
 
 
 def _short(value, limit: int = 200) -> str:
-    text = json.dumps(value, default=str)
+    text = json.dumps(value, default=str, ensure_ascii=False)  # taps read `hidden_states[2] · mean`, not `\u00b7`
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

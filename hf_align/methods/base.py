@@ -27,6 +27,8 @@ class AlignerMethod(nn.Module, abc.ABC):
     Class attributes:
         input_kind: `"pooled"` (one vector per sample, shape (B, d)) or `"tokens"` (a sequence (B, T, d) + mask (B, T)).
         trainable: `False` for training-free methods (training only runs `init_from_data`).
+        citation: BibTeX entries (separated by blank lines) of the papers the method implements; the model card of
+            an aligner built with it renders them. Empty when there is nothing to cite.
 
     Instance attribute `embed_dim`: width D of the embeddings `embed_image` / `embed_text` return (set by subclasses).
     """
@@ -34,6 +36,7 @@ class AlignerMethod(nn.Module, abc.ABC):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     input_kind: ClassVar[str] = "pooled"
     trainable: ClassVar[bool] = True
+    citation: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig, vision_dim: int, text_dim: int):
         super().__init__()

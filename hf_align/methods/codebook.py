@@ -1,4 +1,4 @@
-"""`codebook`: CODIS-style alignment through a shared codebook of cluster centres (method notes §4, seed 002).
+"""`codebook`: CODIS-style alignment through a shared codebook of cluster centres (`docs/methods.md` §7).
 
 Both modalities are projected by linear heads into a joint D-dim space spanned by a learnable codebook `C` (K×D,
 rows L2-normalised when used). For a batch of pairs:
@@ -11,13 +11,28 @@ rows L2-normalised when used). For a batch of pairs:
 
 The model adds the instance-level InfoNCE; `extra_loss` returns `{"codebook": β ℓ}`.
 
+**Small batches: SwAV's queue** (`queue_length`, `queue_start_steps`). With a batch of B < K samples an equal split
+over K codes gives each code less than one sample and the targets flatten. Per modality the method keeps a FIFO of the
+teacher's past normalised embeddings (never their scores): at each training step the queue is scored against the
+*current* teacher codes, Sinkhorn runs on `[queue; batch]` and only the batch's rows are kept; then the batch is pushed
+in front and the oldest rows drop out. The queue fills from optimiser step `queue_start_steps` on and is used only
+once full. `queue_length="auto"` is `B·(⌈K/B⌉ − 1)` rows when B < K (so B + queue ≥ K, in whole batches; SwAV's
+batch-256 runs kept 3840 rows for K = 3000) and no queue when B ≥ K, B being the first training batch's size. The
+queue is per process, over the rows that process scores: `hf_align.train` gives every process the whole global batch
+(each keeps the same queue), under DDP each process queues its own rows and the Sinkhorn marginals are all-reduced.
+Evaluation uses a full queue but never pushes into it.
+
+**Prototype freezing** (`freeze_codebook_steps`): for the first N optimiser steps the student's codebook enters the
+loss detached, so it receives no gradient (`grad` stays None: AdamW neither moves nor decays it), as SwAV freezes its
+prototypes for the first epoch. Dead-code re-seeding (below) still moves codes.
+
 **Inference uses the student only**: `embed_image` / `embed_text` are the student heads; the codebook is part of the
 checkpoint (it is a trained parameter and training can resume from it), the teacher is not. The teacher is a plain
 dict of tensors outside the module tree (no parameters, no buffers, nothing in `state_dict`), created from the
 student on the first training step and after every (re-)initialisation, so `save_pretrained` / `from_pretrained`
 round-trip the inference weights exactly and loading never has to materialise a teacher. A training checkpoint that
-stores `training_state()` next to the weights resumes exactly (`load_training_state`); one that does not restarts
-the teacher from the loaded student.
+stores `training_state()` next to the weights (teacher, queue, counters) resumes exactly (`load_training_state`); one
+that does not restarts the teacher from the loaded student with an empty queue.
 
 **Codebook initialisation** (`init_from_data`): seeded, batched k-means in the joint space on *pairs*. Each training
 pair is one point `[ẑ_v, ẑ_t] / √2` (both projected with the current heads, normalised); code k is
@@ -53,9 +68,12 @@ from torch import nn
 from ..configuration import check_number, check_positive_int
 from ..ot import _distributed, sinkhorn
 from .base import AlignerMethod, MethodConfig
+from .citations import CODIS, SWAV, join
 from .registry import register_method
 
-__all__ = ["CodebookAligner", "CodebookConfig", "kmeans", "swapped_prediction_loss"]
+MODALITIES = ("vision", "text")
+
+__all__ = ["CodebookAligner", "CodebookConfig", "auto_queue_length", "kmeans", "swapped_prediction_loss"]
 
 
 @dataclass
@@ -68,6 +86,10 @@ class CodebookConfig(MethodConfig):
     sinkhorn_iters: Sinkhorn–Knopp regularisation and rounds (SwAV: 0.05, 3). momentum: EMA momentum of the teacher.
     kmeans_iters: Lloyd iterations of the k-means initialisation. usage_window: steps per diagnostics window.
     reseed_dead_codes: re-seed codes unused over a window. bias: add a bias to each head.
+    queue_length: rows of past teacher embeddings per modality added to each Sinkhorn step (SwAV's queue); `"auto"`
+    = `B·(⌈K/B⌉ − 1)` for a first training batch of B < K rows, 0 for B ≥ K; 0 = no queue. queue_start_steps:
+    optimiser step from which the queue fills (it is used once full). freeze_codebook_steps: optimiser steps during
+    which the codebook gets no gradient (SwAV freezes its prototypes for the first epoch).
     """
 
     projection_dim: int = 512
@@ -81,6 +103,9 @@ class CodebookConfig(MethodConfig):
     usage_window: int = 100
     reseed_dead_codes: bool = True
     bias: bool = False
+    queue_length: int | str = "auto"
+    queue_start_steps: int = 0
+    freeze_codebook_steps: int = 0
 
     def __post_init__(self):
         for name in ("projection_dim", "num_codes", "sinkhorn_iters", "kmeans_iters", "usage_window"):
@@ -89,6 +114,23 @@ class CodebookConfig(MethodConfig):
             check_number(name, getattr(self, name), low=0.0, low_inclusive=False)
         check_number("codebook_weight", self.codebook_weight, low=0.0)
         check_number("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
+        if self.queue_length != "auto" and not _is_count(self.queue_length):
+            raise ValueError(f"queue_length must be 'auto' or an int >= 0 (0 = no queue), got {self.queue_length!r}")
+        for name in ("queue_start_steps", "freeze_codebook_steps"):
+            if not _is_count(getattr(self, name)):
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def auto_queue_length(batch_rows: int, num_codes: int) -> int:
+    """SwAV-style queue length for `queue_length="auto"`: whole batches making batch + queue >= `num_codes` when the
+    batch alone is smaller than the codebook, else 0. E.g. 8 rows, 32 codes -> 24; 256 rows, 3000 codes -> 2816."""
+    if batch_rows >= num_codes:
+        return 0
+    return batch_rows * (math.ceil(num_codes / batch_rows) - 1)
 
 
 def swapped_prediction_loss(
@@ -157,6 +199,7 @@ class CodebookAligner(AlignerMethod):
     assignments computed by an EMA teacher (see the module docstring)."""
 
     config_class = CodebookConfig
+    citation = join(CODIS, SWAV)
 
     def __init__(self, config: CodebookConfig, vision_dim: int, text_dim: int):
         super().__init__(config, vision_dim, text_dim)
@@ -180,6 +223,11 @@ class CodebookAligner(AlignerMethod):
         self._steps = 0
         self._reseeded = 0
         self._window_stats: dict[str, float] = {}
+        # SwAV's queue: rows resolved on the first training batch (None before), then per modality a (rows, D) FIFO of
+        # normalised teacher embeddings, newest first, and how many of its rows hold real embeddings.
+        self._queue_rows: int | None = None
+        self._queue: dict[str, torch.Tensor] = {}
+        self._queue_filled = 0
 
     def teacher_state(self) -> dict[str, torch.Tensor]:
         """The EMA teacher: a copy of each student parameter by name (created from the student on first use)."""
@@ -204,7 +252,9 @@ class CodebookAligner(AlignerMethod):
     def training_state(self) -> dict[str, torch.Tensor]:
         """What a training checkpoint needs beyond `state_dict()` for a resumed run to match an uninterrupted one:
         the teacher (`teacher.<name>`), the step counter and the current window's usage counts (which decide the
-        next re-seeding), as tensors so it fits in a safetensors file next to the aligner weights."""
+        next re-seeding), the queue (`queue.vision`, `queue.text`, and `queue_state` = [rows, or -1 before the first
+        training batch resolved them; rows filled]), as tensors so it fits in a safetensors file next to the aligner
+        weights."""
         state = {f"teacher.{name}": t.detach().clone() for name, t in self.teacher_state().items()}
         k = self.config.num_codes
         state["usage"] = self._usage.clone() if self._usage is not None else torch.zeros(k, dtype=torch.long)
@@ -212,24 +262,43 @@ class CodebookAligner(AlignerMethod):
         state["counters"] = torch.tensor([self._steps, self._reseeded])
         if self._recent is not None:
             state["recent"] = self._recent.clone()
+        rows = -1 if self._queue_rows is None else self._queue_rows
+        state["queue_state"] = torch.tensor([rows, self._queue_filled])
+        state.update({f"queue.{modality}": queue.clone() for modality, queue in self._queue.items()})
         return state
 
     def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what `training_state()` returned (after the student weights are loaded)."""
+        """Restore what `training_state()` returned (after the student weights are loaded). A state without
+        `queue_state` (written before the queue existed) restores with an empty, unresolved queue."""
         params = dict(self.named_parameters())
         required = {f"teacher.{name}" for name in params} | {"usage", "agreed", "counters"}
-        if not required <= set(state) <= required | {"recent"}:
+        optional = {"recent", "queue_state", "queue.vision", "queue.text"}
+        if not required <= set(state) <= required | optional:
             raise ValueError(
-                f"training state must have keys {sorted(required)} (+ optional 'recent'), got {sorted(state)}"
+                f"training state must have keys {sorted(required)} (+ optional {sorted(optional)}), got {sorted(state)}"
+            )
+        rows, filled = (int(v) for v in state.get("queue_state", torch.tensor([-1, 0])))
+        queued = {k for k in state if k.startswith("queue.")}
+        shape = (rows, self.config.projection_dim)
+        expected = {"queue.vision": shape, "queue.text": shape} if rows > 0 else {}
+        found = {k: tuple(state[k].shape) for k in sorted(queued)}
+        if found != expected:
+            raise ValueError(
+                f"training state: queue_state gives {rows} queue rows, so the queue tensors must be "
+                f"{expected or 'absent'}; got {found or 'none'}"
             )
         self._reset_training_state()
         self._teacher = {
             name: state[f"teacher.{name}"].to(device=p.device, dtype=p.dtype).clone() for name, p in params.items()
         }
-        self._usage = state["usage"].to(self.codebook.device).clone()
-        self._agreed = state["agreed"].to(self.codebook.device).clone()
+        device = self.codebook.device
+        self._usage = state["usage"].to(device).clone()
+        self._agreed = state["agreed"].to(device).clone()
         self._steps, self._reseeded = (int(v) for v in state["counters"])
-        self._recent = state["recent"].to(self.codebook.device).clone() if "recent" in state else None
+        self._recent = state["recent"].to(device).clone() if "recent" in state else None
+        self._queue_rows = None if rows < 0 else rows
+        self._queue = {k.removeprefix("queue."): state[k].to(device, torch.float32).clone() for k in queued}
+        self._queue_filled = filled
 
     def after_optimizer_step(self) -> None:
         self.ema_update()
@@ -244,29 +313,76 @@ class CodebookAligner(AlignerMethod):
     def embed_text(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.text_head(features)
 
+    @property
+    def codebook_frozen(self) -> bool:
+        """True during the first `freeze_codebook_steps` optimiser steps: the codebook then gets no gradient."""
+        return self._steps < self.config.freeze_codebook_steps
+
     def code_scores(self, embeds: torch.Tensor) -> torch.Tensor:
-        """(B, K) cosines between (normalised) embeddings and the student's codes."""
-        return F.normalize(embeds.float(), dim=-1) @ F.normalize(self.codebook.float(), dim=-1).t()
+        """(B, K) cosines between (normalised) embeddings and the student's codes (detached while frozen)."""
+        codebook = self.codebook.detach() if self.codebook_frozen else self.codebook
+        return F.normalize(embeds.float(), dim=-1) @ F.normalize(codebook.float(), dim=-1).t()
 
     @torch.no_grad()
-    def teacher_scores(self, vision_features: torch.Tensor, text_features: torch.Tensor):
-        """(B, K) cosines of the teacher's image and text embeddings to the teacher's codes."""
+    def teacher_embeddings(
+        self, vision_features: torch.Tensor, text_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) normalised fp32 embeddings of the image and text features by the teacher's heads."""
         teacher = self.teacher_state()
-        codes = F.normalize(teacher["codebook"].float(), dim=-1).t()
         out = []
         for modality, features in (("vision", vision_features), ("text", text_features)):
             z = F.linear(features, teacher[f"{modality}_head.weight"], teacher.get(f"{modality}_head.bias"))
-            out.append(F.normalize(z.float(), dim=-1) @ codes)
-        return tuple(out)
+            out.append(F.normalize(z.float(), dim=-1))
+        return out[0], out[1]
+
+    @torch.no_grad()
+    def teacher_codes(self) -> torch.Tensor:
+        """(K, D) the teacher's codebook, rows normalised, in fp32."""
+        return F.normalize(self.teacher_state()["codebook"].float(), dim=-1)
+
+    @torch.no_grad()
+    def assignments(self, modality: str, teacher_embeds: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """(B, K) Sinkhorn targets of a batch of normalised teacher embeddings (B, D) against codes (K, D): over the
+        batch alone, or, once the queue of `modality` is full, over `[queue; batch]` with the queue re-scored against
+        `codes`, keeping the batch's rows (SwAV)."""
+        scores = teacher_embeds @ codes.t()
+        queue = self.queue(modality)
+        if queue is not None:
+            scores = torch.cat([queue @ codes.t(), scores])
+        q = sinkhorn(scores, self.config.sinkhorn_epsilon, self.config.sinkhorn_iters)
+        return q[queue.shape[0] :] if queue is not None else q
+
+    def queue(self, modality: str) -> torch.Tensor | None:
+        """The (rows, D) queue of `modality` ("vision" or "text"), newest first, when full; None otherwise."""
+        if not self._queue or self._queue_filled < self._queue_rows:
+            return None
+        return self._queue[modality]
+
+    @torch.no_grad()
+    def _push(self, z_v: torch.Tensor, z_t: torch.Tensor) -> None:
+        """After a training batch: resolve the queue length on the first one, then (from `queue_start_steps` on)
+        put the batch's teacher embeddings in front and drop the oldest rows."""
+        if self._queue_rows is None:
+            length = self.config.queue_length
+            self._queue_rows = auto_queue_length(z_v.shape[0], self.config.num_codes) if length == "auto" else length
+            if self._queue_rows:
+                self._queue = {m: torch.zeros(self._queue_rows, z_v.shape[1], device=z_v.device) for m in MODALITIES}
+        rows = self._queue_rows
+        if rows == 0 or self._steps < self.config.queue_start_steps:
+            return
+        for modality, z in zip(MODALITIES, (z_v, z_t)):
+            self._queue[modality] = torch.cat([z, self._queue[modality].to(z.device)])[:rows]
+        self._queue_filled = min(rows, self._queue_filled + z_v.shape[0])
 
     def extra_loss(self, vision_features, text_features, image_embeds, text_embeds) -> dict[str, torch.Tensor]:
         cfg = self.config
         scores_v, scores_t = self.code_scores(image_embeds), self.code_scores(text_embeds)
-        teacher_v, teacher_t = self.teacher_scores(vision_features, text_features)
-        q_v = sinkhorn(teacher_v, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters)
-        q_t = sinkhorn(teacher_t, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters)
+        codes = self.teacher_codes()
+        z_v, z_t = self.teacher_embeddings(vision_features, text_features)
+        q_v, q_t = self.assignments("vision", z_v, codes), self.assignments("text", z_t, codes)
         loss = swapped_prediction_loss(scores_v, scores_t, q_v, q_t, cfg.code_temperature)
         if self.training:
+            self._push(z_v, z_t)
             self._record(scores_v, scores_t, image_embeds, text_embeds)
         return {"codebook": cfg.codebook_weight * loss}
 
@@ -289,8 +405,10 @@ class CodebookAligner(AlignerMethod):
             )
         if k > n:
             raise ValueError(
-                f"codebook initialisation: num_codes={k} is larger than the {n} training pairs given to k-means; "
-                f"lower num_codes to at most {n} or initialise from more pairs"
+                f"codebook: num_codes={k} codes need at least {k} training pairs for the k-means initialisation, but "
+                f"init_from_data got {n}. Lower num_codes to at most {n}, or give it more pairs: hf_align.train passes "
+                "min(AlignmentArguments.init_samples, number of training pairs), so raise init_samples if the "
+                "training set is larger, or add training data"
             )
         device = self.codebook.device
         width = self.config.projection_dim
@@ -369,6 +487,8 @@ class CodebookAligner(AlignerMethod):
                 "codebook_pair_agreement": float(2 * self._agreed / usage.sum()),
             }
         stats["codebook_reseeded"] = float(self._reseeded)
+        if self._queue_rows:
+            stats["codebook_queue_filled"] = float(self._queue_filled)
         return stats
 
 

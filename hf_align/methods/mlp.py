@@ -1,4 +1,4 @@
-"""`mlp`: residual MLP heads, `P x + alpha * W2 dropout(GELU(W1 x))`.
+"""`mlp`: residual MLP heads, `P x + alpha * W2 dropout(GELU(W1 x))` (`docs/methods.md` §2).
 
 The authors' code gates the non-linear branch with a parameter initialised to -inf, so it never trains and their "MLP"
 is a linear map. Here `alpha` starts at `branch_init` (> 0) and is trained, so the branch contributes from step one.
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..regularizers.structure import StructureRegularizer
 from .base import MethodConfig
+from .citations import CLIP, join
 from .projection import ProjectionPair
 from .registry import register_method
 
@@ -60,6 +62,8 @@ class ResidualMLPHead(nn.Module):
 @register_method("mlp")
 class MLPAligner(ProjectionPair):
     config_class = MLPConfig
+    # CLIP's objective; the residual MLP head is one of STRUCTURE's baselines
+    citation = join(CLIP, StructureRegularizer.citation)
 
     def make_head(self, in_dim: int) -> nn.Module:
         return ResidualMLPHead(in_dim, self.config)

@@ -1,4 +1,4 @@
-"""`relative`: global relative representations with learnable paired anchors (METHODS.md §3).
+"""`relative`: global relative representations with learnable paired anchors (`docs/methods.md` §5.2).
 
 An image is described by its similarities to K vision anchors `A_v` (K, d_v), a text by its similarities to K text
 anchors `A_t` (K, d_t): `r_v(x) = softmax(cos(x, A_v) / τ_r)` (or the plain cosines, `relative_mode="cosine"`).
@@ -17,6 +17,7 @@ from torch import nn
 
 from ..relative_representations import pick_anchor_pairs, relative_representation
 from .base import AlignerMethod, MethodConfig
+from .citations import PAL, RELATIVE_REPRESENTATIONS, join
 from .registry import register_method
 
 RELATIVE_MODES = ("softmax", "cosine")
@@ -45,6 +46,7 @@ class RelativeConfig(MethodConfig):
 @register_method("relative")
 class RelativeAligner(AlignerMethod):
     config_class = RelativeConfig
+    citation = join(RELATIVE_REPRESENTATIONS, PAL)
 
     def __init__(self, config: RelativeConfig, vision_dim: int, text_dim: int):
         super().__init__(config, vision_dim, text_dim)

@@ -1,5 +1,5 @@
 """`token_relative`: token-level relative representations with learnable anchors and cross-attention pooling
-("PAL", seed 000; METHODS.md §3).
+(PAL, "projection-free anchor learning"; `docs/methods.md` §5.3).
 
 Per modality, K anchors (`A_v` (K, d_v), `A_t` (K, d_t)) drawn from N(0, 1) and L2-normalised are the only trained
 parameters. Every token t of a sample (image: CLS + patches; text: every non-padding token) gets its relative vector
@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..relative_representations import relative_representation
 from .base import AlignerMethod, MethodConfig
+from .citations import PAL, RELATIVE_REPRESENTATIONS, join
 from .registry import register_method
 
 POOLINGS = ("cap", "mean")
@@ -61,17 +63,47 @@ class TokenRelativeConfig(MethodConfig):
 def cross_attention_pool(relative: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """CAP: (B, T, K) token relative vectors + (B, T) mask -> (B, K) profiles `p` (not normalised).
 
-    One softmax over the real tokens per anchor: `α[:, k] = softmax_t(R[:, k] / τ)`, `p[k] = Σ_t α[t, k] R[t, k]`.
+    One softmax over the real tokens per anchor: `α[:, k] = softmax_t(R[:, k] / τ)`, `p[k] = Σ_t α[t, k] R[t, k]`,
+    for every sample and anchor at once (padding gets `α = 0`). Differentiable in `relative`.
     """
-    logits = relative / temperature
-    if mask is not None:
-        logits = logits.masked_fill(~mask.bool()[..., None], float("-inf"))
-    weights = torch.softmax(logits, dim=1)
-    return (weights * relative).sum(dim=1)
+    return _CrossAttentionPool.apply(relative, mask, temperature)
+
+
+class _CrossAttentionPool(torch.autograd.Function):
+    """CAP with its gradient written out: `∂p[k] / ∂R[t, k] = α[t, k] (1 + (R[t, k] - p[k]) / τ)`.
+
+    Autograd through the division, `masked_fill`, softmax and weighted sum allocates four (B, T, K) tensors in the
+    backward pass; this backward allocates one and updates it in place. Such a tensor is the token batch times K
+    (4096 images x 257 tokens x 512 anchors: 2 GB in fp32), and CAP's cost is the passes over it, not its FLOPs.
+    """
+
+    @staticmethod
+    def forward(ctx, relative: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> torch.Tensor:
+        # fp32 whatever `relative` is (bf16 under autocast): the softmax of R / τ amplifies rounding by 1/τ, so it and
+        # the profiles are fp32 on every device (CUDA's autocast runs softmax in fp32, the CPU's does not).
+        logits = relative.float() / temperature
+        if mask is not None:
+            logits.masked_fill_(~mask.bool()[..., None], float("-inf"))
+        weights = torch.softmax(logits, dim=1)
+        del logits  # freed before the product below allocates: one (B, T, K) tensor less at the peak
+        pooled = (weights * relative).sum(dim=1)
+        ctx.save_for_backward(relative, weights, pooled)
+        ctx.temperature = temperature
+        return pooled
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_pooled: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        relative, weights, pooled = ctx.saved_tensors
+        tau = ctx.temperature
+        # α (1 + (R - p) / τ) g  =  (R - (p - τ)) · α · (g / τ); padding has α = 0 and gets no gradient.
+        grad = relative - (pooled - tau)[:, None, :]
+        grad.mul_(weights).mul_((grad_pooled / tau)[:, None, :])
+        return grad, None, None
 
 
 def mean_pool(relative: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(B, T, K) + (B, T) mask -> (B, K) mean over the real tokens."""
+    """(B, T, C) + (B, T) mask -> (B, C) mean over the real tokens (of relative vectors, C = K, or of tokens)."""
     if mask is None:
         return relative.mean(dim=1)
     weights = mask.to(relative.dtype)[..., None]
@@ -98,6 +130,7 @@ def _check_tokens(modality: str, tokens: torch.Tensor, mask: torch.Tensor | None
 class TokenRelativeAligner(AlignerMethod):
     config_class = TokenRelativeConfig
     input_kind = "tokens"
+    citation = join(PAL, RELATIVE_REPRESENTATIONS)
 
     def __init__(self, config: TokenRelativeConfig, vision_dim: int, text_dim: int):
         super().__init__(config, vision_dim, text_dim)
@@ -121,18 +154,23 @@ class TokenRelativeAligner(AlignerMethod):
         anchors = self.vision_anchors if modality == "vision" else self.text_anchors
         return relative_representation(tokens, anchors)
 
-    def pool(self, relative: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def profiles(self, tokens: torch.Tensor, mask: torch.Tensor | None, modality: str) -> torch.Tensor:
+        """(B, T, d) tokens + (B, T) mask -> (B, K) pooled profiles `p` (not normalised), all samples at once."""
         if self.config.pooling == "cap":
-            return cross_attention_pool(relative, mask, self.config.pool_temperature)
-        return mean_pool(relative, mask)
+            return cross_attention_pool(self.token_relative(tokens, modality), mask, self.config.pool_temperature)
+        # A mean of cosines is linear in the unit tokens: mean_t (ẑ_t · â_k) = (mean_t ẑ_t) · â_k. Averaging the unit
+        # tokens first makes it one (B, d) x (d, K) product instead of a (B, T, d) x (d, K) one: T times fewer FLOPs.
+        anchors = self.vision_anchors if modality == "vision" else self.text_anchors
+        mean_unit_token = mean_pool(F.normalize(tokens.float(), dim=-1), mask)  # (B, d)
+        return relative_representation(mean_unit_token, F.normalize(anchors.float(), dim=-1), normalize=False)
 
     def embed_image(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         _check_tokens("vision", features, mask)
-        return self.pool(self.token_relative(features, "vision"), mask)
+        return self.profiles(features, mask, "vision")
 
     def embed_text(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         _check_tokens("text", features, mask)
-        return self.pool(self.token_relative(features, "text"), mask)
+        return self.profiles(features, mask, "text")
 
     def embed_patches(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, P, d_v) patch tokens -> (B, P, K) `S_pa = cos(patch, image anchors)`, not renormalised (segmentation)."""

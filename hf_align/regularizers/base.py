@@ -25,10 +25,13 @@ class Regularizer(nn.Module, abc.ABC):
         config_class: the settings dataclass (a `RegularizerConfig` subclass).
         input_kinds: which method inputs (`AlignerMethod.input_kind`) the term is defined for; checked when the
             model is configured.
+        citation: BibTeX entries (separated by blank lines) of the papers the term implements; the model card of an
+            aligner trained with it renders them. Empty when there is nothing to cite.
     """
 
     config_class: ClassVar[type[RegularizerConfig]] = RegularizerConfig
     input_kinds: ClassVar[tuple[str, ...]] = ("pooled",)
+    citation: ClassVar[str] = ""
 
     def __init__(self, config: RegularizerConfig):
         super().__init__()
@@ -41,5 +44,14 @@ class Regularizer(nn.Module, abc.ABC):
         text_features: torch.Tensor,
         image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Return the weighted scalar term. Features are the tapped-layer inputs, embeddings the aligned outputs."""
+        """Return the weighted scalar term.
+
+        Args:
+            vision_features / text_features: the batch's frozen tapped-layer features, (B, d_v) / (B, d_t).
+            image_embeds / text_embeds: their aligned outputs, (B, D).
+            image_ids: optional (B,) image id of each pair. A term that compares samples with each other must not
+                treat two rows with the same id (captions of one image) as different samples, e.g. by masking those
+                pairs; `None` means every row is its own image.
+        """

@@ -1,33 +1,39 @@
-"""STRUCTURE regularisation (METHODS.md §2): keep, in the aligned space, the neighbourhood structure each frozen
+"""STRUCTURE regularisation (docs/methods.md §3): keep, in the aligned space, the neighbourhood structure each frozen
 encoder had.
 
 For one modality with frozen batch features X (B, d) and their aligned embeddings A = f(X) (B, D):
 
 1. rows are L2-normalised, then (with `centering=True`) the batch mean is subtracted;
 2. `P_X = softmax_row(X Xᵀ / τ)` (the diagonal is kept), likewise `P_A`; level l compares the l-th matrix powers
-   `P_X^l`, `P_A^l` (random walks of l hops on the batch similarity graph);
-3. the level divergence is the mean over rows of either the Jensen–Shannon divergence (`divergence="js"`,
-   ½ KL(P_X‖M) + ½ KL(P_A‖M), M = ½(P_X + P_A), natural log, in [0, ln 2]) or the variant the authors' code computes
-   (`divergence="authors_rkl"`, ½ [KL(M‖P_A) + KL(M‖P_X)], "reverse" KLs from the mixture; not bounded by ln 2);
-4. `R_S = (1/L) Σ_l w_l · relu(D_l − margin)` with `w_l = 1` (`weighting="none"`) or `1/l` (`"inverse"`).
+   `P_X^l`, `P_A^l` (random walks of l hops on the batch similarity graph). With `image_ids`, rows i ≠ j showing the
+   same image (several captions of one image in the batch) get transition probability 0 to each other in both
+   matrices, so both spaces compare the same neighbour sets;
+3. the level divergence is the mean over rows of either the variant the authors' code computes
+   (`divergence="authors_rkl"`, the default: ½ [KL(M‖P_A) + KL(M‖P_X)], M = ½(P_X + P_A), "reverse" KLs from the
+   mixture, not bounded by ln 2; λ = 10 was tuned on it) or the Jensen–Shannon divergence (`divergence="js"`,
+   ½ KL(P_X‖M) + ½ KL(P_A‖M), natural log, in [0, ln 2]);
+4. `R_S = (1/L) Σ_l w_l · relu(D_l − margin)` with `w_l = 1/l` (`weighting="inverse"`, the default, as the authors'
+   configurations with L > 1) or `1` (`"none"`); the two agree at L = 1.
 
-`levels`: an int L means the L levels 1, 2, …, L (METHODS.md's L ∈ {1, 2, 3, 5} is the number of levels); a list
-of ints names the matrix powers explicitly (e.g. `[1, 3]`), and 1/L then divides by its length.
+`levels`: an int L means the L levels 1, 2, …, L; a list of ints names the matrix powers explicitly (e.g. `[1, 3]`),
+and 1/L then divides by its length. `STRUCTURE_PRESETS` holds the authors' four configurations (`L1`, `L2`, `L3`,
+`L5`), selected with `preset="L3"` (`structure_preset="L3"`).
 
 The registered regulariser `"structure"` adds `λ_t · ½ (R_S(image) + R_S(text))` to the training loss, with the
 frozen tapped-layer features and the aligned embeddings of the batch, and `λ_t = weight · min(1, t / warmup_steps)`.
 The counter t is a persistent buffer (`steps_done`, saved in checkpoints and `save_pretrained`): it advances by one
 at every forward call made in training mode, and t is its value after that increment, so the k-th training batch uses
-`weight · min(1, k / warmup_steps)`; eval-mode calls use the current value without advancing it (a fresh model reports
-0). One forward call per optimisation step is what `hf_align.train` does without gradient accumulation; with
-`gradient_accumulation_steps = g` the counter sees g calls per step, so pass `warmup_steps = 1000·g` to warm up over
-1000 optimiser steps.
+`weight · min(1, k / warmup_steps)`. Eval-mode calls use the full `weight` and leave the counter alone, so validation
+losses of different epochs measure the same objective. One forward call per optimisation step is what
+`hf_align.train` does without gradient accumulation; with `gradient_accumulation_steps = g` the counter sees g calls
+per step, so pass `warmup_steps = 1000·g` to warm up over 1000 optimiser steps.
 
 The regulariser needs pooled features (one vector per sample); token sequences (B, T, d) are rejected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,13 +42,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses import same_image_mask
 from .base import Regularizer, RegularizerConfig
 from .registry import register_regularizer
 
 WEIGHTINGS = ("none", "inverse")
-DIVERGENCES = ("js", "authors_rkl")
+DIVERGENCES = ("authors_rkl", "js")
+# The authors' four configurations (their configs/losses_{lin,mlp}/clip_structure_*.yaml): λ 10 warmed up over 1000
+# steps, τ 0.05, no margin, their divergence; L = 1 without level weighting (the same as inverse at L = 1), L > 1 with
+# inverse weighting.
+_AUTHORS = dict(weight=10.0, warmup_steps=1000, tau=0.05, margin=0.0, divergence="authors_rkl")
+STRUCTURE_PRESETS: dict[str, dict] = {
+    "L1": {**_AUTHORS, "levels": 1, "weighting": "none"},
+    "L2": {**_AUTHORS, "levels": 2, "weighting": "inverse"},
+    "L3": {**_AUTHORS, "levels": 3, "weighting": "inverse"},
+    "L5": {**_AUTHORS, "levels": 5, "weighting": "inverse"},
+}
 
-__all__ = ["DIVERGENCES", "WEIGHTINGS", "StructureConfig", "StructureRegularizer", "structure_regularizer"]
+__all__ = [
+    "DIVERGENCES",
+    "STRUCTURE_PRESETS",
+    "WEIGHTINGS",
+    "StructureConfig",
+    "StructureRegularizer",
+    "structure_regularizer",
+]
 
 
 def _check_levels(levels) -> list[int]:
@@ -83,16 +107,22 @@ def _check_pooled(name: str, x: torch.Tensor) -> None:
         )
 
 
-def _log_transitions(x: torch.Tensor, tau: float, centering: bool, powers: list[int]) -> dict[int, torch.Tensor]:
+def _log_transitions(
+    x: torch.Tensor, tau: float, centering: bool, powers: list[int], same: torch.Tensor | None
+) -> dict[int, torch.Tensor]:
     """log P^l for every requested power l, P = softmax_row(x̂ x̂ᵀ / τ): (B, B) each, float32.
 
-    Level 1 comes straight from log_softmax (exact even where P underflows); higher powers take the log of the matrix
-    power, clamped at the smallest normal float so a zero entry gives a large finite log rather than -inf.
+    `same` (B, B) bool marks the pairs that get transition probability 0 (log P = −∞ at level 1). Level 1 comes
+    straight from log_softmax (exact even where P underflows); higher powers take the log of the matrix power, clamped
+    at the smallest normal float so a zero entry gives a large finite log rather than −∞.
     """
     x = F.normalize(x.float(), dim=1)
     if centering:
         x = x - x.mean(dim=0, keepdim=True)
-    log_p = torch.log_softmax(x @ x.T / tau, dim=1)
+    logits = x @ x.T / tau
+    if same is not None:
+        logits = logits.masked_fill(same, float("-inf"))  # the diagonal is never masked: every row stays finite
+    log_p = torch.log_softmax(logits, dim=1)
     out = {1: log_p} if 1 in powers else {}
     if max(powers) > 1:
         p = power = log_p.exp()
@@ -103,8 +133,17 @@ def _log_transitions(x: torch.Tensor, tau: float, centering: bool, powers: list[
     return out
 
 
-def _row_divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str) -> torch.Tensor:
-    """Mean over rows of JS(p, q) or ½[KL(m‖q) + KL(m‖p)], m = ½(p + q); inputs are (B, B) log-probabilities."""
+def _row_divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, ignore: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over rows of JS(p, q) or ½[KL(m‖q) + KL(m‖p)], m = ½(p + q); inputs are (B, B) log-probabilities.
+
+    `ignore` (B, B) bool marks entries where both p and q are exactly 0 (log −∞): they contribute 0. They are set to
+    log 1 in both first, which makes every term there exactly 0 (p = q = m) and keeps −∞ − (−∞) = NaN out of the
+    values and the gradients.
+    """
+    if ignore is not None:
+        log_p, log_q = log_p.masked_fill(ignore, 0.0), log_q.masked_fill(ignore, 0.0)
     p, q = log_p.exp(), log_q.exp()
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
     if divergence == "js":
@@ -120,10 +159,11 @@ def structure_regularizer(
     aligned: torch.Tensor,
     levels: int | Sequence[int] = 1,
     tau: float = 0.05,
-    weighting: str = "none",
+    weighting: str = "inverse",
     margin: float = 0.0,
-    divergence: str = "js",
+    divergence: str = "authors_rkl",
     centering: bool = True,
+    image_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """R_S for one modality: how much the aligned batch geometry departs from the frozen one (a scalar, >= 0).
 
@@ -132,10 +172,12 @@ def structure_regularizer(
         aligned: (B, D) aligned embeddings of the same B samples (any D; normalised here).
         levels: number of levels L (powers 1..L) or an explicit list of powers.
         tau: softmax temperature of the transition matrices.
-        weighting: `none` (w_l = 1) or `inverse` (w_l = 1/l).
+        weighting: `inverse` (w_l = 1/l, the default) or `none` (w_l = 1).
         margin: divergence below which a level costs nothing (`relu(D_l − margin)`).
-        divergence: `js` (Jensen–Shannon) or `authors_rkl` (½[KL(M‖P_A) + KL(M‖P_X)]).
+        divergence: `authors_rkl` (½[KL(M‖P_A) + KL(M‖P_X)], the default) or `js` (Jensen–Shannon).
         centering: subtract the batch mean after L2 normalisation.
+        image_ids: optional (B,) image id of each sample; samples i ≠ j with the same id get transition probability 0
+            to each other in both P_X and P_A. `None`: every pair is a neighbour candidate.
 
     Returns 0 (up to rounding) when `aligned` equals `frozen` up to a rotation and an isotropic scale.
     """
@@ -149,13 +191,16 @@ def structure_regularizer(
         )
     if frozen.shape[0] < 2:
         raise ValueError(f"STRUCTURE needs a batch of at least 2 samples, got {frozen.shape[0]}")
+    same = None if image_ids is None else same_image_mask(image_ids.to(aligned.device), aligned.shape[0])
     with torch.no_grad():
-        log_frozen = _log_transitions(frozen, tau, centering, powers)
-    log_aligned = _log_transitions(aligned, tau, centering, powers)
+        log_frozen = _log_transitions(frozen, tau, centering, powers, None if same is None else same.to(frozen.device))
+    log_aligned = _log_transitions(aligned, tau, centering, powers, same)
     total = aligned.new_zeros((), dtype=torch.float32)
     for level in powers:
         weight = 1.0 if weighting == "none" else 1.0 / level
-        value = _row_divergence(log_frozen[level].to(aligned.device), log_aligned[level], divergence)
+        # Only level 1 holds exact zeros at the masked pairs; powers reach them through other samples.
+        ignore = same if level == 1 else None
+        value = _row_divergence(log_frozen[level].to(aligned.device), log_aligned[level], divergence, ignore)
         total = total + weight * torch.relu(value - margin)
     return total / len(powers)
 
@@ -165,20 +210,25 @@ class StructureConfig(RegularizerConfig):
     """Settings of the `structure` regulariser (`AlignerModel.from_encoders(..., regularizers={"structure": {...}})`
     or the shorthand `structure_<field>=...`).
 
-    weight: λ (the METHODS.md default is 10). warmup_steps: training forward calls over which λ ramps up linearly from
-    0 (0 = full weight at once). The other fields are those of `structure_regularizer`.
+    weight: λ (default 10, the authors' value). warmup_steps: training forward calls over which λ ramps up linearly
+    from 0 (0 = full weight at once). preset: one of `STRUCTURE_PRESETS` (`L1`, `L2`, `L3`, `L5`, the authors'
+    configurations): every field left at its default takes the preset's value; a field given another value than the
+    preset's is a `ValueError`. The other fields are those of `structure_regularizer`.
     """
 
     weight: float = 10.0
     levels: int | list[int] = 1
     tau: float = 0.05
-    weighting: str = "none"
+    weighting: str = "inverse"
     margin: float = 0.0
-    divergence: str = "js"
+    divergence: str = "authors_rkl"
     centering: bool = True
     warmup_steps: int = 1000
+    preset: str | None = None
 
     def __post_init__(self):
+        if self.preset is not None:
+            self._apply_preset()
         if not (isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool) and self.weight >= 0):
             raise ValueError(f"structure weight must be a float >= 0, got {self.weight!r}")
         if not (
@@ -189,6 +239,22 @@ class StructureConfig(RegularizerConfig):
             raise ValueError(f"structure centering must be a bool, got {self.centering!r}")
         _check_levels(self.levels)
         _check_options(self.tau, self.weighting, self.margin, self.divergence)
+
+    def _apply_preset(self) -> None:
+        if self.preset not in STRUCTURE_PRESETS:
+            raise ValueError(
+                f"structure preset must be one of {sorted(STRUCTURE_PRESETS)} or None, got {self.preset!r}"
+            )
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in STRUCTURE_PRESETS[self.preset].items():
+            given = getattr(self, name)
+            if given == defaults[name]:
+                setattr(self, name, value)
+            elif given != value:
+                raise ValueError(
+                    f"structure preset {self.preset!r} sets {name}={value!r}, but {name}={given!r} was given: "
+                    "drop one of them"
+                )
 
     def function_kwargs(self) -> dict:
         return dict(
@@ -203,9 +269,19 @@ class StructureConfig(RegularizerConfig):
 
 @register_regularizer("structure")
 class StructureRegularizer(Regularizer):
-    """`λ_t · ½ (R_S(vision features, image embeds) + R_S(text features, text embeds))`; see the module docstring."""
+    """`λ · ½ (R_S(vision features, image embeds) + R_S(text features, text embeds))`, λ warmed up in training and
+    full in evaluation; see the module docstring."""
 
     config_class = StructureConfig
+    citation = """@inproceedings{groger2025structure,
+  title         = {With Limited Data for Multimodal Alignment, Let the {STRUCTURE} Guide You},
+  author        = {Gr{\\"o}ger, Fabian and Wen, Shuo and Le, Huyen and Brbi{\\'c}, Maria},
+  booktitle     = {The Thirty-ninth Annual Conference on Neural Information Processing Systems},
+  year          = {2025},
+  url           = {https://openreview.net/forum?id=IkvQqD7hk3},
+  eprint        = {2506.16895},
+  archivePrefix = {arXiv}
+}"""
 
     def __init__(self, config: StructureConfig):
         super().__init__(config)
@@ -217,7 +293,7 @@ class StructureRegularizer(Regularizer):
         nn.init.zeros_(self.steps_done)
 
     def current_weight(self) -> float:
-        """λ_t for the counter's present value."""
+        """λ_t, the training weight for the counter's present value (evaluation always uses the full `weight`)."""
         warmup = self.config.warmup_steps
         ramp = 1.0 if warmup == 0 else min(1.0, int(self.steps_done) / warmup)
         return self.config.weight * ramp
@@ -228,17 +304,18 @@ class StructureRegularizer(Regularizer):
         text_features: torch.Tensor,
         image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
+        image_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         _check_pooled("vision_features", vision_features)
         _check_pooled("text_features", text_features)
         if self.training:
             self.steps_done += 1
-        weight = self.current_weight()
-        if weight == 0.0:  # e.g. an eval call before any training step: nothing to compute
+        weight = self.current_weight() if self.training else self.config.weight
+        if weight == 0.0:  # λ = 0: nothing to compute
             return image_embeds.new_zeros((), dtype=torch.float32)
         options = self.config.function_kwargs()
         value = 0.5 * (
-            structure_regularizer(vision_features, image_embeds, **options)
-            + structure_regularizer(text_features, text_embeds, **options)
+            structure_regularizer(vision_features, image_embeds, image_ids=image_ids, **options)
+            + structure_regularizer(text_features, text_embeds, image_ids=image_ids, **options)
         )
         return weight * value

@@ -11,7 +11,8 @@ _DESCRIPTION = """
 Recall@k of cross-modal retrieval in both directions, in percent, for any number of captions per image.
 A text→image query hits at k when its image ranks in the top k images; an image→text query hits when any of its
 captions ranks in the top k texts. Negatives tied with the best positive rank above it (ties count against the
-query, so a collapsed model that scores everything alike gets no credit). Returns `image_to_text_R@k`, `text_to_image_R@k` and their mean `mean_R@k` for each k. This is
+query, so a collapsed model that scores everything alike gets no credit). Returns `image_to_text_R@k`,
+`text_to_image_R@k` and their mean `mean_R@k` for each k. This is
 `hf_align.evaluation.retrieval_metrics`, the function `hf_align.evaluate_retrieval` uses.
 """
 
