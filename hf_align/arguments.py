@@ -38,8 +38,18 @@ class ModelArguments:
     method: str = field(default="linear", metadata={"help": "Aligner method (registry name)."})
     vision_layer: str = field(default="-1", metadata={"help": "Hidden-state index to tap, or 'auto'."})
     text_layer: str = field(default="-1", metadata={"help": "Hidden-state index to tap, or 'auto'."})
-    vision_pooling: str = field(default="auto", metadata={"help": "auto | cls | mean | tokens"})
-    text_pooling: str = field(default="auto", metadata={"help": "auto | cls | mean | tokens"})
+    vision_pooling: str = field(default="auto", metadata={"help": "auto | cls | mean | max | tokens | none"})
+    text_pooling: str = field(
+        default="auto", metadata={"help": "auto | cls | mean | max | last | weightedmean | tokens | none"}
+    )
+    vision_source: str = field(
+        default="auto",
+        metadata={"help": "auto | hidden_states | last_hidden_state | pooler_output | projected (what is read)"},
+    )
+    text_source: str = field(
+        default="auto",
+        metadata={"help": "auto | hidden_states | last_hidden_state | pooler_output | projected | sentence_embedding"},
+    )
     method_kwargs: str = field(
         default="{}", metadata={"help": 'JSON object of method / regulariser settings, e.g. {"projection_dim": 512}.'}
     )
@@ -59,6 +69,8 @@ class ModelArguments:
             text_layer=parse_layer("text_layer", self.text_layer),
             vision_pooling=self.vision_pooling,
             text_pooling=self.text_pooling,
+            vision_source=self.vision_source,
+            text_source=self.text_source,
             dtype=self.dtype,
             **kwargs,
         )
