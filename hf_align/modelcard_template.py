@@ -63,6 +63,10 @@ image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"])
 classifier = pipeline("zero-shot-image-classification", model="{{ model_id }}")
 classifier("photo.jpg", candidate_labels=["cat", "dog"])
 ```
+
+From sentence-transformers (after `import hf_align`), `SentenceTransformer("{{ model_id }}").encode(...)` of captions
+or PIL images gives these same embeddings, so vector databases and frameworks built on it can index them; open_clip
+style: `model, preprocess, tokenizer = hf_align.create_model_and_transforms("{{ model_id }}")`.
 {% if evaluations %}
 ## Evaluation
 {% for run in evaluations %}

@@ -1,6 +1,8 @@
 """A saved aligner loads as a multimodal `SentenceTransformer` (sentence-transformers 6 finds `get_text_features` and
 `get_image_features`), and its `encode()` of captions and of images is the aligner's embeddings."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
@@ -39,3 +41,9 @@ def test_encode_matches_the_aligner(aligner_dir):
     # sentence-transformers' similarity (cosine) of the two is the aligner's, before the temperature
     scores = encoder.similarity(pictures, texts)
     torch.testing.assert_close(scores, expected_images @ expected.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_model_card_says_how_to_use_the_aligner_from_sentence_transformers(aligner_dir):
+    card = (Path(aligner_dir) / "README.md").read_text(encoding="utf-8")
+    assert f'`SentenceTransformer("{aligner_dir}").encode(...)` of captions\nor PIL images' in card
+    assert f'hf_align.create_model_and_transforms("{aligner_dir}")' in card
