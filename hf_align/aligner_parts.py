@@ -160,7 +160,9 @@ def tap_fields(
     """
     if layer == AUTO:
         tap = resolve_tap(info, modality, 0, "hidden_states", pooling, tokens)
-        width = info.hidden_sizes[-1]  # a placeholder until layer selection
+        # Built for the last hidden state's width; once layer selection has picked a layer, `set_layers` records
+        # that layer's width and rebuilds the aligner when it differs.
+        width = info.hidden_sizes[-1]
     else:
         tap = resolve_tap(info, modality, layer, source, pooling, tokens)
         width = tap_width(info, tap)
