@@ -5,13 +5,16 @@
   `FeatureCollator`) and `split_by_image`.
 * `store`: the folder on disk: fingerprint, atomic write, size and checksum checks (`load_cache`, `skipped_samples`,
   `FeatureCacheError`) and `open_feature_cache`, which opens any cache folder a command is given.
-* `extract`: `extract_features`, the encoders run once over a dataset, and `BadSampleError`.
+* `encode`: what an extraction reads from the encoders, one batch through them, its rows checked and written;
+  `BadSampleError`.
+* `extract`: `extract_features`, the encoders run once over a dataset.
 * `decode`: the source side: loading a dataset split, decoding images and captions, preprocessing batches.
 """
 
 from ..distributed import cpu_process_group, process_state
 from .decode import MAX_IMAGE_SIDE, load_dataset_split
-from .extract import BAD_SAMPLE_POLICIES, BadSampleError, extract_features
+from .encode import BAD_SAMPLE_POLICIES, BadSampleError
+from .extract import extract_features
 from .schema import (
     FeatureCollator,
     cached_layers,

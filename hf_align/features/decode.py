@@ -21,7 +21,7 @@ import torch
 from transformers.utils import logging
 
 if TYPE_CHECKING:
-    from .extract import _Plan
+    from .encode import _Plan
 
 logger = logging.get_logger(__name__)
 

@@ -1,9 +1,6 @@
 """`extract_features`: run the frozen encoders once over a dataset and write their features to a cache on disk.
 
-Bad samples (`on_bad_sample`): what cannot be encoded (an undecodable or empty image, a missing / empty / non-text /
-non-UTF-8 caption, NaN or Inf in the encoder's output; see `hf_align.features.decode` for what is repaired instead)
-raises `BadSampleError` naming its row by default; `on_bad_sample="skip"` leaves it out, logs it and records it in the
-metadata (`skipped_samples`).
+Bad samples (`on_bad_sample`, `BadSampleError`): `hf_align.features.encode`.
 
 Speed and scale-out: decoding, the image processor and the tokenizer run in `num_workers` DataLoader worker processes
 while the encoders run (pinned memory and non-blocking copies on CUDA, bf16 autocast and SDPA attention there); the
@@ -21,21 +18,22 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import datasets
-import numpy as np
 import torch
-from datasets.arrow_writer import ArrowWriter
 from transformers.utils import logging
 
-from ..configuration import resolve_layer_index
 from ..distributed import broadcast, on_every_process, on_main, process_state
-from ..encoders import blank_pixel_values, non_finite_rows, read_tap, text_fixed_length
-from ..taps import Tap, default_pooling, tap_width
-from .decode import _log_truncated, _Preprocessor, _SourceBatches, _text_length_limit
-from .schema import _features_schema, layer_column, tap_column
+from .decode import _Preprocessor, _SourceBatches
+from .encode import (
+    BAD_SAMPLE_POLICIES,
+    BadSampleError,
+    _build_plan,
+    _default_num_workers,
+    _encode_prepared,
+    _reads,
+    _requested_layers,
+)
 from .store import (
     CACHE_FORMAT_VERSION,
     DATA_FILE,
@@ -47,20 +45,12 @@ from .store import (
     _processor_signature,
     _reuse_or_clear,
     default_cache_dir,
-    estimate_cache_bytes,
     load_cache,
 )
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["BAD_SAMPLE_POLICIES", "BadSampleError", "extract_features"]
-
-
-BAD_SAMPLE_POLICIES = ("raise", "skip")
-
-
-class BadSampleError(ValueError):
-    """A dataset sample `extract_features` cannot encode; the message names its row (and caption) and the problem."""
 
 
 def extract_features(
@@ -200,88 +190,6 @@ def _check_extraction_inputs(model, processor, dataset, image_column, text_colum
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
-def _requested_layers(modality: str, requested, config) -> list[int]:
-    num = getattr(config, f"{modality}_num_layers")
-    if requested is None:
-        requested = "all" if getattr(config, f"{modality}_layer") == "auto" else [config.absolute_layer(modality)]
-    if requested == "all":
-        return list(range(num))
-    if isinstance(requested, (int, str)) or not all(isinstance(v, int) for v in requested):
-        raise ValueError(f"{modality}_layers must be None, 'all' or a list of ints, got {requested!r}")
-    return sorted({resolve_layer_index(f"{modality}_layers", v, num) for v in requested})
-
-
-@dataclass(frozen=True)
-class _Read:
-    """One cache column: the tap it reads, the prefix tokens that tap leaves out, its width and, for messages, where
-    in the encoder it comes from."""
-
-    tap: Tap
-    num_prefix_tokens: int
-    width: int
-    where: str
-
-    @property
-    def tokens(self) -> bool:
-        return not self.tap.pooled
-
-    def signature(self) -> str:
-        """The tap and its prefix tokens in words (`hidden_states[2] · mean, 1 prefix token`): what the cache's
-        fingerprint records of the column."""
-        prefix = self.num_prefix_tokens
-        return self.tap.describe() + (f", {prefix} prefix token{'s' if prefix > 1 else ''}" if prefix else "")
-
-
-def _reads(model, modality: str, layers: list[int]) -> dict[str, _Read]:
-    """The columns an extraction stores for `modality`, by name: the pooled hidden-state `layers`, and what the
-    model's tap reads when that is not among them (token sequences, or a source after the last layer).
-
-    The hidden states are pooled as the model's tap pools them when it reads hidden states (so its column is the one
-    it trains on), else as `auto` pools hidden states (what layer selection then points the model at).
-    """
-    config = model.config
-    info = model.encoder_info(modality)
-    pooling = getattr(config, f"resolved_{modality}_pooling")
-    prefix = config.num_prefix_tokens(modality)
-    if getattr(config, f"{modality}_source") == "hidden_states" and pooling != "tokens":
-        hidden_pooling, hidden_prefix = pooling, prefix
-    else:
-        hidden_pooling = default_pooling(info, modality, "hidden_states")
-        hidden_prefix = info.num_prefix_tokens.get("hidden_states", 0) if modality == "vision" else 0
-    reads = {
-        layer_column(modality, layer): _Read(
-            Tap(layer, "hidden_states", hidden_pooling), hidden_prefix, info.hidden_sizes[layer], f"layer {layer}"
-        )
-        for layer in layers
-    }
-    if getattr(config, f"{modality}_layer") == "auto":
-        return reads  # layer selection first: the model reads nothing yet
-    tap = config.tap(modality)
-    name = tap_column(config, modality)
-    if name not in reads:
-        absolute = config.absolute_layer(modality)
-        if tap.source == "hidden_states":
-            tap, where = Tap(absolute, "hidden_states", tap.pooling), f"layer {absolute}"
-        else:
-            where = tap.source
-        reads[name] = _Read(tap, prefix, tap_width(info, tap), where)
-    return reads
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What an extraction reads and stores; shared by the preprocessing workers and the encoding loop."""
-
-    image_column: str
-    text_column: str
-    keep_columns: tuple[str, ...]
-    reads: dict  # modality -> column name -> _Read
-    text_passes: dict  # fixed text length (None: as tokenized) -> the text columns read from that pass
-    batch_size: int
-    text_limit: int
-    on_bad_sample: str
-
-
 def _write_features(
     model,
     processor,
@@ -309,40 +217,15 @@ def _write_features(
         # Decode each image ourselves (`_rgb_image`): datasets would decode a whole batch at once, so one corrupt
         # file would fail the batch without saying which row it was.
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    text_limit = _text_length_limit(model, processor.tokenizer, max_text_length)
     n_images = len(dataset)
     first_caption = dataset[0][text_column]
     captions_per_image = len(first_caption) if isinstance(first_caption, list) else 1
-    pooled = {m: {name: r.width for name, r in reads[m].items() if not r.tokens} for m in reads}
-    vision_tokens = {name: (_vision_token_count(model, r), r.width) for name, r in reads["vision"].items() if r.tokens}
-    text_tokens = {name: r.width for name, r in reads["text"].items() if r.tokens}
-    estimate = estimate_cache_bytes(
-        n_images * captions_per_image,
-        list(pooled["vision"].values()),
-        list(pooled["text"].values()),
-        next(iter(vision_tokens.values()), None),
-        (32, next(iter(text_tokens.values()))) if text_tokens else None,
+    keep_features = datasets.Features({c: dataset.features[c] for c in keep_columns})
+    plan, schema, row_bytes = _build_plan(
+        model, processor, reads, image_column, text_column, keep_features, batch_size, max_text_length, on_bad_sample
     )
+    estimate = n_images * captions_per_image * row_bytes
     logger.info(f"extracting features of {n_images} images: estimated cache size {estimate / 2**20:.1f} MiB")
-    schema = _features_schema(
-        {**pooled["vision"], **pooled["text"]},
-        vision_tokens,
-        text_tokens,
-        datasets.Features({c: dataset.features[c] for c in keep_columns}),
-    )
-    text_passes: dict[int | None, list[str]] = {}  # a SigLIP text tower's pooled taps need their own pass
-    for name, read in reads["text"].items():
-        text_passes.setdefault(text_fixed_length(model.text_model, read.tap), []).append(name)
-    plan = _Plan(
-        image_column,
-        text_column,
-        tuple(keep_columns),
-        reads,
-        text_passes,
-        batch_size,
-        text_limit,
-        on_bad_sample,
-    )
     n_batches = math.ceil(n_images / batch_size)
     rank, world = state.process_index, state.num_processes
     batches = range(n_batches * rank // world, n_batches * (rank + 1) // world)
@@ -356,8 +239,17 @@ def _write_features(
     )
 
     def encode() -> tuple[int, list[dict]]:
+        device = next(model.vision_model.parameters()).device
+        loader = torch.utils.data.DataLoader(
+            _SourceBatches(dataset, plan.batch_size, batches),
+            batch_size=None,  # an item is already a batch
+            collate_fn=_Preprocessor(processor, plan),
+            # a single batch has nothing to overlap with
+            num_workers=_default_num_workers(model, num_workers) if len(batches) > 1 else 0,
+            pin_memory=device.type == "cuda",
+        )
         try:
-            return _encode_batches(model, processor, dataset, plan, batches, num_workers, path, schema, progress)
+            return _encode_prepared(model, loader, plan, path, schema, progress)
         finally:
             progress.close()
 
@@ -365,186 +257,3 @@ def _write_features(
     if n_rows == 0:
         raise BadSampleError(f"every sample of the dataset was bad and skipped; first: {skipped[0]}")
     return n_rows, skipped
-
-
-def _encode_batches(model, processor, dataset, plan: _Plan, batches: range, num_workers, path, schema, progress):
-    """Encode the source batches `batches` (indices of `plan.batch_size`-row slices) into an Arrow file at `path`.
-
-    Returns the number of rows written and the samples skipped. Preprocessing runs in `num_workers` DataLoader
-    workers; the device starts on batch i + 1 before batch i's outputs are waited for and written.
-    """
-    device = next(model.vision_model.parameters()).device
-    if num_workers is None:
-        # On a GPU the workers keep decoding off the device's critical path; on CPU they would take cores from the
-        # encoders' forward pass (2 workers ran at 0.65x the speed of none on 2 cores: benchmarks/RESULTS.md).
-        num_workers = min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
-    loader = torch.utils.data.DataLoader(
-        _SourceBatches(dataset, plan.batch_size, batches),
-        batch_size=None,  # an item is already a batch
-        collate_fn=_Preprocessor(processor, plan),
-        num_workers=num_workers if len(batches) > 1 else 0,  # a single batch has nothing to overlap with
-        pin_memory=device.type == "cuda",
-    )
-    writer = ArrowWriter(path=path, features=schema)
-    n_rows, skipped, pending = 0, [], None
-    try:
-        for prepared in loader:
-            launched = _launch(model, prepared, plan, device)
-            if pending is not None:
-                n_rows += _collect(pending, plan, writer, skipped)
-                progress.update(pending["prepared"]["n_source"])
-            pending = launched
-        if pending is not None:
-            n_rows += _collect(pending, plan, writer, skipped)
-            progress.update(pending["prepared"]["n_source"])
-        writer.finalize()
-    finally:
-        writer.close()
-    return n_rows, skipped
-
-
-def _vision_token_count(model, read: _Read) -> int:
-    """Tokens per image of a vision token column (one blank image through the encoder)."""
-    outputs = model.vision_outputs(blank_pixel_values(model.vision_model))
-    return read_tap(outputs, read.tap, read.num_prefix_tokens)[0].shape[1]
-
-
-# ---------------------------------------------------------------------------------------------- one batch
-@torch.no_grad()
-def _launch(model, prepared: dict, plan: _Plan, device: torch.device) -> dict:
-    """Start encoding a prepared batch without waiting for it: inputs go to the device, the encoders run once per
-    batch (text: once per chunk and input regime), every column's tap is read and copied back (on CUDA into pinned
-    memory, asynchronously; `event` marks the copies' end).
-
-    Returns `{"prepared", "outputs", "event"}`; outputs: column name -> (n_images, ...) vision or (n_captions, ...)
-    text tensors in caption order, except text token columns: a list of ((chunk, T_chunk, d) tokens, (chunk, T_chunk)
-    mask of the real ones) in sorted order.
-    """
-    launched = {"prepared": prepared, "outputs": None, "event": None}
-    if prepared["pixel_values"] is None:
-        return launched
-    autocast = _autocast(model)
-    outputs: dict[str, Any] = {}
-    with autocast:
-        vision = model.vision_outputs(prepared["pixel_values"].to(device, non_blocking=True))
-    for name, read in plan.reads["vision"].items():
-        if read.tokens:
-            outputs[name] = read_tap(vision, read.tap, read.num_prefix_tokens)[0].half()
-        else:  # pooled in float32 (the encoder may have run in bf16)
-            outputs[name] = read_tap(vision, read.tap, read.num_prefix_tokens, dtype=torch.float32)[0]
-    del vision
-    pieces: dict[str, list] = {name: [] for name in plan.reads["text"]}
-    for chunk in prepared["text_chunks"]:
-        inputs = {name: value.to(device, non_blocking=True) for name, value in chunk.items()}
-        for fixed_length, names in plan.text_passes.items():
-            with autocast:
-                text = model.text_outputs(
-                    inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"), fixed_length
-                )
-            for name in names:
-                read = plan.reads["text"][name]
-                if read.tokens:  # the mask read_tap returns: padding moved to the right, as in the tokens
-                    tokens, mask = read_tap(text, read.tap)
-                    pieces[name].append((tokens.half(), mask))
-                else:
-                    pieces[name].append(read_tap(text, read.tap, dtype=torch.float32)[0])
-    caption_row = torch.argsort(prepared["text_order"]).to(device)  # sorted row of each caption
-    for name, values in pieces.items():
-        outputs[name] = values if plan.reads["text"][name].tokens else torch.cat(values)[caption_row]
-    # Non-blocking device-to-host copies land in pinned memory; a no-op on CPU.
-    launched["outputs"] = {name: _to_host(value) for name, value in outputs.items()}
-    if device.type == "cuda":
-        launched["event"] = torch.cuda.Event()
-        launched["event"].record()
-    return launched
-
-
-def _to_host(value):
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_host(v) for v in value)
-    return value.to("cpu", non_blocking=True)
-
-
-def _collect(launched: dict, plan: _Plan, writer: ArrowWriter, skipped: list[dict]) -> int:
-    """Wait for a launched batch, apply the bad-sample policy, write its rows; returns the number of rows written.
-
-    Under `on_bad_sample="raise"` the first bad sample raises `BadSampleError` naming its row; under `"skip"` it is
-    appended to `skipped`. Rows whose encoder output holds NaN/Inf are bad samples too and are never written.
-    """
-    prepared = launched["prepared"]
-    start = prepared["start"]
-
-    def reject(position: int, reason: str, caption: int | None = None) -> None:
-        where = f"row {start + position}" + ("" if caption is None else f", caption {caption}")
-        if plan.on_bad_sample == "raise":
-            raise BadSampleError(f"{where}: {reason} (on_bad_sample='skip' leaves such samples out)")
-        skipped.append({"row": start + position, "caption": caption, "reason": reason})
-
-    for position, reason, caption in prepared["rejects"]:
-        reject(position, reason, caption)
-    if launched["outputs"] is None:
-        return 0
-    _log_truncated(prepared["truncated"], plan.text_limit)
-    if launched["event"] is not None:
-        launched["event"].synchronize()
-    outputs, positions, owner = launched["outputs"], prepared["positions"], prepared["owner"]
-    owner_index = np.asarray(owner)
-    columns: dict[str, Any] = {}
-    bad_images: dict[int, str] = {}  # index into the usable images -> reason
-    bad_captions: dict[int, str] = {}  # index into the captions -> reason
-    for modality, bad in (("vision", bad_images), ("text", bad_captions)):
-        for name, read in plan.reads[modality].items():
-            if not read.tokens:
-                _note_non_finite(bad, outputs[name], f"NaN or Inf in the {modality} encoder's output at {read.where}")
-                columns[name] = outputs[name].numpy()[owner_index] if modality == "vision" else outputs[name].numpy()
-    float16 = "stored as float16, so |x| > 65504 overflows"
-    for name, read in plan.reads["vision"].items():
-        if read.tokens:
-            reason = f"NaN or Inf in the vision tokens at {read.where} ({float16})"
-            _note_non_finite(bad_images, outputs[name], reason)
-            columns[name] = outputs[name].numpy()[owner_index]
-    order = prepared["text_order"].tolist() if prepared["text_order"] is not None else []
-    for name, read in plan.reads["text"].items():
-        if not read.tokens:
-            continue
-        rows, finite, sorted_rows = [None] * len(order), [], []
-        for state, mask in outputs[name]:
-            real = state.masked_fill(~mask[..., None], 0)  # padding positions are never stored
-            finite.append(torch.isfinite(real).flatten(1).all(1))
-            sorted_rows += [row[m].numpy() for row, m in zip(state, mask)]
-        finite = torch.cat(finite)
-        for sorted_row, caption in enumerate(order):
-            rows[caption] = sorted_rows[sorted_row]
-            if not finite[sorted_row]:
-                bad_captions.setdefault(caption, f"NaN or Inf in the text tokens at {read.where} ({float16})")
-        columns[name] = rows
-    for image, reason in bad_images.items():
-        reject(positions[image], reason)
-    for row, reason in bad_captions.items():
-        if owner[row] not in bad_images:
-            reject(positions[owner[row]], reason, prepared["caption_ids"][row])
-    columns["image_id"] = np.asarray([start + positions[o] for o in owner], dtype=np.int64)
-    columns.update(prepared["keep"])
-    keep = [r for r in range(len(owner)) if owner[r] not in bad_images and r not in bad_captions]
-    if not keep:
-        return 0
-    if len(keep) < len(owner):
-        columns = {name: _take(values, keep) for name, values in columns.items()}
-    writer.write_batch(columns)
-    return len(keep)
-
-
-def _note_non_finite(bad: dict[int, str], values: torch.Tensor, reason: str) -> None:
-    for row in non_finite_rows(values):
-        bad.setdefault(row, reason)
-
-
-def _take(values, rows: list[int]):
-    return values[rows] if isinstance(values, np.ndarray) else [values[r] for r in rows]
-
-
-def _autocast(model):
-    device = next(model.vision_model.parameters()).device
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
