@@ -488,7 +488,8 @@ class AlignerModel(PreTrainedModel):
         """Validate tapped-layer features against what the aligner was built for; move them to its device/dtype.
 
         `source` names where the features came from in errors (default: the `<modality>_features` argument).
-        `check_finite=False` skips the NaN/Inf check (a host-device sync on a GPU).
+        `check_finite=False` skips the value checks, NaN/Inf features and token masks with no real token (each a
+        host-device sync on a GPU); `train()` makes them once, when the cache is loaded.
         """
         if features is None:
             raw_name = "pixel_values" if modality == "vision" else "input_ids"
@@ -511,6 +512,12 @@ class AlignerModel(PreTrainedModel):
             )
         if tokens and mask is None:
             mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+        elif tokens and check_finite:
+            empty = (~mask.bool().any(dim=1)).nonzero().flatten().tolist()
+            if empty:  # a softmax over no token: NaN pooling weights, then NaN scores for the whole batch
+                raise ValueError(
+                    f"{modality} sample(s) {empty[:8]} have no real token (all-padding {modality}_mask); drop them"
+                )
         device = self.logit_scale.device
         features = features.to(device=device, dtype=self.logit_scale.dtype)
         return features, (mask.to(device) if mask is not None else None)

@@ -239,3 +239,14 @@ def test_bad_input(token_task):
     mask[2] = False
     with pytest.raises(ValueError, match=r"text sample\(s\) \[2\] have no real token"):
         model.get_text_features(text_features=token_task.text_tokens[LAYER][:4], text_mask=mask)
+    # check_finite=False (what train() passes: it checks the cache once) skips the check and its device sync: the
+    # empty caption's profile is then NaN, its neighbours' are not
+    unchecked = model.get_text_features(
+        text_features=token_task.text_tokens[LAYER][:4], text_mask=mask, check_finite=False
+    )
+    assert torch.isnan(unchecked[2]).all() and torch.isfinite(unchecked[[0, 1, 3]]).all()
+    # late-interaction scoring, called on token sets directly, still refuses it
+    with pytest.raises(ValueError, match=r"text sample\(s\) \[2\] have no real token"):
+        model.aligner.late_interaction_scores(
+            token_task.vision_tokens[LAYER][:4], token_task.text_tokens[LAYER][:4], text_mask=mask
+        )

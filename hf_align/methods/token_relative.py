@@ -111,19 +111,23 @@ def mean_pool(relative: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 
 def _check_tokens(modality: str, tokens: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Shapes only, so that a training step has no host-device sync (`AlignerModel` refuses all-padding masks when it
+    checks its inputs' values; `late_interaction_scores` below does so itself)."""
     if tokens.dim() != 3:
         raise ValueError(
             f"token_relative needs {modality} token features (B, T, d); got shape {tuple(tokens.shape)}. Use "
             f"{modality}_pooling='tokens' and a feature cache with token columns"
         )
-    if mask is not None:
-        if tuple(mask.shape) != tuple(tokens.shape[:2]):
-            raise ValueError(f"{modality} mask has shape {tuple(mask.shape)}, expected {tuple(tokens.shape[:2])}")
-        empty = ~mask.bool().any(dim=1)
-        if empty.any():
-            raise ValueError(
-                f"{modality} sample(s) {empty.nonzero().flatten().tolist()[:8]} have no real token (all-padding mask)"
-            )
+    if mask is not None and tuple(mask.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(f"{modality} mask has shape {tuple(mask.shape)}, expected {tuple(tokens.shape[:2])}")
+
+
+def _check_real_tokens(modality: str, mask: torch.Tensor | None) -> None:
+    if mask is None:
+        return
+    empty = (~mask.bool().any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{modality} sample(s) {empty[:8]} have no real token (all-padding mask)")
 
 
 @register_method("token_relative")
@@ -192,8 +196,9 @@ class TokenRelativeAligner(AlignerMethod):
         patch-word cosines are computed in blocks of at most `block_elements` entries (128 MB in fp32), so a
         5k-caption gallery against 257-token images never materialises at once.
         """
-        _check_tokens("vision", vision_tokens, vision_mask)
-        _check_tokens("text", text_tokens, text_mask)
+        for modality, tokens, mask in (("vision", vision_tokens, vision_mask), ("text", text_tokens, text_mask)):
+            _check_tokens(modality, tokens, mask)
+            _check_real_tokens(modality, mask)
         n_images, n_patches = vision_tokens.shape[:2]
         n_texts, n_words = text_tokens.shape[:2]
         text_rel = F.normalize(self.token_relative(text_tokens, "text"), dim=-1)  # (Bt, W, K)
