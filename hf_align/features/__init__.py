@@ -7,13 +7,15 @@
   `FeatureCacheError`) and `open_feature_cache`, which opens any cache folder a command is given.
 * `encode`: what an extraction reads from the encoders, one batch through them, its rows checked and written;
   `BadSampleError`.
-* `extract`: `extract_features`, the encoders run once over a dataset.
+* `streaming`: extraction of a `datasets.IterableDataset`, source shard by source shard, into a sharded cache that
+  a killed run resumes (`PARTIAL_SUFFIX`, `SHARD_IMAGE_ID_STRIDE`).
+* `extract`: `extract_features`, the encoders run once over a dataset (map-style or streamed).
 * `decode`: the source side: loading a dataset split, decoding images and captions, preprocessing batches.
 """
 
 from ..distributed import cpu_process_group, process_state
 from .decode import MAX_IMAGE_SIDE, load_dataset_split
-from .encode import BAD_SAMPLE_POLICIES, BadSampleError
+from .encode import BAD_SAMPLE_POLICIES, SHARD_IMAGE_ID_STRIDE, BadSampleError
 from .extract import extract_features
 from .schema import (
     FeatureCollator,
@@ -32,7 +34,9 @@ from .store import (
     CHECKSUM_AUTO_BYTES,
     DATA_FILE,
     META_FILE,
+    SHARD_FOLDER,
     SHARD_PREFIX,
+    SHARDED_LAYOUT,
     FeatureCacheError,
     default_cache_dir,
     estimate_cache_bytes,
@@ -40,6 +44,7 @@ from .store import (
     open_feature_cache,
     skipped_samples,
 )
+from .streaming import PARTIAL_SUFFIX
 
 __all__ = [
     "BAD_SAMPLE_POLICIES",
@@ -48,6 +53,10 @@ __all__ = [
     "DATA_FILE",
     "MAX_IMAGE_SIDE",
     "META_FILE",
+    "PARTIAL_SUFFIX",
+    "SHARDED_LAYOUT",
+    "SHARD_FOLDER",
+    "SHARD_IMAGE_ID_STRIDE",
     "SHARD_PREFIX",
     "BadSampleError",
     "FeatureCacheError",

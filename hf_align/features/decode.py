@@ -75,8 +75,9 @@ class _Preprocessor:
         return _prepare_batch(self.processor, self.plan, start, batch)
 
 
-def _prepare_batch(processor, plan: _Plan, start: int, batch: dict) -> dict:
-    """Decode, check and preprocess the source rows `start, start + 1, ...` in `batch` (CPU work, run in a worker).
+def _prepare_batch(processor, plan: _Plan, start: int, batch: dict, shard: int | None = None) -> dict:
+    """Decode, check and preprocess the source rows `start, start + 1, ...` in `batch` (CPU work, run in a worker);
+    `shard`: the source shard they come from in a streamed extraction (rows then count within it), else `None`.
 
     Returns a dict:
         rejects: `(position in batch, reason, caption index or None)` of each bad sample, in row order; a bad sample
@@ -116,6 +117,7 @@ def _prepare_batch(processor, plan: _Plan, start: int, batch: dict) -> dict:
             positions.append(i)
     prepared = {
         "start": start,
+        "shard": shard,
         "n_source": len(batch[plan.image_column]),
         "rejects": rejects,
         "positions": positions,

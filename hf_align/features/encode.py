@@ -28,10 +28,12 @@ from .decode import _log_truncated, _text_length_limit
 from .schema import _features_schema, layer_column, tap_column
 from .store import estimate_cache_bytes
 
-__all__ = ["BAD_SAMPLE_POLICIES", "BadSampleError"]
+__all__ = ["BAD_SAMPLE_POLICIES", "SHARD_IMAGE_ID_STRIDE", "BadSampleError"]
 
 
 BAD_SAMPLE_POLICIES = ("raise", "skip")
+# A streamed cache's image_id: source shard * stride + row within the shard (unique while a shard holds < 2**32 rows).
+SHARD_IMAGE_ID_STRIDE = 2**32
 
 
 class BadSampleError(ValueError):
@@ -169,23 +171,30 @@ def _encode_prepared(model, prepared_batches: Iterable[dict], plan: _Plan, path:
     Returns the number of rows written and the samples skipped. The device starts on batch i + 1 before batch i's
     outputs are waited for and written.
     """
-    device = next(model.vision_model.parameters()).device
     writer = ArrowWriter(path=path, features=schema)
-    n_rows, skipped, pending = 0, [], None
+    n_rows, skipped = 0, []
     try:
-        for prepared in prepared_batches:
-            launched = _launch(model, prepared, plan, device)
-            if pending is not None:
-                n_rows += _collect(pending, plan, writer, skipped)
-                progress.update(pending["prepared"]["n_source"])
-            pending = launched
-        if pending is not None:
-            n_rows += _collect(pending, plan, writer, skipped)
-            progress.update(pending["prepared"]["n_source"])
+        for launched in _launched_ahead(model, prepared_batches, plan):
+            n_rows += _collect(launched, plan, writer, skipped)
+            progress.update(launched["prepared"]["n_source"])
         writer.finalize()
     finally:
         writer.close()
     return n_rows, skipped
+
+
+def _launched_ahead(model, prepared_batches: Iterable[dict], plan: _Plan):
+    """`_launch` each prepared batch; yield batch i (for `_collect`) once batch i + 1 is launched, so the device
+    works on the next batch while this one's outputs are waited for and written."""
+    device = next(model.vision_model.parameters()).device
+    pending = None
+    for prepared in prepared_batches:
+        launched = _launch(model, prepared, plan, device)
+        if pending is not None:
+            yield pending
+        pending = launched
+    if pending is not None:
+        yield pending
 
 
 def _vision_token_count(model, read: _Read) -> int:
@@ -253,17 +262,20 @@ def _to_host(value):
 def _collect(launched: dict, plan: _Plan, writer: ArrowWriter, skipped: list[dict]) -> int:
     """Wait for a launched batch, apply the bad-sample policy, write its rows; returns the number of rows written.
 
-    Under `on_bad_sample="raise"` the first bad sample raises `BadSampleError` naming its row; under `"skip"` it is
-    appended to `skipped`. Rows whose encoder output holds NaN/Inf are bad samples too and are never written.
+    Under `on_bad_sample="raise"` the first bad sample raises `BadSampleError` naming its row (and source shard, in a
+    streamed extraction); under `"skip"` it is appended to `skipped`. Rows whose encoder output holds NaN/Inf are bad
+    samples too and are never written.
     """
     prepared = launched["prepared"]
-    start = prepared["start"]
+    start, shard = prepared["start"], prepared["shard"]
 
     def reject(position: int, reason: str, caption: int | None = None) -> None:
-        where = f"row {start + position}" + ("" if caption is None else f", caption {caption}")
+        where = ("" if shard is None else f"shard {shard}, ") + f"row {start + position}"
+        where += "" if caption is None else f", caption {caption}"
         if plan.on_bad_sample == "raise":
             raise BadSampleError(f"{where}: {reason} (on_bad_sample='skip' leaves such samples out)")
-        skipped.append({"row": start + position, "caption": caption, "reason": reason})
+        sample = {"row": start + position, "caption": caption, "reason": reason}
+        skipped.append(sample if shard is None else {"shard": shard, **sample})
 
     for position, reason, caption in prepared["rejects"]:
         reject(position, reason, caption)
@@ -308,7 +320,8 @@ def _collect(launched: dict, plan: _Plan, writer: ArrowWriter, skipped: list[dic
     for row, reason in bad_captions.items():
         if owner[row] not in bad_images:
             reject(positions[owner[row]], reason, prepared["caption_ids"][row])
-    columns["image_id"] = np.asarray([start + positions[o] for o in owner], dtype=np.int64)
+    first_id = start if shard is None else shard * SHARD_IMAGE_ID_STRIDE + start
+    columns["image_id"] = np.asarray([first_id + positions[o] for o in owner], dtype=np.int64)
     columns.update(prepared["keep"])
     keep = [r for r in range(len(owner)) if owner[r] not in bad_images and r not in bad_captions]
     if not keep:

@@ -9,7 +9,8 @@ within a batch of images and encoded `batch_size` at a time, which cuts padding 
 rows are written in the source order. Under `accelerate launch` (or `torchrun`) with several processes, each process
 encodes a contiguous run of the batches into a shard and the main process concatenates the shards in rank order, so
 the cache holds the rows of a one-process run, in the same order. Memory does not grow with the dataset: batches
-stream from the (memory-mapped) source to the Arrow file.
+stream from the (memory-mapped) source to the Arrow file. A `datasets.IterableDataset` is extracted source shard by
+source shard into a sharded cache instead, resumable after a kill: `hf_align.features.streaming`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .store import (
     default_cache_dir,
     load_cache,
 )
+from .streaming import check_stream, extract_stream, stream_identity
 
 logger = logging.get_logger(__name__)
 
@@ -75,7 +77,10 @@ def extract_features(
         model: an `AlignerModel` with encoders attached (its config says which layers and poolings to store).
         processor: its `AlignerProcessor`.
         dataset: a `datasets.Dataset` with an image column (PIL images / anything the image processor takes) and a
-            text column (a string, or a list of strings for several captions per image).
+            text column (a string, or a list of strings for several captions per image); or a
+            `datasets.IterableDataset` (`load_dataset(..., streaming=True)`), extracted source shard by source shard
+            into a sharded cache, resumable after a kill (`hf_align.features.streaming`; its `image_id` is source
+            shard * 2**32 + row within the shard).
         vision_layers / text_layers: hidden states to store pooled (for layer selection): `None` = the layer the
             model taps (the last one for taps after it; every layer when it is `"auto"`), `"all"`, or a list of
             hidden-state indices (negative allowed). They are pooled as the model's tap pools when it reads hidden
@@ -89,7 +94,9 @@ def extract_features(
             encoder's number of positions). Longer captions are truncated with a warning naming their rows.
         cache_path: the exact cache folder to use instead of `<cache_dir>/<fingerprint>` (e.g. a cache extracted
             earlier or copied from another machine). It is read when it holds a cache of exactly these inputs, and
-            written when it does not exist; anything else raises `FeatureCacheError` naming what differs.
+            written when it does not exist; anything else raises `FeatureCacheError` naming what differs. Required
+            for a stream whose identity cannot be derived (`IterableDataset.from_generator`): such a stream is then
+            taken to be the one the folder was extracted from.
         on_bad_sample: `"raise"` (default): a sample that cannot be encoded raises `BadSampleError` naming its row
             and the problem. `"skip"`: it is left out, its row and reason are logged and recorded in the cache
             metadata (read them back with `skipped_samples`). See the module docstring for what counts as bad.
@@ -104,7 +111,10 @@ def extract_features(
         The cache (its columns: `hf_align.features.schema`). A second call with the same inputs loads it from disk
         and runs no encoder. A cache under `cache_dir` found unfinished or damaged is rebuilt (with a warning).
     """
+    streamed = isinstance(dataset, datasets.IterableDataset)
     _check_extraction_inputs(model, processor, dataset, image_column, text_column, keep_columns, batch_size)
+    if streamed:
+        stream = check_stream(dataset, image_column, text_column, keep_columns)
     if on_bad_sample not in BAD_SAMPLE_POLICIES:
         raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
     if num_workers is not None and (
@@ -129,9 +139,15 @@ def extract_features(
         "text_pipeline": pipeline.describe() if hasattr(pipeline, "describe") else None,
         "processor": _processor_signature(processor, max_text_length),
         "columns": [image_column, text_column, sorted(keep_columns)],
-        "dataset": dataset._fingerprint,
+        "dataset": stream_identity(dataset) if streamed else dataset._fingerprint,
         "on_bad_sample": on_bad_sample,
     }
+    if streamed and parts["dataset"]["stream"] is None and cache_path is None:
+        raise ValueError(
+            "cache_path is required for this IterableDataset: its rows do not come from data files or map-style "
+            "datasets (e.g. IterableDataset.from_generator), so no cache fingerprint can be derived from it; give "
+            "cache_path=<folder> to name its cache (a rerun with that folder reuses or resumes it)"
+        )
     folder = cache_path or os.path.join(cache_dir or default_cache_dir(), _fingerprint(parts))
     target = os.path.abspath(os.fspath(folder))
     state = process_state()
@@ -141,6 +157,20 @@ def extract_features(
         parts, target = broadcast([parts, target])
         if next(model.vision_model.parameters()).device != state.device:
             model.to(state.device)
+    if streamed:
+        keep_features = datasets.Features({c: stream.features[c] for c in keep_columns})
+        plan, schema, _ = _build_plan(
+            model,
+            processor,
+            reads,
+            image_column,
+            text_column,
+            keep_features,
+            batch_size,
+            max_text_length,
+            on_bad_sample,
+        )
+        return extract_stream(model, processor, stream, plan, schema, parts, target, cache_path, num_workers, state)
     if on_main(state, lambda: _reuse_or_clear(target, parts, cache_path)):
         logger.info(f"reusing feature cache {target}")
         return load_cache(target, parts, verify_checksum=False)  # verified by _reuse_or_clear just now
@@ -176,8 +206,15 @@ def _check_extraction_inputs(model, processor, dataset, image_column, text_colum
         )
     if processor is None:
         raise ValueError("extract_features needs the model's AlignerProcessor, got processor=None")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(dataset, datasets.IterableDataset):
+        return  # its columns are checked by check_stream, its emptiness once read
     if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(f"dataset must be a datasets.Dataset, got {type(dataset).__name__}")
+        raise TypeError(
+            f"dataset must be a datasets.Dataset, got {type(dataset).__name__} (or a datasets.IterableDataset: "
+            "load_dataset(..., streaming=True))"
+        )
     if len(dataset) == 0:
         raise ValueError("dataset is empty: extract_features needs at least one image–caption pair")
     for argument, column in (("image_column", image_column), ("text_column", text_column)):
@@ -186,8 +223,6 @@ def _check_extraction_inputs(model, processor, dataset, image_column, text_colum
     for column in keep_columns:
         if column not in dataset.column_names:
             raise ValueError(f"keep_columns names {column!r}, not a column of the dataset: {dataset.column_names}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def _write_features(

@@ -10,6 +10,11 @@ columns, the bad-sample policy and the source dataset's own fingerprint. `hf_ali
 the row count, the Arrow file's size and SHA-256, and the samples left out: every load checks the size (and the
 checksum when cheap, or on request), so a truncated or edited cache is refused instead of read.
 
+A streamed extraction (`hf_align.features.streaming`) writes the sharded layout instead: one Arrow file per source
+shard in `data/shard-<i>.arrow`, each recorded in `hf_align_cache.json` (`"layout": "sharded"`, `"shards"`: rows,
+size and SHA-256 of each) and checked on load like the single file; `load_cache` returns the shards concatenated in
+order, one memory-mapped Dataset.
+
 `open_feature_cache` opens any folder a command is given: a finished cache, or a dataset saved with `save_to_disk`.
 """
 
@@ -25,6 +30,7 @@ import datasets
 from datasets.arrow_writer import ArrowWriter
 from transformers.utils import logging
 
+from ..version import __version__
 from .decode import load_dataset_split
 
 logger = logging.get_logger(__name__)
@@ -34,6 +40,8 @@ __all__ = [
     "CHECKSUM_AUTO_BYTES",
     "DATA_FILE",
     "META_FILE",
+    "SHARDED_LAYOUT",
+    "SHARD_FOLDER",
     "SHARD_PREFIX",
     "FeatureCacheError",
     "default_cache_dir",
@@ -48,7 +56,10 @@ CACHE_FORMAT_VERSION = 2  # 2: the metadata records the data file's size and SHA
 META_FILE = "hf_align_cache.json"
 DATA_FILE = "features.arrow"
 CHECKSUM_AUTO_BYTES = 256 * 2**20  # load_cache verifies the SHA-256 by default up to this size (about a second)
-SHARD_PREFIX = "shard-"  # per-process part of a cache extracted by several processes, before concatenation
+# per-process part of a map-style cache extracted by several processes (before concatenation); a sharded cache's files
+SHARD_PREFIX = "shard-"
+SHARD_FOLDER = "data"  # a sharded cache's Arrow files: data/shard-00000.arrow, one per source shard
+SHARDED_LAYOUT = "sharded"
 
 
 class FeatureCacheError(ValueError):
@@ -84,11 +95,14 @@ def _local_signature(path: str | None) -> str | None:
 
 
 def _processor_signature(processor, max_text_length) -> dict:
-    image = processor.image_processor.to_dict()
+    image_processor = processor.image_processor
+    image = image_processor.to_dict()
     image.pop("processor_class", None)
     tokenizer = processor.tokenizer
     return {
         "image_processor": image,
+        # to_dict() names the class, not the backend that runs it (torchvision or PIL resize differently)
+        "image_backend": [type(image_processor).__name__, getattr(image_processor, "backend", None)],
         "tokenizer": [type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer), max_text_length],
     }
 
@@ -181,6 +195,62 @@ def _concatenate_arrow(paths: list[str], path: str) -> None:
         writer.close()
 
 
+def _shard_file(index: int) -> str:
+    """Where source shard `index` lives in a sharded cache, relative to its folder."""
+    return f"{SHARD_FOLDER}/{SHARD_PREFIX}{index:05d}.arrow"
+
+
+def _fsync(path: str) -> None:
+    """Flush a file's (or a folder's: its entries, i.e. renames) writes to disk."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; the files in it were synced
+        if os.path.isdir(path):
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems refuse fsync on a folder
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def _write_json_atomic(path: str, value) -> None:
+    """Write `value` as JSON under a temporary name, fsync it, rename it to `path` and fsync the folder: a reader
+    finds the old file, or the whole new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync(os.path.dirname(path))
+
+
+def _write_sharded_meta(folder: str, parts: dict, shards: list[dict]) -> None:
+    """Write the metadata of a sharded cache into `folder` (atomically, fsynced): `shards` are the per-shard
+    records (`file`, `source_shard`, `num_rows`, `num_source_rows`, `size`, `sha256`, `skipped`), in shard order."""
+    skipped = [sample for record in shards for sample in record["skipped"]]
+    if skipped:
+        where = [(sample["shard"], sample["row"]) for sample in skipped[:20]]
+        logger.warning(
+            f"on_bad_sample='skip': left out {len(skipped)} sample(s) at (shard, row) {where} (reasons recorded in "
+            f"{META_FILE}); first: {skipped[0]['reason']}"
+        )
+    meta = {
+        "parts": parts,
+        "layout": SHARDED_LAYOUT,
+        "num_rows": sum(record["num_rows"] for record in shards),
+        "complete": True,
+        "shards": shards,
+        "skipped": skipped,
+        "hf_align_version": __version__,
+    }
+    _write_json_atomic(os.path.join(folder, META_FILE), meta)
+
+
 # ---------------------------------------------------------------------------------------------- reading
 def load_cache(path: str, parts: dict | None = None, verify_checksum: bool | None = None) -> datasets.Dataset | None:
     """Open a finished cache folder; `None` if there is none (no `hf_align_cache.json`).
@@ -206,32 +276,71 @@ def load_cache(path: str, parts: dict | None = None, verify_checksum: bool | Non
                 f"feature cache {path!r} was built for other inputs: " + "; ".join(differences) + ". Use the "
                 "inputs it was built for, or another cache folder"
             )
+    if meta.get("layout") == SHARDED_LAYOUT:
+        return _load_sharded(path, meta, verify_checksum)
     record = meta.get("data_file")
     if not isinstance(record, dict):
         raise FeatureCacheError(
             f"feature cache {path!r} has no size/checksum record (written by an older hf_align); re-extract it"
         )
-    data_path = os.path.join(path, DATA_FILE)
-    size = os.path.getsize(data_path) if os.path.isfile(data_path) else None
-    if size != record["size"]:
-        found = "is missing" if size is None else f"is {size} bytes"
-        raise FeatureCacheError(
-            f"feature cache {path!r} is damaged: {DATA_FILE} {found}, {record['size']} bytes were written "
-            "(truncated or modified after extraction); delete the folder to re-extract"
-        )
+    size = _checked_size(path, DATA_FILE, record["size"])
     if verify_checksum or (verify_checksum is None and size <= CHECKSUM_AUTO_BYTES):
-        digest = _file_record(data_path)["sha256"]
-        if digest != record["sha256"]:
-            raise FeatureCacheError(
-                f"feature cache {path!r} is damaged: {DATA_FILE} has SHA-256 {digest}, {record['sha256']} was "
-                "written (modified after extraction); delete the folder to re-extract"
-            )
-    dataset = datasets.Dataset.from_file(data_path)
+        _check_sha256(path, DATA_FILE, record["sha256"])
+    dataset = datasets.Dataset.from_file(os.path.join(path, DATA_FILE))
     if len(dataset) != meta.get("num_rows"):
         raise FeatureCacheError(
             f"feature cache {path!r} is damaged: {len(dataset)} rows on disk, {meta.get('num_rows')} recorded"
         )
     return dataset
+
+
+def _load_sharded(path: str, meta: dict, verify_checksum: bool | None) -> datasets.Dataset:
+    """The shards of a sharded cache, checked (sizes always; SHA-256 as `load_cache` says, over their total size)
+    and concatenated in shard order."""
+    shards = meta.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise FeatureCacheError(f"feature cache {path!r}: {META_FILE} lists no shards; re-extract it")
+    total = sum(_checked_size(path, record["file"], record["size"]) for record in shards)
+    if verify_checksum or (verify_checksum is None and total <= CHECKSUM_AUTO_BYTES):
+        for record in shards:
+            _check_sha256(path, record["file"], record["sha256"])
+    parts = []
+    for record in shards:
+        part = datasets.Dataset.from_file(os.path.join(path, record["file"]))
+        if len(part) != record["num_rows"]:
+            raise FeatureCacheError(
+                f"feature cache {path!r} is damaged: {record['file']} holds {len(part)} rows, {record['num_rows']} "
+                "were written; delete the folder to re-extract"
+            )
+        parts.append(part)
+    dataset = datasets.concatenate_datasets(parts)
+    if len(dataset) != meta.get("num_rows"):
+        raise FeatureCacheError(
+            f"feature cache {path!r} is damaged: {len(dataset)} rows on disk, {meta.get('num_rows')} recorded"
+        )
+    return dataset
+
+
+def _checked_size(path: str, name: str, written: int) -> int:
+    """The size of the cache file `name`; `FeatureCacheError` naming it when that is not the `written` size."""
+    full = os.path.join(path, name)
+    size = os.path.getsize(full) if os.path.isfile(full) else None
+    if size != written:
+        found = "is missing" if size is None else f"is {size} bytes"
+        raise FeatureCacheError(
+            f"feature cache {path!r} is damaged: {name} {found}, {written} bytes were written "
+            "(truncated or modified after extraction); delete the folder to re-extract"
+        )
+    return size
+
+
+def _check_sha256(path: str, name: str, written: str) -> None:
+    digest = _file_record(os.path.join(path, name))["sha256"]
+    if digest != written:
+        raise FeatureCacheError(
+            f"feature cache {path!r} is damaged: {name} has SHA-256 {digest}, {written} was written (modified after "
+            "extraction); delete the folder to re-extract"
+        )
 
 
 def open_feature_cache(path: str | os.PathLike, split: str = "train") -> datasets.Dataset:
@@ -262,9 +371,15 @@ def open_feature_cache(path: str | os.PathLike, split: str = "train") -> dataset
 
 def skipped_samples(features: datasets.Dataset) -> list[dict]:
     """The samples `extract_features(..., on_bad_sample="skip")` left out of this cache: `{"row", "caption",
-    "reason"}` each (`caption` = index in the row's caption list, or `None` for the whole row)."""
+    "reason"}` each (`caption` = index in the row's caption list, or `None` for the whole row); in a streamed
+    (sharded) cache also `"shard"`, the source shard, within which `row` counts."""
     files = features.cache_files
-    meta_path = os.path.join(os.path.dirname(files[0]["filename"]), META_FILE) if files else None
+    meta_path = None
+    if files:
+        folder = os.path.dirname(files[0]["filename"])
+        if os.path.basename(folder) == SHARD_FOLDER and not os.path.isfile(os.path.join(folder, META_FILE)):
+            folder = os.path.dirname(folder)  # a sharded cache: data/shard-*.arrow beside the metadata's folder
+        meta_path = os.path.join(folder, META_FILE)
     if meta_path is None or not os.path.isfile(meta_path):
         raise ValueError("features is not an extract_features cache on disk (no hf_align_cache.json beside it)")
     with open(meta_path, encoding="utf-8") as handle:
@@ -298,7 +413,8 @@ def _file_record(path: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- stale partial caches
 def _remove_stale_partial_caches(target: str) -> None:
-    """Delete `<target>.tmp-<host>-<pid>` folders of extractions on this host whose process is gone."""
+    """Delete `<target>.tmp-<host>-<pid>` folders of extractions on this host whose process is gone. A streamed
+    extraction's `<target>.partial` never matches: it is the resumable state a rerun continues from."""
     parent, base = os.path.split(target)
     prefix = f"{base}.tmp-{socket.gethostname()}-"
     if not os.path.isdir(parent):
