@@ -6,7 +6,8 @@ draws `n_samples` pairs (one caption per image, so duplicated image rows cannot 
 L2-normalises every row (`normalize=True`, the STRUCTURE authors' `normalize: true`) and fills a
 (n_vision_layers, n_text_layers) matrix with `mutual_knn` (default, k by the Rice rule), `cka` or `unbiased_cka`
 (`hf_align.representation_similarity`). Per-layer work (neighbour tables, centred statistics) is done once per layer,
-so the pair loop is cheap.
+so the pair loop is cheap. Only `image_id` is read for every row (to draw the sample); the feature columns are read
+for the sampled rows only, so a memory-mapped cache of any size or number of shards is never read whole.
 
 `resolve_auto_layers(model, features)` is what `hf_align.train` calls when a layer is `"auto"`: it selects, points the
 model at the best pair (`model.set_layers`) and records the report in `model.config.training_summary`.

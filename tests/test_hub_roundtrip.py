@@ -8,30 +8,24 @@ the Hub's 404 EntryNotFound, and transformers treats that as fatal while probing
 (adapter_config.json, ...), so the transformers loaders read the cache filled through the mirror (HF_HUB_OFFLINE)
 instead of talking to olah directly.
 
-Uploads: `StandInHub`, a minimal stdlib HTTP server written here, stands in for the Hub: it implements the
+Uploads: `StandInHub` (tests/hub_server.py), a minimal stdlib HTTP server, stands in for the Hub: it implements the
 create-repo, validate-yaml, preupload and commit calls huggingface_hub 2.4 makes for a commit (every file
 uploaded "regular", base64 in the commit payload) and keeps what was committed.
 """
 
-import base64
-import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import huggingface_hub.constants
 import pytest
 import torch
-import yaml
+from hub_server import serving, use_hub
 from huggingface_hub import ModelCard, snapshot_download
 from safetensors.torch import load as load_safetensors
 
@@ -41,24 +35,6 @@ from hf_align.hub import upload_aligner, uploaded_files
 from hf_align.testing import digits_dataset, save_tiny_text_encoder, save_tiny_vision_encoder
 
 PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.json"}  # transformers 5 layout
-
-
-# ---------------------------------------------------------------------------------------------- client settings
-def use_hub(monkeypatch, endpoint=None, cache=None, offline=False):
-    """Point huggingface_hub (and transformers, which reads its constants) at `endpoint`, `cache`, offline or not.
-
-    The constants are read from the environment at import, so the module attributes are what must change.
-    """
-    if endpoint is not None:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-        monkeypatch.setattr(
-            huggingface_hub.constants,
-            "HUGGINGFACE_CO_URL_TEMPLATE",
-            endpoint + "/{repo_id}/resolve/{revision}/{filename}",
-        )
-    if cache is not None:
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
 
 
 # ---------------------------------------------------------------------------------------------- olah mirror
@@ -166,84 +142,10 @@ def test_from_pretrained_round_trip_through_olah(olah_mirror, tmp_path, monkeypa
 
 
 # ---------------------------------------------------------------------------------------------- stand-in Hub
-class StandInHub:
-    """Stands in for the Hub's write API on loopback: create repo, validate YAML, preupload, commit.
-
-    Answers preupload with uploadMode "regular" for every file, so the commit payload carries each file base64
-    encoded; keeps `repos[repo_id][path] = bytes` of the latest commit and every request's method, path and
-    Authorization header.
-    """
-
-    def __init__(self):
-        self.repos: dict[str, dict[str, bytes]] = {}
-        self.requests: list[tuple[str, str, str | None]] = []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                hub.requests.append(("GET", self.path, self.headers.get("Authorization")))
-                self.reply(404, {"error": f"the stand-in Hub serves no {self.path}"})
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                hub.requests.append(("POST", self.path, self.headers.get("Authorization")))
-                self.reply(*hub.handle(self.path.split("?")[0], body))
-
-            def reply(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def handle(self, path: str, body: bytes) -> tuple[int, dict]:
-        if path == "/api/repos/create":
-            request = json.loads(body)
-            repo_id = "/".join(p for p in (request.get("organization"), request["name"]) if p)
-            if repo_id in self.repos:
-                return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
-            self.repos[repo_id] = {}
-            return 200, {"url": f"{self.url}/{repo_id}"}
-        if path == "/api/validate-yaml":
-            content = json.loads(body)["content"]
-            header = yaml.safe_load(content.split("---\n")[1]) if content.startswith("---\n") else None
-            errors = [] if isinstance(header, dict) else [{"message": "README.md has no YAML metadata block"}]
-            return (400 if errors else 200), {"errors": errors, "warnings": []}
-        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/([^/]+)", path)
-        if match is None or match.group(1) not in self.repos:
-            return 404, {"error": f"the stand-in Hub has no route {path}"}
-        repo_id, call = match.group(1), match.group(2)
-        if call == "preupload":
-            files = json.loads(body)["files"]
-            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
-        for line in body.decode().splitlines():
-            item = json.loads(line)
-            if item["key"] == "file":
-                self.repos[repo_id][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-        oid = hashlib.sha1(body).hexdigest()
-        return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def stand_in_hub(monkeypatch):
-    hub = StandInHub()
-    use_hub(monkeypatch, endpoint=hub.url)
-    yield hub
-    hub.close()
+    with serving(monkeypatch) as hub:
+        yield hub
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +174,7 @@ def test_push_to_hub_uploads_weights_processor_and_card(stand_in_hub, evaluated_
     model, metrics = evaluated_model
     info = model.push_to_hub("me/digits-aligner", token="hf_standin", tags=["digits"])
     assert info.commit_url.startswith(f"{stand_in_hub.url}/me/digits-aligner/commit/")
-    files = stand_in_hub.repos["me/digits-aligner"]
+    files = stand_in_hub.files("me/digits-aligner")
     check_uploaded_aligner(files, "me/digits-aligner", metrics)
     assert "digits" in ModelCard(files["README.md"].decode()).data.tags
     posts = [(path, auth) for method, path, auth in stand_in_hub.requests if method == "POST"]
@@ -297,7 +199,7 @@ def test_cli_push_uploads_a_saved_folder(stand_in_hub, evaluated_model, tmp_path
     (folder / ".cache").mkdir()
     (folder / ".cache" / "lock").write_bytes(b"")
     assert cli_main(["push", "--model_dir", str(folder), "--repo_id", "me/from-cli", "--tags", "cli", "digits"]) == 0
-    files = stand_in_hub.repos["me/from-cli"]
+    files = stand_in_hub.files("me/from-cli")
     check_uploaded_aligner(files, "me/from-cli", metrics)
     assert not any(path.startswith(("checkpoint-", ".")) for path in files)
     assert {"cli", "digits"} <= set(ModelCard(files["README.md"].decode()).data.tags)
@@ -308,13 +210,13 @@ def test_cli_push_uploads_a_saved_folder(stand_in_hub, evaluated_model, tmp_path
 def test_save_pretrained_push_to_hub_pushes_the_finished_folder(stand_in_hub, evaluated_model, tmp_path):
     model, metrics = evaluated_model
     model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/saved", commit_message="from save")
-    check_uploaded_aligner(stand_in_hub.repos["me/saved"], "me/saved", metrics)
+    check_uploaded_aligner(stand_in_hub.files("me/saved"), "me/saved", metrics)
 
 
 def test_push_with_bundled_encoders_uploads_their_folders(stand_in_hub, evaluated_model):
     model, metrics = evaluated_model
     model.push_to_hub("me/bundled", bundle_encoders=True)
-    files = stand_in_hub.repos["me/bundled"]
+    files = stand_in_hub.files("me/bundled")
     check_uploaded_aligner(files, "me/bundled", metrics)
     assert {"vision_encoder/config.json", "vision_encoder/model.safetensors", "text_encoder/model.safetensors"} <= set(
         files

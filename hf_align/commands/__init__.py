@@ -13,13 +13,26 @@ from . import (
     evaluate,
     extract,
     push,
+    push_features,
     quickstart,
     select_layers,
     train,
 )
 from .base import CommandSpec
 
-_BUILTIN = (analyze, benchmark, compare, data_efficiency, evaluate, extract, push, quickstart, select_layers, train)
+_BUILTIN = (
+    analyze,
+    benchmark,
+    compare,
+    data_efficiency,
+    evaluate,
+    extract,
+    push,
+    push_features,
+    quickstart,
+    select_layers,
+    train,
+)
 
 COMMANDS: Registry[CommandSpec] = Registry("command", CommandSpec, classes=False)
 for _module in _BUILTIN:

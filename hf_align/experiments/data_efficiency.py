@@ -13,6 +13,8 @@ Protocol:
   optimiser steps (`training_args.max_steps`), so the comparison is about data, not compute.
 * `layers="last"` taps the deepest cached layer of each modality; `layers="selected"` sets both layers to `"auto"`,
   so `train` runs layer selection on the training images themselves (no peeking at the held-out images).
+* Subsets are `select`ed views of the cache (memory-mapped, one file or many shards): the split reads `image_id`,
+  and features are read for the training and held-out rows only.
 
 `run_data_efficiency(...)` returns a `DataEfficiencyResult`; `save(output_dir)` writes `data_efficiency.json`
 (every run), `data_efficiency.md` (mean ± std over seeds) and `data_efficiency.png`.
