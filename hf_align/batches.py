@@ -16,6 +16,8 @@ interrupted one would have.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import datasets
 import numpy as np
 import psutil
@@ -27,7 +29,7 @@ from .features import FeatureCollator, column_array
 
 CAPTION_SAMPLING = ("auto", "per_epoch", "first", "all")
 
-__all__ = ["CAPTION_SAMPLING", "BatchSource", "CaptionSampler"]
+__all__ = ["CAPTION_SAMPLING", "BatchSource", "CaptionSampler", "holds_tokens"]
 
 
 class BatchSource:
@@ -43,7 +45,7 @@ class BatchSource:
         device: where training runs.
         preload_tokens: for token features, `None` loads them into memory when they take at most a quarter of the
             available RAM (and onto the GPU when they also take at most a quarter of its free memory); `True` always,
-            `False` never. Pooled features are always in memory.
+            `False` never. Pooled features are always in memory (`StreamedBatches` reads caches too large for it).
 
     Attributes:
         image_ids: (n_rows,) int64 image id of every row of the view, on the CPU (row index when there is no column).
@@ -60,8 +62,7 @@ class BatchSource:
         self.collate = FeatureCollator()
         self.has_image_ids = "image_id" in view.column_names
         self.image_ids = torch.as_tensor(column_array(view, "image_id") if self.has_image_ids else range(len(view)))
-        sample = view[0]["vision_features"]
-        self.tokens = torch.as_tensor(sample).dim() == 2 or torch.as_tensor(view[0]["text_features"]).dim() == 2
+        self.tokens = holds_tokens(view)
         self._device_image_ids = self.image_ids
         self.index_device = torch.device("cpu")
         device = torch.device(device or "cpu")
@@ -122,6 +123,17 @@ class BatchSource:
             batch["image_ids"] = self.image_ids[indices]
         return batch
 
+    def epoch_batches(
+        self, sampler: CaptionSampler, epoch: int, batch_size: int, start: int = 0, with_image_ids: bool = False
+    ) -> Iterator[tuple[torch.Tensor, dict]]:
+        """Batches `start, start + 1, ...` of epoch `epoch`: (rows (B,), `fetch(rows)`) for consecutive slices of
+        `sampler.epoch_rows(epoch)` (the last one smaller). The rows are on `index_device`: with features on the GPU
+        a step's slice and gather then need no host-to-device copy."""
+        rows = sampler.epoch_rows(epoch).to(self.index_device)
+        for begin in range(start * batch_size, len(rows), batch_size):
+            batch_rows = rows[begin : begin + batch_size]
+            yield batch_rows, self.fetch(batch_rows, with_image_ids=with_image_ids)
+
     def _token_batch(self, indices: torch.Tensor, on_device: torch.Tensor) -> dict:
         """Preloaded token rows `indices` (B,) (on the CPU; `on_device`: the same on the features' device), cut to the
         batch's longest sequence per modality: fp32 features (B, T, d) and bool masks (B, T), as `FeatureCollator`."""
@@ -134,6 +146,12 @@ class BatchSource:
             batch[f"{modality}_features"] = values[on_device, :longest].float()
             batch[f"{modality}_mask"] = self._positions[:longest] < device_lengths[on_device, None]
         return batch
+
+
+def holds_tokens(view: datasets.Dataset) -> bool:
+    """Whether a `features_for` view holds token features (T, d) in either modality (else pooled (d,) ones)."""
+    first = view[0]
+    return any(torch.as_tensor(first[column]).dim() == 2 for column in ("vision_features", "text_features"))
 
 
 def _available_memory() -> int:

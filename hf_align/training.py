@@ -1,9 +1,9 @@
 """`train()`: fit an aligner on a feature cache with Accelerate (device placement, bf16, accumulation, checkpoints).
 
-Training never runs the frozen encoders: batches are rows of the feature cache. Pooled caches are held in memory as
-two tensors (a 100k × 1024 cache is 800 MB in fp32), on the GPU when they fit in a quarter of its free memory, so a
-step is a gather plus a few matmuls; token caches too when they fit in a quarter of the available memory (else they are
-read from the memory-mapped Arrow file batch by batch).
+Training never runs the frozen encoders: batches are rows of the feature cache. Pooled caches that fit in a quarter of
+the available memory are held there as two tensors (on the GPU when they fit in a quarter of its free memory), so a
+step is a gather plus a few matmuls; larger ones are streamed from the cache's Arrow files (`stream_features`). Token
+caches are held in memory when they fit too, else read from the memory-mapped Arrow files batch by batch.
 
 Several processes (`accelerate launch`, `torchrun`; gloo on CPU): a global batch is `per_device_train_batch_size ×
 num_processes` pairs and each process embeds its slice. The embeddings are all-gathered with their gradient, so every
@@ -30,7 +30,7 @@ from transformers import SchedulerType, get_scheduler
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 from transformers.utils import logging
 
-from .batches import CAPTION_SAMPLING, BatchSource, CaptionSampler
+from .batches import CAPTION_SAMPLING, CaptionSampler
 from .checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -43,6 +43,7 @@ from .distributed import average_gradients, cpu_process_group, gather_rows
 from .features import features_for, split_by_image
 from .modeling import MAX_LOGIT_SCALE, AlignerOutput
 from .retrieval import chunked_retrieval_metrics
+from .streamed_batches import DEFAULT_SHUFFLE_BUFFER_SIZE, RowSource, training_batches
 from .tracking import check_report_to, log_layer_selection, logged_values, tracker_config
 
 logger = logging.get_logger(__name__)
@@ -117,6 +118,9 @@ class AlignmentArguments:
     seed: int = 42
     init_samples: int = field(default=10000, metadata={"help": "Training pairs shown to init_from_data."})
     save_model: bool = field(default=True, metadata={"help": "save_pretrained the final aligner to output_dir."})
+    # None: stream when the pooled features take over a quarter of the available memory (`training_batches`)
+    stream_features: bool | None = field(default=None, metadata={"help": "Stream batches from the cache's files."})
+    shuffle_buffer_size: int = field(default=DEFAULT_SHUFFLE_BUFFER_SIZE, metadata={"help": "Rows streamed draw from."})
 
     def __post_init__(self):
         # Everything is checked here, before a cache is read or a step runs: a bad value found at step 5,000 (or a
@@ -128,6 +132,7 @@ class AlignmentArguments:
             "logging_steps",
             "save_total_limit",
             "init_samples",
+            "shuffle_buffer_size",
         )
         for name in positive:
             check_positive_int(name, getattr(self, name))
@@ -159,6 +164,8 @@ class AlignmentArguments:
             raise ValueError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {self.caption_sampling!r}")
         if not isinstance(self.mask_same_image, bool):
             raise ValueError(f"mask_same_image must be True or False, got {self.mask_same_image!r}")
+        if not isinstance(self.stream_features, (bool, type(None))):
+            raise ValueError(f"stream_features must be None (automatic), True or False, got {self.stream_features!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
             raise ValueError(f"mixed_precision must be no, bf16, fp16 or auto, got {self.mixed_precision!r}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
@@ -250,7 +257,7 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         remove_partial_checkpoints(args.output_dir)
     view = features_for(model, features)
     train_rows, eval_rows = _validation_split(view, args.eval_fraction, args.seed)
-    source = BatchSource(view, accelerator.device)
+    source = training_batches(view, accelerator.device, args.stream_features, args.shuffle_buffer_size)
     sampler = CaptionSampler(train_rows, source.image_ids[train_rows], args.caption_sampling, args.seed)
     mask_train = args.mask_same_image and sampler.repeats_images  # one caption per image: no pair to mask
     model.to(accelerator.device)
@@ -304,13 +311,13 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         while state["global_step"] < total_steps:
             epoch, position = divmod(micro, batches_per_epoch)
             if epoch != order_epoch:  # one draw per epoch (drawing it every step costs more than the step)
-                # On the features' device: a step's slice and gather then need no host-to-device copy.
-                rows, order_epoch = sampler.epoch_rows(epoch).to(source.index_device), epoch
-            batch_rows = rows[position * global_batch : (position + 1) * global_batch]
-            batch = _to_device(source.fetch(batch_rows, with_image_ids=mask_train), accelerator.device)
+                epoch_batches = source.epoch_batches(sampler, epoch, global_batch, position, mask_train)
+                order_epoch = epoch
+            batch_rows, batch = next(epoch_batches)
+            batch = _to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    # BatchSource refused non-finite features at load: no per-forward check (a sync per modality).
+                    # Non-finite features were refused at load (or as read): no per-forward check (a sync each).
                     if world == 1:
                         output = model(**batch, check_finite=False)
                     else:
@@ -386,7 +393,7 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
 
 
 @torch.no_grad()
-def evaluate_on_rows(model, source: BatchSource, rows: torch.Tensor, args: AlignmentArguments) -> dict:
+def evaluate_on_rows(model, source: RowSource, rows: torch.Tensor, args: AlignmentArguments) -> dict:
     """Validation loss and retrieval recall@k on the held-out rows (every caption of every held-out image).
 
     The model runs in eval mode, where every loss term has its full weight (a regulariser's warm-up does not apply),
@@ -401,7 +408,7 @@ def evaluate_on_rows(model, source: BatchSource, rows: torch.Tensor, args: Align
     for start in range(0, len(rows), args.per_device_eval_batch_size):
         part = rows[start : start + args.per_device_eval_batch_size]
         batch = _to_device(source.fetch(part, with_image_ids=args.mask_same_image), device)
-        output = model(**batch, check_finite=False)  # BatchSource refused non-finite rows at load
+        output = model(**batch, check_finite=False)  # the source refused non-finite rows (at load or as read)
         for name, value in {"loss": output.loss, **output.loss_terms}.items():
             sums[name] = sums.get(name, 0.0) + value.float() * len(output.image_embeds)
         images.append(output.image_embeds)
@@ -447,7 +454,7 @@ def _global_batch_output(model, batch: dict, accelerator: Accelerator) -> Aligne
     n = batch["vision_features"].shape[0]
     bounds = [n * r // world for r in range(world + 1)]
     local = {k: v[bounds[rank] : bounds[rank + 1]] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    # BatchSource refused non-finite rows at load: no per-forward check.
+    # The source refused non-finite rows (at load, or as read): no per-forward check.
     image_embeds = model.get_image_features(
         vision_features=local["vision_features"], vision_mask=local.get("vision_mask"), check_finite=False
     )
@@ -519,7 +526,7 @@ def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def init_from_training_rows(model, source: BatchSource, sampler: CaptionSampler, args, device) -> None:
+def init_from_training_rows(model, source: RowSource, sampler: CaptionSampler, args, device) -> None:
     """Give the method its data-dependent start from up to `args.init_samples` training rows: those of the sampler's
     epoch −1 (one caption per image unless sampling `all`), in their seeded order."""
     rows = sampler.epoch_rows(-1)[: args.init_samples]

@@ -1,6 +1,6 @@
 """transformers.Trainer trains an aligner on a feature cache with FeatureCollator and no subclassing; evaluation
 gives a loss; CardDataCallback runs the method hooks and records the run for the model card. AlignerTrainer's
-create_model_card() and push_to_hub() (against the stand-in Hub of test_hub_roundtrip) write hf_align's card."""
+create_model_card() and push_to_hub() (against the stand-in Hub of tests/hub_server.py) write hf_align's card."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import torch
 import transformers.utils.hub
 from huggingface_hub import ModelCard
 from safetensors.torch import load as load_safetensors
-from test_hub_roundtrip import StandInHub, use_hub
+from hub_server import StandInHub, use_hub
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 import hf_align
@@ -286,7 +286,7 @@ def test_aligner_trainer_push_to_hub_uploads_the_hf_align_card(views, cache, tmp
     )
     info = trainer.push_to_hub(model_name="ignored when a Hub repo is set")
     assert info.commit_url.startswith(f"{stand_in_hub.url}/me/trainer-aligner/commit/")
-    files = stand_in_hub.repos["me/trainer-aligner"]
+    files = stand_in_hub.files("me/trainer-aligner")
     card = ModelCard(files["README.md"].decode())
     check_hf_align_card(card, "me/trainer-aligner", metrics)
     model = trainer.model
