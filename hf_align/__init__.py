@@ -38,7 +38,7 @@ _LAZY = {
     "features_from_tensors": "features",
     "FeatureCollator": "features",
     "train": "training",
-    "AlignmentArguments": "training",
+    "AlignmentArguments": "training_args",
     "evaluate_zero_shot": "evaluation",
     "evaluate_retrieval": "evaluation",
     "retrieval_metrics": "evaluation",
