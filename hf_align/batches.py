@@ -76,6 +76,8 @@ class BatchSource:
             self.numpy_view = view.with_format("numpy", columns=["vision_features", "text_features"])
             return
         if self.tokens:
+            for column, rows in lengths.items():
+                _check_real_tokens(column, rows == 0, torch.arange(len(view)))
             self.vision = _padded_tokens(view, "vision_features", lengths["vision_features"])
             self.text = _padded_tokens(view, "text_features", lengths["text_features"])
             # On the CPU: a batch's longest sequence is read from them with no device sync.
@@ -119,6 +121,9 @@ class BatchSource:
         rows = self.numpy_view[indices.tolist()]
         batch = self.collate({k: list(v) for k, v in rows.items()})
         _check_finite_rows({k: batch[k] for k in ("vision_features", "text_features")}, indices)
+        for modality in ("vision", "text"):
+            if f"{modality}_mask" in batch:
+                _check_real_tokens(f"{modality}_features", ~batch[f"{modality}_mask"].any(1), indices)
         if with_image_ids:
             batch["image_ids"] = self.image_ids[indices]
         return batch
@@ -209,6 +214,17 @@ def _check_finite_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor) -> 
                 f"the feature cache holds NaN or Inf in {name} of {len(bad)} row(s), e.g. rows {cache_rows[:10]}; "
                 "re-extract them or drop them (features.filter / features.select) before training"
             )
+
+
+def _check_real_tokens(column: str, empty: torch.Tensor, rows: torch.Tensor) -> None:
+    """Refuse token rows with no token (`empty`: (n,) bool over `rows`, the cache rows): token methods pool over a
+    row's tokens, and the model's own check of this is skipped in training (a device sync per step)."""
+    if bool(empty.any()):
+        cache_rows = rows[empty].tolist()
+        raise ValueError(
+            f"the feature cache holds {len(cache_rows)} row(s) with no token in {column}, e.g. rows {cache_rows[:10]}; "
+            "drop them (features.filter / features.select) before training"
+        )
 
 
 class CaptionSampler:

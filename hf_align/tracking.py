@@ -15,12 +15,12 @@ from accelerate import Accelerator
 from .modeling import MAX_LOGIT_SCALE
 
 
-def logged_values(running: list[torch.Tensor], terms: dict, logit_scale: torch.Tensor) -> dict[str, float]:
-    """What a logging step records, read back in one host sync: `loss` (mean of the steps since the last logging
-    step), `loss_<term>` (each term of `terms`, the last step's) and `temperature`, the 1/exp(logit_scale) that divides
-    the cosine similarities (the scale clamped at `MAX_LOGIT_SCALE` as in the forward pass)."""
+def logged_values(mean_loss: torch.Tensor, terms: dict, logit_scale: torch.Tensor) -> dict[str, float]:
+    """What a logging step records, read back in one host sync: `loss` (`mean_loss`, the mean of the steps since the
+    last logging step), `loss_<term>` (each term of `terms`, the last step's) and `temperature`, the 1/exp(logit_scale)
+    that divides the cosine similarities (the scale clamped at `MAX_LOGIT_SCALE` as in the forward pass)."""
     names = ["loss", *(f"loss_{k}" for k in terms), "temperature"]
-    values = [torch.stack(running).float().mean(), *(v.detach().float() for v in terms.values())]
+    values = [mean_loss.detach().float().reshape(()), *(v.detach().float() for v in terms.values())]
     values.append(logit_scale.detach().float().clamp(max=MAX_LOGIT_SCALE).neg().exp().reshape(()))
     return dict(zip(names, torch.stack(values).tolist()))
 

@@ -16,6 +16,7 @@ num_processes` up to the rounding of a different summation order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -150,13 +151,19 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
             accelerator.init_trackers("hf_align", config=tracker_config(args))
             if selection is not None:
                 log_layer_selection(accelerator, selection, state["global_step"])
-        running, micro = [], state["global_step"] * args.gradient_accumulation_steps
+        # The losses since the last logging step, summed on the device (read back once, when logged).
+        loss_sum, window_steps, micro = None, 0, state["global_step"] * args.gradient_accumulation_steps
         # Losses are checked for NaN/Inf in windows of steps (one host-device sync per window, not per step), and
         # always before logging, evaluating or saving, so non-finite weights are never evaluated or saved.
         unchecked, check_every = [], min(args.logging_steps, 50)
         order_epoch = None
         unwrapped = accelerator.unwrap_model(model)
         model.train()  # once: evaluate_on_rows sets eval mode, and train mode is restored after it
+        # One process: the forward (features to loss) compiled when asked; the optimiser step and the bookkeeping
+        # stay eager. Several processes run `_global_batch_output`'s gathers eagerly.
+        forward = torch.compile(model) if args.torch_compile and world == 1 else model
+        # Accelerate's accumulate() only counts micro-batches; without accumulation every step syncs gradients.
+        accumulating = args.gradient_accumulation_steps > 1
         while state["global_step"] < total_steps:
             epoch, position = divmod(micro, batches_per_epoch)
             if epoch != order_epoch:  # one draw per epoch (drawing it every step costs more than the step)
@@ -164,11 +171,11 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
                 order_epoch = epoch
             batch_rows, batch = next(epoch_batches)
             batch = _to_device(batch, accelerator.device)
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model) if accumulating else contextlib.nullcontext():
                 with accelerator.autocast():
                     # Non-finite features were refused at load (or as read): no per-forward check (a sync each).
                     if world == 1:
-                        output = model(**batch, check_finite=False)
+                        output = forward(**batch, check_finite=False)
                     else:
                         output = _global_batch_output(model, batch, accelerator)
                 loss = output.loss
@@ -188,9 +195,10 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
                     scheduler.step()
                     optimizer.zero_grad()
             micro += 1
-            running.append(loss.detach())
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            window_steps += 1
             terms = {k: v.detach() for k, v in output.loss_terms.items()}
-            unchecked.append((running[-1], terms, state["global_step"], epoch, position, batch_rows))
+            unchecked.append((loss.detach(), terms, state["global_step"], epoch, position, batch_rows))
             if not accelerator.sync_gradients:
                 continue
             unwrapped.aligner.after_optimizer_step()
@@ -206,10 +214,10 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
                 _check_losses(unchecked, args.output_dir)
             if step % args.logging_steps == 0 or step == total_steps:
                 log = {"step": step, "epoch": micro / batches_per_epoch}
-                log.update(logged_values(running, output.loss_terms, unwrapped.logit_scale))
+                log.update(logged_values(loss_sum / window_steps, output.loss_terms, unwrapped.logit_scale))
                 log["learning_rate"] = scheduler.get_last_lr()[0]
                 log.update(_diagnostics(unwrapped))
-                running = []
+                loss_sum, window_steps = None, 0
                 _record(state, log, accelerator)
             if len(eval_rows) and (step % eval_steps == 0 or step == total_steps):
                 metrics = evaluate_on_rows(unwrapped, source, eval_rows, args)

@@ -89,6 +89,10 @@ class AlignmentArguments:
     save_model: bool = field(default=True, metadata={"help": "save_pretrained the final aligner to output_dir."})
     # None: stream when the pooled features take over a quarter of the available memory (`training_batches`)
     stream_features: bool | None = field(default=None, metadata={"help": "Stream batches from the cache's files."})
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the model's forward pass (features to loss) for the training steps."},
+    )
     shuffle_buffer_size: int = field(default=DEFAULT_SHUFFLE_BUFFER_SIZE, metadata={"help": "Rows streamed draw from."})
 
     def __post_init__(self):
@@ -133,6 +137,8 @@ class AlignmentArguments:
             raise ValueError(f"caption_sampling must be one of {CAPTION_SAMPLING}, got {self.caption_sampling!r}")
         if not isinstance(self.mask_same_image, bool):
             raise ValueError(f"mask_same_image must be True or False, got {self.mask_same_image!r}")
+        if not isinstance(self.torch_compile, bool):
+            raise ValueError(f"torch_compile must be True or False, got {self.torch_compile!r}")
         if not isinstance(self.stream_features, (bool, type(None))):
             raise ValueError(f"stream_features must be None (automatic), True or False, got {self.stream_features!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):

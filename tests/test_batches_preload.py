@@ -67,3 +67,24 @@ def test_non_finite_token_rows_are_refused_at_load():
     lazy = BatchSource(view, preload_tokens=False)  # the Arrow path finds it when the batch holding it is read
     with pytest.raises(ValueError, match=r"rows \[4\]"):
         lazy.fetch(torch.tensor([3, 4]))
+
+
+def test_token_rows_without_a_token_are_refused_at_load():
+    # caption 2 has no real token: token methods would pool over nothing (NaN) and train() skips the model's own
+    # per-forward check of this, so the cache is checked once when it is loaded (or as a batch is read)
+    mask = torch.ones(6, 2, dtype=torch.bool)
+    mask[2] = False
+    cache = features_from_tensors(
+        {0: torch.randn(6, 3)},
+        {0: torch.randn(6, 3)},
+        vision_tokens={0: torch.randn(6, 4, 3)},
+        text_tokens={0: torch.randn(6, 2, 3)},
+        text_mask=mask,
+    )
+    view = features_for(AlignerModel.from_feature_dims(3, 3, method="token_relative", num_anchors=2), cache)
+    with pytest.raises(ValueError, match=r"1 row\(s\) with no token in text_features, e.g. rows \[2\]"):
+        BatchSource(view, preload_tokens=True)
+    lazy = BatchSource(view, preload_tokens=False)
+    lazy.fetch(torch.tensor([0, 1, 3]))  # batches without it are read
+    with pytest.raises(ValueError, match=r"no token in text_features, e.g. rows \[2\]"):
+        lazy.fetch(torch.tensor([1, 2]))

@@ -92,6 +92,36 @@ def test_training_arguments_are_checked():
         AlignmentArguments(per_device_train_batch_size=0)
     with pytest.raises(ValueError, match=r"eval_fraction must be in \[0(\.0)?, 1(\.0)?\), got 1.5"):
         AlignmentArguments(eval_fraction=1.5)
+    with pytest.raises(ValueError, match="torch_compile must be True or False, got 'yes'"):
+        AlignmentArguments(torch_compile="yes")
     model = AlignerModel.from_feature_dims(64, 48, projection_dim=4)
     with pytest.raises(ValueError, match="features is empty"):
         train(model, make_paired_task(10).to_features().select([]), AlignmentArguments())
+
+
+def _short_run(task_features, **overrides):
+    """Six steps of a linear aligner on the task's first 1,000 pairs, no validation: (model, TrainingResult)."""
+    torch.manual_seed(0)  # the same initial weights in every run
+    model = AlignerModel.from_feature_dims(64, 48, projection_dim=16)
+    settings = dict(max_steps=6, per_device_train_batch_size=100, eval_fraction=0.0, save_model=False, seed=3)
+    return model, train(model, task_features[0], AlignmentArguments(**{**settings, **overrides}))
+
+
+def test_logged_loss_is_the_mean_over_the_logging_window(task_features):
+    _, every_step = _short_run(task_features, logging_steps=1)
+    losses = [entry["loss"] for entry in every_step.history if "loss" in entry]
+    _, windows = _short_run(task_features, logging_steps=3)
+    logged = [entry["loss"] for entry in windows.history if "loss" in entry]
+    assert len(losses) == 6 and len(logged) == 2
+    assert logged == pytest.approx([sum(losses[:3]) / 3, sum(losses[3:]) / 3], rel=1e-6)
+
+
+@pytest.mark.slow  # compiling the forward pass with inductor takes tens of seconds on a small CPU
+def test_torch_compile_trains_the_weights_of_the_eager_run(task_features):
+    eager, eager_result = _short_run(task_features, logging_steps=1)
+    compiled, compiled_result = _short_run(task_features, logging_steps=1, torch_compile=True)
+    for (name, a), (_, b) in zip(eager.aligner.state_dict().items(), compiled.aligner.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    eager_losses = [entry["loss"] for entry in eager_result.history if "loss" in entry]
+    compiled_losses = [entry["loss"] for entry in compiled_result.history if "loss" in entry]
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
