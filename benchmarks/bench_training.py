@@ -18,8 +18,9 @@ On a machine shared with other jobs, wall-clock steps stretch with the others' l
 between rows of one run). `--threads 1 --clock cpu` times this process's CPU time instead (`time.process_time`, which
 counts every thread of the process): one thread does all the work and the other jobs' time is not counted, so the
 figures are per-core step times and their ratios hold under load (memory-bandwidth and cache contention remain).
-`--profile` adds torch.profiler's top operators of a linear and a linear + STRUCTURE run (setup included: the cache is
-turned into tensors once per `train()` call).
+`--compile` adds a row of linear with `AlignmentArguments(torch_compile=True)`. `--profile` adds torch.profiler's top
+operators of a linear and a linear + STRUCTURE run (setup included: the cache is turned into tensors once per
+`train()` call).
 Results: results/training.json (`--results-name` to write another file).
 """
 
@@ -80,7 +81,7 @@ def run_seconds(model_factory, cache, steps: int, batch_size: int, device) -> fl
     return CLOCK() - start
 
 
-def step_time(model_factory, cache, warmup: int, steps: int, batch_size: int, device) -> float:
+def step_time(model_factory, cache, warmup: int, steps: int, batch_size: int, device, **train_kwargs) -> float:
     """Median seconds between consecutive optimiser steps of a `train()` run, after `warmup` steps."""
     model = model_factory()
     stamps, after_step = [], model.aligner.after_optimizer_step
@@ -99,6 +100,7 @@ def step_time(model_factory, cache, warmup: int, steps: int, batch_size: int, de
         save_model=False,
         seed=0,
         init_samples=min(10_000, len(cache)),
+        **train_kwargs,
     )
     train(model, cache, args)
     return statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :]))
@@ -169,9 +171,11 @@ def measure(label: str, name: str, settings: dict, pooled, args, device, caches:
     """One table row: the method's median step time through `train()` (or its whole call if training-free)."""
     method = METHODS[name]
     cache = token_cache(args, caches) if method.input_kind == "tokens" else pooled
+    train_kwargs = settings.get("train", {})  # AlignmentArguments of this row (e.g. torch_compile)
+    model_settings = {key: value for key, value in settings.items() if key != "train"}
 
     def factory():
-        return AlignerModel.from_feature_dims(args.dim, args.dim, method=name, **settings)
+        return AlignerModel.from_feature_dims(args.dim, args.dim, method=name, **model_settings)
 
     if not method.trainable:
         return {
@@ -180,7 +184,7 @@ def measure(label: str, name: str, settings: dict, pooled, args, device, caches:
             "train_call_s": run_seconds(factory, cache, 1, args.batch_size, device),
         }
     batch = min(args.batch_size, len(cache))
-    seconds = step_time(factory, cache, args.warmup, args.steps, batch, device)
+    seconds = step_time(factory, cache, args.warmup, args.steps, batch, device, **train_kwargs)
     return {
         "method": label,
         "kind": method.input_kind,
@@ -252,6 +256,7 @@ def main() -> None:
         help="wall: elapsed time; cpu: this process's CPU time (CPU runs only), which other jobs do not inflate",
     )
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="add linear with torch_compile=True")
     parser.add_argument("--results-name", default="training", help="results/<name>.json")
     args = parser.parse_args()
     if args.threads is not None:
@@ -273,6 +278,11 @@ def main() -> None:
         if name == "linear":
             structure = {"structure_weight": 10.0, "structure_levels": 1, "structure_warmup_steps": 0}
             runs.append(("linear + structure (L=1)", name, {**method_settings(name, args.width), **structure}))
+            if args.compile:
+                compiled = {**method_settings(name, args.width), "train": {"torch_compile": True}}
+                runs.append(("linear, torch_compile", name, compiled))
+        if name == "codebook":  # at batch < num_codes the default SwAV queue makes each Sinkhorn step B + queue rows
+            runs.append(("codebook, no queue", name, {**method_settings(name, args.width), "queue_length": 0}))
 
     # Round-robin repeats, fastest kept: on a shared machine the other jobs' load only ever slows a step down.
     best: dict[str, dict] = {}

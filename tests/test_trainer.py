@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 import transformers.utils.hub
+from hub_server import StandInHub, use_hub
 from huggingface_hub import ModelCard
 from safetensors.torch import load as load_safetensors
-from hub_server import StandInHub, use_hub
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 import hf_align
