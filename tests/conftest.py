@@ -44,3 +44,22 @@ def random_images():
     """Four 32×32 RGB PIL images of uniform noise (seed 0), the tiny encoders' input size."""
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+
+
+@pytest.fixture
+def stop_training_after(monkeypatch):
+    """`stop(model, n)`: the next `train(model, ...)` raises KeyboardInterrupt right after its n-th optimiser step
+    (a run killed mid-training, at a point the test chooses)."""
+
+    def stop(model, n_steps: int) -> None:
+        step, done = model.aligner.after_optimizer_step, []
+
+        def dying_step():
+            step()
+            done.append(1)
+            if len(done) == n_steps:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(model.aligner, "after_optimizer_step", dying_step)
+
+    return stop

@@ -181,7 +181,7 @@ def test_resume_from_incomplete_folder_is_refused(tmp_path):
         train(AlignerModel.from_feature_dims(4, 4, projection_dim=2), features, args)
 
 
-def test_codebook_resume_restores_the_ema_teacher(tmp_path, monkeypatch):
+def test_codebook_resume_restores_the_ema_teacher(tmp_path, stop_training_after):
     """The codebook's EMA teacher lives outside state_dict: checkpoints carry it, so resuming changes nothing."""
     features = make_paired_task(160, seed=3).to_features()
 
@@ -203,14 +203,7 @@ def test_codebook_resume_restores_the_ema_teacher(tmp_path, monkeypatch):
             resume_from_checkpoint="latest",
         )
         if die_at is not None:
-            step = model.aligner.after_optimizer_step
-
-            def dying_step():
-                step()
-                if model.aligner._steps == die_at:
-                    raise KeyboardInterrupt  # the run dies after step 6, past checkpoint-4
-
-            monkeypatch.setattr(model.aligner, "after_optimizer_step", dying_step)
+            stop_training_after(model, die_at)  # a fresh run: its die_at-th step is step die_at
         train(model, features, args)
         return model
 
@@ -226,7 +219,7 @@ def test_codebook_resume_restores_the_ema_teacher(tmp_path, monkeypatch):
         torch.testing.assert_close(resumed.aligner.training_state()[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_per_epoch_caption_sampling_resumes_exactly(tmp_path, monkeypatch):
+def test_per_epoch_caption_sampling_resumes_exactly(tmp_path, stop_training_after):
     """One caption per image drawn afresh each epoch: a resumed run draws the captions the uninterrupted one did."""
     task = make_paired_task(40, n_vision_layers=1, n_text_layers=1, seed=4)
     g = torch.Generator().manual_seed(0)
@@ -251,16 +244,7 @@ def test_per_epoch_caption_sampling_resumes_exactly(tmp_path, monkeypatch):
             resume_from_checkpoint="latest",
         )
         if die_at is not None:
-            steps = []
-            step = model.aligner.after_optimizer_step
-
-            def dying_step():
-                step()
-                steps.append(1)
-                if len(steps) == die_at:
-                    raise KeyboardInterrupt
-
-            monkeypatch.setattr(model.aligner, "after_optimizer_step", dying_step)
+            stop_training_after(model, die_at)
         train(model, features, args)
         return model
 

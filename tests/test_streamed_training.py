@@ -220,7 +220,7 @@ def test_streamed_training_reaches_the_held_out_retrieval_of_in_memory_training(
     assert abs(np.mean(recalls[False]) - np.mean(recalls[True])) < 2.0
 
 
-def test_streamed_resume_mid_epoch_equals_the_uninterrupted_run(task_cache, tmp_path, monkeypatch):
+def test_streamed_resume_mid_epoch_equals_the_uninterrupted_run(task_cache, tmp_path, stop_training_after):
     features = task_cache.select(range(400))
 
     def run(out, die_at=None):
@@ -242,16 +242,7 @@ def test_streamed_resume_mid_epoch_equals_the_uninterrupted_run(task_cache, tmp_
             resume_from_checkpoint="latest",
         )
         if die_at is not None:
-            steps = []
-            step = model.aligner.after_optimizer_step
-
-            def dying_step():
-                step()
-                steps.append(1)
-                if len(steps) == die_at:
-                    raise KeyboardInterrupt
-
-            monkeypatch.setattr(model.aligner, "after_optimizer_step", dying_step)
+            stop_training_after(model, die_at)
         train(model, features, args)
         return model
 
