@@ -100,6 +100,7 @@ def test_methods_regularisers_heads_and_commands_share_the_helper():
         "evaluate",
         "extract",
         "push",
+        "push-features",
         "quickstart",
         "select-layers",
         "train",
