@@ -174,6 +174,7 @@ def test_streamed_extraction_equals_map_style_and_writes_the_sharded_layout(
     assert sorted(os.listdir(tmp_path)) == sorted({os.path.basename(folder), os.path.basename(_folder_of(mapped))})
     meta = json.loads(open(os.path.join(folder, META_FILE), encoding="utf-8").read())
     assert meta["layout"] == "sharded" and meta["complete"] and meta["num_rows"] == 12 and meta["skipped"] == []
+    assert meta["fingerprint"] == os.path.basename(folder)  # under cache_dir the folder is named by it
     assert [(s["file"], s["source_shard"], s["num_rows"], s["num_source_rows"]) for s in meta["shards"]] == [
         (f"data/shard-{i:05d}.arrow", i, n, n) for i, n in enumerate(SHARD_SIZES)
     ]

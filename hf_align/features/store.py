@@ -240,6 +240,7 @@ def _write_sharded_meta(folder: str, parts: dict, shards: list[dict]) -> None:
             f"{META_FILE}); first: {skipped[0]['reason']}"
         )
     meta = {
+        "fingerprint": _fingerprint(parts),  # the folder name under cache_dir, for a copy that lives elsewhere
         "parts": parts,
         "layout": SHARDED_LAYOUT,
         "num_rows": sum(record["num_rows"] for record in shards),
