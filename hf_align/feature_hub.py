@@ -29,10 +29,12 @@ from .features import (
     SHARD_FOLDER,
     SHARDED_LAYOUT,
     FeatureCacheError,
+    cache_folder_of,
     cached_layers,
     layer_column,
     load_cache,
     open_feature_cache,
+    read_cache_meta,
     source_column,
 )
 from .features.encode import _Read
@@ -139,7 +141,7 @@ def _cache_folder(cache) -> str:
             raise FeatureCacheError(
                 "cache is an in-memory Dataset (no Arrow files on disk): push the folder extract_features wrote"
             )
-        folder = _folder_of(cache)
+        folder = cache_folder_of(cache)
         if folder is None:
             raise FeatureCacheError(
                 f"cache is a Dataset read from {cache.cache_files[0]['filename']!r}, which is not in an hf_align "
@@ -152,28 +154,14 @@ def _cache_folder(cache) -> str:
     return folder
 
 
-def _folder_of(dataset: datasets.Dataset) -> str | None:
-    """The cache folder a Dataset was read from (the one holding the metadata: its Arrow file's own folder, or the
-    one above `data/` for a sharded cache), or None."""
-    if not dataset.cache_files:
-        return None
-    first = os.path.dirname(os.path.abspath(dataset.cache_files[0]["filename"]))
-    return next((f for f in (first, os.path.dirname(first)) if os.path.isfile(os.path.join(f, META_FILE))), None)
-
-
 def _read_meta(folder: str) -> dict:
     """The metadata of a finished cache in `folder`; `FeatureCacheError` when there is none or it is unfinished."""
-    path = os.path.join(folder, META_FILE)
-    if not os.path.isfile(path):
+    meta = read_cache_meta(folder)
+    if meta is None:
         raise FeatureCacheError(
             f"{folder!r} is not a finished hf_align feature cache: it has no {META_FILE} (an extraction writes it "
             f"last); give the folder extract_features wrote (files here: {sorted(os.listdir(folder))[:10]})"
         )
-    try:
-        with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FeatureCacheError(f"feature cache {folder!r}: {META_FILE} is unreadable ({err})") from err
     if not isinstance(meta, dict) or meta.get("complete") is not True or not isinstance(meta.get("parts"), dict):
         raise FeatureCacheError(
             f"{folder!r} is not a finished hf_align feature cache: its {META_FILE} does not say complete=true with "
@@ -483,7 +471,7 @@ def check_features(features: datasets.Dataset | str | os.PathLike, model: Aligne
     """
     if not isinstance(features, datasets.Dataset):
         features = open_feature_cache(features)
-    folder = _folder_of(features)
+    folder = cache_folder_of(features)
     parts = _read_meta(folder)["parts"] if folder is not None else None
     _raise_mismatches(_mismatches(parts, features, _config(model)), folder or "without hf_align metadata")
 

@@ -38,10 +38,12 @@ from .store import (
     SHARD_PREFIX,
     SHARDED_LAYOUT,
     FeatureCacheError,
+    cache_folder_of,
     default_cache_dir,
     estimate_cache_bytes,
     load_cache,
     open_feature_cache,
+    read_cache_meta,
     skipped_samples,
 )
 from .streaming import PARTIAL_SUFFIX
@@ -60,6 +62,7 @@ __all__ = [
     "SHARD_PREFIX",
     "BadSampleError",
     "FeatureCacheError",
+    "cache_folder_of",
     "FeatureCollator",
     "cached_layers",
     "column_array",
@@ -73,6 +76,7 @@ __all__ = [
     "load_cache",
     "load_dataset_split",
     "open_feature_cache",
+    "read_cache_meta",
     "process_state",
     "skipped_samples",
     "source_column",

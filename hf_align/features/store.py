@@ -44,10 +44,12 @@ __all__ = [
     "SHARD_FOLDER",
     "SHARD_PREFIX",
     "FeatureCacheError",
+    "cache_folder_of",
     "default_cache_dir",
     "estimate_cache_bytes",
     "load_cache",
     "open_feature_cache",
+    "read_cache_meta",
     "skipped_samples",
 ]
 
@@ -261,14 +263,9 @@ def load_cache(path: str, parts: dict | None = None, verify_checksum: bool | Non
     load, its SHA-256 when `verify_checksum=True`, or by default (`None`) when the file is at most
     `CHECKSUM_AUTO_BYTES`.
     """
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
+    meta = read_cache_meta(path)
+    if meta is None:
         return None
-    try:
-        with open(meta_path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FeatureCacheError(f"feature cache {path!r}: {META_FILE} is unreadable ({err}); re-extract it") from err
     if parts is not None:
         expected = json.loads(json.dumps(parts, default=str))
         differences = _differences("", meta.get("parts", {}), expected)
@@ -374,17 +371,33 @@ def skipped_samples(features: datasets.Dataset) -> list[dict]:
     """The samples `extract_features(..., on_bad_sample="skip")` left out of this cache: `{"row", "caption",
     "reason"}` each (`caption` = index in the row's caption list, or `None` for the whole row); in a streamed
     (sharded) cache also `"shard"`, the source shard, within which `row` counts."""
-    files = features.cache_files
-    meta_path = None
-    if files:
-        folder = os.path.dirname(files[0]["filename"])
-        if os.path.basename(folder) == SHARD_FOLDER and not os.path.isfile(os.path.join(folder, META_FILE)):
-            folder = os.path.dirname(folder)  # a sharded cache: data/shard-*.arrow beside the metadata's folder
-        meta_path = os.path.join(folder, META_FILE)
-    if meta_path is None or not os.path.isfile(meta_path):
+    folder = cache_folder_of(features)
+    if folder is None:
         raise ValueError("features is not an extract_features cache on disk (no hf_align_cache.json beside it)")
-    with open(meta_path, encoding="utf-8") as handle:
-        return json.load(handle).get("skipped", [])
+    return read_cache_meta(folder).get("skipped", [])
+
+
+def read_cache_meta(folder: str) -> dict | None:
+    """The metadata (`hf_align_cache.json`) of the cache in `folder`, `None` when it has none; `FeatureCacheError`
+    when it cannot be read."""
+    path = os.path.join(folder, META_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FeatureCacheError(f"feature cache {folder!r}: {META_FILE} is unreadable ({err}); re-extract it") from err
+
+
+def cache_folder_of(dataset: datasets.Dataset) -> str | None:
+    """The cache folder a Dataset was read from: the one holding the metadata, beside its first Arrow file or, for a
+    sharded cache, above `data/`; `None` for a Dataset that is not an hf_align cache on disk."""
+    if not dataset.cache_files:
+        return None
+    first = os.path.dirname(os.path.abspath(dataset.cache_files[0]["filename"]))
+    candidates = (first, os.path.dirname(first)) if os.path.basename(first) == SHARD_FOLDER else (first,)
+    return next((f for f in candidates if os.path.isfile(os.path.join(f, META_FILE))), None)
 
 
 def _differences(prefix: str, recorded, expected) -> list[str]:
