@@ -50,8 +50,19 @@ def check_parts(
     method_config = method_cls.config_class.from_kwargs(method, method_settings)
     similarity_cls = check_similarity(similarity, method_cls, similarity_config)
     modules = build_regularizers(regularizers)
+    if modules and not method_cls.trainable:
+        # A training-free method runs no training step, so the term would silently never apply.
+        raise ValueError(
+            f"method {method!r} is training-free (trainable=False: training only runs its fit, init_from_data), so "
+            f"the regulariser(s) {sorted(modules)} would never apply; drop them (csa composes STRUCTURE inside its "
+            "fit: refine_weight and the other refine_* settings)"
+        )
     for name, regularizer in modules.items():
-        if method_cls.input_kind not in regularizer.input_kinds:
+        bind = getattr(regularizer, "bind_method", None)
+        if callable(bind):  # settings that follow the method (STRUCTURE's weight="auto")
+            bind(method)
+        # a token method may pool its tokens for the regularisers (`AlignerMethod.regularizer_features`)
+        if (method_cls.regularizer_input_kind or method_cls.input_kind) not in regularizer.input_kinds:
             raise ValueError(
                 f"regulariser {name!r} works on {' or '.join(regularizer.input_kinds)} features, but method "
                 f"{method!r} takes {method_cls.input_kind} features"

@@ -29,7 +29,7 @@ from .features import FeatureCollator, column_array
 
 CAPTION_SAMPLING = ("auto", "per_epoch", "first", "all")
 
-__all__ = ["CAPTION_SAMPLING", "BatchSource", "CaptionSampler", "holds_tokens"]
+__all__ = ["CAPTION_SAMPLING", "BatchSource", "CaptionSampler", "holds_tokens", "table_rows"]
 
 
 class BatchSource:
@@ -62,6 +62,7 @@ class BatchSource:
         self.collate = FeatureCollator()
         self.has_image_ids = "image_id" in view.column_names
         self.image_ids = torch.as_tensor(column_array(view, "image_id") if self.has_image_ids else range(len(view)))
+        self.table_rows = table_rows(view)
         self.tokens = holds_tokens(view)
         self._device_image_ids = self.image_ids
         self.index_device = torch.device("cpu")
@@ -77,7 +78,7 @@ class BatchSource:
             return
         if self.tokens:
             for column, rows in lengths.items():
-                _check_real_tokens(column, rows == 0, torch.arange(len(view)))
+                _check_real_tokens(column, rows == 0, torch.arange(len(view)), self.table_rows)
             self.vision = _padded_tokens(view, "vision_features", lengths["vision_features"])
             self.text = _padded_tokens(view, "text_features", lengths["text_features"])
             # On the CPU: a batch's longest sequence is read from them with no device sync.
@@ -89,7 +90,9 @@ class BatchSource:
             self.vision = columns["vision_features"].float()
             self.text = columns["text_features"].float()
         # Checked once here (cheap, in memory) so a bad row stops the run before step 0, not at step 5,000.
-        _check_finite_rows({"vision_features": self.vision, "text_features": self.text}, torch.arange(len(view)))
+        _check_finite_rows(
+            {"vision_features": self.vision, "text_features": self.text}, torch.arange(len(view)), self.table_rows
+        )
         # On a GPU a step's batch is then a device-side gather, not a host gather plus a host-to-device copy.
         if device.type == "cuda" and self.vision.nbytes + self.text.nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
             self.vision, self.text = self.vision.to(device), self.text.to(device)
@@ -120,10 +123,10 @@ class BatchSource:
             return batch
         rows = self.numpy_view[indices.tolist()]
         batch = self.collate({k: list(v) for k, v in rows.items()})
-        _check_finite_rows({k: batch[k] for k in ("vision_features", "text_features")}, indices)
+        _check_finite_rows({k: batch[k] for k in ("vision_features", "text_features")}, indices, self.table_rows)
         for modality in ("vision", "text"):
             if f"{modality}_mask" in batch:
-                _check_real_tokens(f"{modality}_features", ~batch[f"{modality}_mask"].any(1), indices)
+                _check_real_tokens(f"{modality}_features", ~batch[f"{modality}_mask"].any(1), indices, self.table_rows)
         if with_image_ids:
             batch["image_ids"] = self.image_ids[indices]
         return batch
@@ -204,25 +207,42 @@ def _padded_tokens(view: datasets.Dataset, column: str, lengths: torch.Tensor) -
     return padded
 
 
-def _check_finite_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
-    """Refuse NaN/Inf features (one such row makes the whole batch's InfoNCE NaN), naming the cache rows."""
+def table_rows(view: datasets.Dataset) -> np.ndarray | None:
+    """(n,) int64: the row of the cache's Arrow table behind each row of `view`, when `view` is a `select` /
+    `filter` / `shuffle` of a cache (a split, a subset); None when its rows are the table's own."""
+    return None if view._indices is None else view._indices.column(0).to_numpy().astype(np.int64)
+
+
+def _named_rows(rows: list[int], table: np.ndarray | None) -> str:
+    """`rows` (rows of the features given to `train()`) as an error names them: with the cache's own rows when the
+    features are a selection of it, so a bad row is found in the cache, not only in the selection."""
+    shown = rows[:10]
+    if table is None:
+        return f"rows {shown}"
+    return f"rows {shown} of the features given (rows {table[shown].tolist()} of the cache they were selected from)"
+
+
+def _check_finite_rows(columns: dict[str, torch.Tensor], rows: torch.Tensor, table: np.ndarray | None) -> None:
+    """Refuse NaN/Inf features (one such row makes the whole batch's InfoNCE NaN), naming the rows (`rows`: the
+    view rows of `columns`' rows; `table`: `table_rows` of the view)."""
     for name, values in columns.items():
         bad = non_finite_rows(values)
         if bad:
-            cache_rows = rows[bad].tolist()
             raise ValueError(
-                f"the feature cache holds NaN or Inf in {name} of {len(bad)} row(s), e.g. rows {cache_rows[:10]}; "
-                "re-extract them or drop them (features.filter / features.select) before training"
+                f"the feature cache holds NaN or Inf in {name} of {len(bad)} row(s), e.g. "
+                f"{_named_rows(rows[bad].tolist(), table)}; re-extract them or drop them (features.filter / "
+                "features.select) before training or evaluating"
             )
 
 
-def _check_real_tokens(column: str, empty: torch.Tensor, rows: torch.Tensor) -> None:
-    """Refuse token rows with no token (`empty`: (n,) bool over `rows`, the cache rows): token methods pool over a
-    row's tokens, and the model's own check of this is skipped in training (a device sync per step)."""
+def _check_real_tokens(column: str, empty: torch.Tensor, rows: torch.Tensor, table: np.ndarray | None) -> None:
+    """Refuse token rows with no token (`empty`: (n,) bool over `rows`, the view rows; `table`: `table_rows` of the
+    view): token methods pool over a row's tokens, and the model's own check of this is skipped in training (a device
+    sync per step)."""
     if bool(empty.any()):
-        cache_rows = rows[empty].tolist()
+        bad = rows[empty].tolist()
         raise ValueError(
-            f"the feature cache holds {len(cache_rows)} row(s) with no token in {column}, e.g. rows {cache_rows[:10]}; "
+            f"the feature cache holds {len(bad)} row(s) with no token in {column}, e.g. {_named_rows(bad, table)}; "
             "drop them (features.filter / features.select) before training"
         )
 
@@ -265,6 +285,35 @@ class CaptionSampler:
         self._starts = torch.cumsum(counts, 0) - counts
         self.rows_per_epoch = len(rows) if sampling == "all" else len(counts)
         self.repeats_images = sampling == "all" and bool((counts > 1).any())
+
+    def check_negatives(self, batch_size: int, masked: bool) -> None:
+        """Refuse training pairs that give no row of any batch a negative: InfoNCE would then be 0 at every step and
+        the aligner saved untrained. That happens with batches of one pair, with one row per epoch (one image, one
+        caption drawn per epoch), and, when captions of one image are not each other's negatives (`masked`), with
+        rows of one image only.
+
+        Args:
+            batch_size: pairs in a (global) batch.
+            masked: whether training batches mask same-image pairs (`mask_same_image` with `repeats_images`).
+        """
+        images = len(self._counts)
+        candidates = images if masked else self.rows_per_epoch  # rows of an epoch that can be each other's negatives
+        if batch_size >= 2 and candidates >= 2:
+            return
+        counts = f"{len(self.rows)} training row(s) of {images} distinct `image_id` value(s)"
+        if candidates >= 2:
+            why = f"a batch holds {batch_size} pair (per_device_train_batch_size x processes); use at least 2"
+        elif masked:
+            why = (
+                f"{counts}, and mask_same_image=True keeps captions of one image from being each other's negatives; "
+                "train on at least 2 images (or set mask_same_image=False)"
+            )
+        else:
+            why = (
+                f"caption_sampling={self.sampling!r} visits {self.rows_per_epoch} row per epoch ({counts}); train on "
+                "at least 2 images"
+            )
+        raise ValueError(f"the training pairs give no row a negative, so InfoNCE would be 0 at every step: {why}")
 
     def epoch_rows(self, epoch: int) -> torch.Tensor:
         """(rows_per_epoch,) the rows of epoch `epoch` in visiting order (epoch −1: the order `init_from_data` uses)."""

@@ -26,6 +26,57 @@ _TRANSFORMERS_KEYS = frozenset(PretrainedConfig().to_dict()) | {
 }
 
 
+# Upper bounds of integer settings, by name, declared once for every component that has them (methods,
+# regularisers, similarity heads: `check_upper_bounds`, run by `check_settings`) and for `AlignerConfig`'s widths. A
+# config.json or recipe asking for more is refused by name before anything is built: widths and counts size tensors
+# (a 65 536-wide projection of a 65 536-wide feature is already 16 GiB in fp32), iteration counts size run time.
+MAX_WIDTH = 2**16  # feature, projection and hidden widths, codebook sizes (the widest encoders are 16 384 wide)
+MAX_ANCHORS = 2**21  # anchor pairs and queue rows (ASIF's authors use 1.6 M anchors)
+MAX_STEPS = 2**31 - 1  # step counts (int32, what a checkpoint's trainer state holds)
+SETTING_BOUNDS: dict[str, int] = {
+    "vision_hidden_size": MAX_WIDTH,
+    "text_hidden_size": MAX_WIDTH,
+    "vision_num_layers": 4096,
+    "text_num_layers": 4096,
+    "vision_num_prefix_tokens": 4096,
+    "projection_dim": MAX_WIDTH,
+    "hidden_dim": MAX_WIDTH,
+    "projector_dim": MAX_WIDTH,  # token_relative's bottleneck projector (PAL's ablation uses 512)
+    "width_factor": 64,  # SAIL's StarMLP hidden width = width_factor x input width (the authors use 8)
+    "num_codes": MAX_WIDTH,
+    "num_anchors": MAX_ANCHORS,
+    "topk": MAX_ANCHORS,
+    "queue_length": MAX_ANCHORS,
+    "num_hidden_layers": 64,
+    "levels": 16,  # STRUCTURE's hierarchy levels / powers (the authors use up to 5)
+    "refine_levels": 16,  # the same, for csa's STRUCTURE refinement of its fit
+    "refine_epochs": 10_000,
+    "refine_batch_size": MAX_ANCHORS,
+    "num_heads": 4096,  # attention heads (attention_pool)
+    "sinkhorn_iters": 10_000,
+    "kmeans_iters": 10_000,
+    "usage_window": MAX_STEPS,
+    "queue_start_steps": MAX_STEPS,
+    "freeze_codebook_steps": MAX_STEPS,
+    "warmup_steps": MAX_STEPS,
+    "max_chunk_elements": 2**31,  # elements of one block of a pairwise intermediate (8 GiB in fp32)
+}
+
+
+def check_upper_bounds(owner: str, values: dict[str, Any]) -> None:
+    """Refuse an int setting (or an int in a list setting, e.g. STRUCTURE's `levels`) above its `SETTING_BOUNDS`
+    entry, naming `owner` and the field. Other types are left to the type checks (`check_settings`, the dataclass)."""
+    for name, value in values.items():
+        bound = SETTING_BOUNDS.get(name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        ints = [v for v in items if isinstance(v, int) and not isinstance(v, bool)]
+        if bound is not None and any(v > bound for v in ints):
+            raise ValueError(
+                f"{owner} setting {name}={value!r} is above its upper bound {bound:,} (hf_align.configuration."
+                "SETTING_BOUNDS): a config asking for more is refused before anything is built"
+            )
+
+
 def check_layer(name: str, value: Any) -> int | str:
     """A layer tap is a hidden-state index (negative counts from the end) or "auto" (layer selection)."""
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
@@ -83,9 +134,11 @@ def check_settings(owner: str, settings_class: type, values: dict[str, Any]) -> 
     Fields annotated `int`, `float`, `bool` or `str` must hold exactly that (a bool is not an int, a float must be
     finite, an int is a float); other annotations and unknown names are left to the dataclass (`from_kwargs` lists
     the names it accepts). Run before the dataclass is built, whose own range checks may assume the types: a recipe
-    or config.json with `projection_dim: "512"` or `bias: "no"` then fails by name when the aligner is built.
+    or config.json with `projection_dim: "512"` or `bias: "no"` then fails by name when the aligner is built. Int
+    settings are also held to their upper bounds (`check_upper_bounds`).
     """
     kinds = {int: "an int", float: "a finite number", bool: "True or False", str: "a string"}
+    check_upper_bounds(repr(owner), values)
     hints = typing.get_type_hints(settings_class)
     for name, value in values.items():
         kind = hints.get(name)
@@ -156,6 +209,8 @@ class AlignerConfig(PretrainedConfig):
             weights in `<modality>_encoder_lora/` (`hf_align.lora`).
         training_summary (`dict`): what the last training run recorded (data sizes, layer selection, timings); used by
             the model card.
+        projection_dim (`int`, *optional*): width of the aligned embeddings, recorded by `AlignerModel` (CLIP's name
+            for it: what sentence-transformers' `get_sentence_embedding_dimension()` reads); not a setting.
     """
 
     model_type = "hf_align"
@@ -189,6 +244,7 @@ class AlignerConfig(PretrainedConfig):
         bundled_encoders: bool = False,
         encoder_lora: list | None = None,
         training_summary: dict | None = None,
+        projection_dim: int | None = None,
         hf_align_version: str | None = None,
         **kwargs,
     ):
@@ -205,6 +261,7 @@ class AlignerConfig(PretrainedConfig):
         for name, value in sizes:
             if value is not None:
                 check_positive_int(name, value, "a positive int or None")
+        check_upper_bounds("AlignerConfig", dict(sizes, vision_num_prefix_tokens=vision_num_prefix_tokens))
         if vision_num_prefix_tokens is not None and (
             not isinstance(vision_num_prefix_tokens, int)
             or isinstance(vision_num_prefix_tokens, bool)
@@ -277,6 +334,8 @@ class AlignerConfig(PretrainedConfig):
         self.bundled_encoders = bundled_encoders
         self.encoder_lora = list(encoder_lora or [])
         self.training_summary = dict(training_summary or {})
+        _check_optional("projection_dim", projection_dim, int, "an int")
+        self.projection_dim = projection_dim
         super().__init__(**kwargs)
         for modality in ("vision", "text"):  # source, pooling and layer together (layer "auto": hidden states)
             if getattr(self, f"{modality}_layer") != "auto" or getattr(self, f"{modality}_source") != "hidden_states":

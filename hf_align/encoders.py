@@ -34,6 +34,7 @@ from .encoder_outputs import (
     vision_taps,
 )
 from .poolings import as_token_sequence
+from .safe_loading import BUNDLE_SUBFOLDERS, raise_if_pickle_only, weight_shapes
 from .sentence_pipeline import SentenceEncoder, SentencePipeline, SentencePipelineError, read_sentence_pipeline
 from .taps import AUTO, POOLED_SOURCES, SOURCES
 
@@ -170,6 +171,8 @@ def _from_pretrained(modality: str, name: str, keep_projection: bool, **options)
         elif loader is AutoModel and config.model_type not in MODEL_MAPPING_NAMES:
             # A tower AutoModel has no entry for (a saved SigLIP text tower): the class its config names.
             loader = _named_model_class(config) or AutoModel
+        # The weights' headers first: a truncated or damaged file fails naming the file (safetensors' error names none).
+        weight_shapes(name, **{k: v for k, v in kwargs.items() if k in ("revision", "subfolder")})
         return loader.from_pretrained(name, config=config, **kwargs)
     except (OSError, ValueError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "")
@@ -178,6 +181,22 @@ def _from_pretrained(modality: str, name: str, keep_projection: bool, **options)
         raise EncoderLoadError(
             f"{modality}_encoder={name!r}{at} could not be loaded as a transformers AutoModel{hint}: {err}"
         ) from err
+
+
+def load_bundled_encoder(
+    modality: str, repo: str | os.PathLike, revision: str | None, dtype, source: str | None = None
+) -> nn.Module:
+    """The encoder saved in the aligner's folder or repo (`<modality>_encoder/`), loaded as `load_encoder` loads it
+    for the tap `source` (a sentence-transformers pipeline or a CLIP projection comes back with it)."""
+    # Bundled encoders come from the aligner's own repo, so the aligner's rule holds for them: safetensors only.
+    subfolder = BUNDLE_SUBFOLDERS[modality]
+    try:
+        return load_encoder(
+            modality, os.fspath(repo), revision, dtype, source=source, subfolder=subfolder, use_safetensors=True
+        )
+    except OSError as err:
+        raise_if_pickle_only(repo, {"subfolder": subfolder, "revision": revision}, err)
+        raise
 
 
 def _named_model_class(config: PretrainedConfig) -> type[PreTrainedModel] | None:
@@ -361,6 +380,7 @@ __all__ = [
     "blank_pixel_values",
     "encoder_revision",
     "image_size_of",
+    "load_bundled_encoder",
     "load_encoder",
     "non_finite_rows",
     "probe_text",

@@ -39,6 +39,8 @@ from .features import (
 )
 from .features.encode import _Read
 from .features.schema import _cache_layer
+from .features.store import damaged_meta
+from .features.streaming import stream_cache
 from .taps import Tap
 
 if TYPE_CHECKING:
@@ -102,6 +104,7 @@ def push_features(
 
     folder = _cache_folder(cache)
     meta = _read_meta(folder)
+    _checked_parts(folder, meta)
     dataset = load_cache(folder, verify_checksum=True)
     if isinstance(cache, datasets.Dataset) and (
         len(cache) != len(dataset) or cache.column_names != dataset.column_names
@@ -168,6 +171,24 @@ def _read_meta(folder: str) -> dict:
             "the extraction's parts; finish (or re-run) the extraction first"
         )
     return meta
+
+
+def _checked_parts(folder: str, meta: dict) -> dict:
+    """The metadata's parts, after checking the fields the model check and the dataset card read."""
+    parts = meta["parts"]
+    for field in ("vision_encoder", "text_encoder"):  # what the model check and the card read
+        if not (isinstance(parts.get(field), list) and len(parts[field]) == 3 and isinstance(parts[field][0], str)):
+            raise damaged_meta(folder, f"parts.{field}", "[encoder id, revision, local signature]", parts.get(field))
+    taps = parts.get("taps", {})
+    if not (
+        isinstance(taps, dict) and all(isinstance(t, dict) and all(map(_is_str, t.values())) for t in taps.values())
+    ):
+        raise damaged_meta(folder, "parts.taps", "{modality: {column: tap}}", taps)
+    return parts
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str)
 
 
 def _data_files(dataset: datasets.Dataset, folder: str) -> list[str]:
@@ -408,7 +429,10 @@ def load_features(
         SHA-256 when small), or with `streaming=True` a `datasets.IterableDataset`.
 
     Raises:
-        FeatureCacheError: the cache is unfinished or damaged, or does not fit `model` (every mismatch named).
+        FeatureCacheError: the cache is unfinished or damaged (a streamed file when it is reached: its size is checked
+            before it is read, its SHA-256 as it is read), it names a file outside itself (its metadata, or a dataset
+            folder's `state.json`, `dataset_dict.json` or card `configs`: only the folder's or the repo snapshot's own
+            files are read), or it does not fit `model` (every mismatch named).
     """
     if not isinstance(streaming, bool):
         raise ValueError(f"streaming must be True or False, got {streaming!r}")
@@ -432,22 +456,19 @@ def load_features(
 
 def _stream(location, local, model, revision, token, split) -> datasets.IterableDataset:
     if local:
-        meta = _read_meta(location)
-        prefix = os.path.abspath(location) + os.sep
+        folder, url, options = location, None, None
     else:
         from huggingface_hub import HfApi, hf_hub_download
 
         commit = HfApi().dataset_info(location, revision=revision, token=token).sha  # one commit for every file
-        path = hf_hub_download(location, META_FILE, repo_type="dataset", revision=commit, token=token)
-        meta = _read_meta(os.path.dirname(path))
-        prefix = f"hf://datasets/{location}@{commit}/"
-    sharded = meta.get("layout") == SHARDED_LAYOUT
-    files = [shard["file"] for shard in meta["shards"]] if sharded else [DATA_FILE]
-    stream = datasets.load_dataset(
-        "arrow", data_files={split: [prefix + path for path in files]}, split=split, streaming=True, token=token
-    )
+        folder = os.path.dirname(
+            hf_hub_download(location, META_FILE, repo_type="dataset", revision=commit, token=token)
+        )
+        url, options = f"hf://datasets/{location}@{commit}/", {"token": token}
+    meta = _read_meta(folder)
+    stream = stream_cache(folder, meta, split, url, options)
     if model is not None:
-        _raise_mismatches(_mismatches(meta["parts"], stream, _config(model)), location)
+        _raise_mismatches(_mismatches(_checked_parts(folder, meta), stream, _config(model)), location)
     return stream
 
 
@@ -472,7 +493,7 @@ def check_features(features: datasets.Dataset | str | os.PathLike, model: Aligne
     if not isinstance(features, datasets.Dataset):
         features = open_feature_cache(features)
     folder = cache_folder_of(features)
-    parts = _read_meta(folder)["parts"] if folder is not None else None
+    parts = _checked_parts(folder, _read_meta(folder)) if folder is not None else None
     _raise_mismatches(_mismatches(parts, features, _config(model)), folder or "without hf_align metadata")
 
 

@@ -53,11 +53,13 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_p
 from safetensors.torch import save_file
 from torch import nn
 
+from .safe_loading import ArtefactError, require_safetensors
 from .sentence_pipeline import SentenceEncoder
 
 MODALITIES = ("vision", "text")
 LORA_SUBFOLDERS = {"vision": "vision_encoder_lora", "text": "text_encoder_lora"}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_ADAPTER_WEIGHTS = "adapter_model.bin"
 
 
 class ImageTextCollator:
@@ -259,15 +261,45 @@ def save_encoder_lora(model, save_directory: str | os.PathLike) -> None:
 
 
 def load_encoder_lora(model, pretrained_model_name_or_path: str | os.PathLike, revision: str | None = None) -> None:
-    """Re-apply the adapters `config.encoder_lora` lists, from the aligner's folder or Hub repo (frozen)."""
+    """Re-apply the adapters `config.encoder_lora` lists, from the aligner's folder or Hub repo (frozen).
+
+    Like the aligner's own weights, adapters load from safetensors only: PEFT would fall back to unpickling an
+    `adapter_model.bin`, which is refused here (never opened), as is a damaged `adapter_model.safetensors` (named).
+    """
     for modality in model.config.encoder_lora or []:
         encoder = getattr(model, f"{modality}_model")
-        wrapped = PeftModel.from_pretrained(
-            encoder, str(pretrained_model_name_or_path), subfolder=LORA_SUBFOLDERS[modality], revision=revision
+        subfolder = LORA_SUBFOLDERS[modality]
+        location = {"subfolder": subfolder, "revision": revision}
+        what = f"the {modality} encoder's LoRA adapter"
+        shapes = require_safetensors(
+            pretrained_model_name_or_path, ADAPTER_WEIGHTS, PICKLE_ADAPTER_WEIGHTS, what, **location
         )
+        try:
+            config = LoraConfig.from_pretrained(str(pretrained_model_name_or_path), **location)
+            _check_ranks(config, shapes, f"{os.fspath(pretrained_model_name_or_path)!r}: {what} in {subfolder}/")
+            wrapped = PeftModel.from_pretrained(encoder, str(pretrained_model_name_or_path), config=config, **location)
+        except ArtefactError:
+            raise
+        except (OSError, ValueError, TypeError, RuntimeError) as err:
+            raise ArtefactError(
+                f"{os.fspath(pretrained_model_name_or_path)!r}: {what} in {subfolder}/ could not be loaded: {err}"
+            ) from err
         setattr(model, f"{modality}_model", wrapped)
     if model.config.encoder_lora:
         model.train(model.training)
+
+
+def _check_ranks(config: LoraConfig, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """PEFT builds every LoRA matrix at the rank its config names before it loads the weights: a rank no saved
+    `lora_A` matrix has would be allocated for nothing (and then fail to load), so it is refused first."""
+    saved = max((shape[0] for name, shape in shapes.items() if ".lora_A." in name and shape), default=0)
+    ranks = {"r": config.r, **{f"rank_pattern[{k!r}]": v for k, v in (config.rank_pattern or {}).items()}}
+    too_big = {name: rank for name, rank in ranks.items() if not isinstance(rank, int) or rank > saved}
+    if too_big:
+        raise ArtefactError(
+            f"{where}: adapter_config.json asks for LoRA rank(s) {too_big}, but the largest rank in "
+            f"{ADAPTER_WEIGHTS} is {saved}; the config does not describe its weights"
+        )
 
 
 def base_encoder_state_dict(encoder: PeftModel) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from .configuration import TASK_RETRIEVAL, TASK_SEGMENTATION, TASK_ZERO_SHOT
 from .hub import upload_aligner
 from .methods.citations import model_citations
 from .modelcard_template import TEMPLATE
+from .summary_schema import check_training_summary
 from .taps import describe_tap_in_words
 
 if TYPE_CHECKING:
@@ -346,6 +347,7 @@ def card_data(model: AlignerModel, model_id: str | None = None, tags: Sequence[s
     """The YAML header: library, pipeline tag, tags, `base_model` (both encoders), datasets and `model-index`."""
     config = model.config
     summary = config.training_summary
+    check_training_summary(summary)
     all_tags = ["hf_align", "image-text-alignment", "clip", f"aligner-{config.method}"]
     if summary.get("trainer") == "transformers.Trainer":
         all_tags.append("generated_from_trainer")
@@ -374,6 +376,7 @@ def generate_model_card(
     the encoders are saved alongside (default: what the model's config says)."""
     config = model.config
     summary = config.training_summary
+    check_training_summary(summary)
     model_id = model_id or default_model_name(config)
     final_eval = ordered_metrics(summary.get("final_eval", {}))
     return ModelCard.from_template(

@@ -19,13 +19,13 @@ from . import lora
 from .aligner_parts import AlignerParts, aligner_settings, check_source_request, resolve_parts, tap_fields
 from .configuration import AlignerConfig, check_layer, resolve_layer_index
 from .encoder_outputs import EncoderOutputs, read_tap, run_text_encoder, run_vision_encoder, text_fixed_length
-from .encoders import EncoderInfo, load_encoder, non_finite_rows, probe_text, probe_vision
+from .encoders import EncoderInfo, load_bundled_encoder, load_encoder, non_finite_rows, probe_text, probe_vision
 from .hub import upload_aligner
 from .losses import symmetric_infonce
 from .methods import AlignerMethod, MethodConfig
 from .modelcard import AlignerModelCardData, write_model_card
 from .processing import AlignerProcessor
-from .safe_loading import BUNDLE_SUBFOLDERS, check_loading_info, load_bundled_encoder, raise_if_pickle_only
+from .safe_loading import BUNDLE_SUBFOLDERS, check_loading_info, check_weights_fit_config, raise_if_pickle_only
 from .segmentation_inference import segment_images
 from .sentence_pipeline import SentenceEncoder, SentencePipeline
 from .taps import AUTO, default_pooling, tap_width
@@ -94,6 +94,7 @@ class AlignerModel(PreTrainedModel):
                 "use 'mean' or 'auto'"
             )
         self.aligner = self._build_aligner(_parts.method, _parts.method_config)
+        config.projection_dim = self.aligner.embed_dim  # the embedding width sentence-transformers reports
         self.similarity = self._build_similarity(_parts.similarity)
         self.regularizers = _parts.regularizers
         self.logit_scale = nn.Parameter(
@@ -109,7 +110,9 @@ class AlignerModel(PreTrainedModel):
     # ------------------------------------------------------------------ construction
     def _build_aligner(self, method_cls: type[AlignerMethod], method_config: MethodConfig) -> AlignerMethod:
         """The method at the config's layer widths (its settings were validated in `hf_align.aligner_parts`)."""
-        return method_cls(method_config, self.config.vision_hidden_size, self.config.text_hidden_size)
+        aligner = method_cls(method_config, self.config.vision_hidden_size, self.config.text_hidden_size)
+        aligner.vision_num_prefix_tokens = self.config.num_prefix_tokens("vision")
+        return aligner
 
     def _build_similarity(self, similarity_cls: type[nn.Module]) -> nn.Module:
         """The similarity head for the aligner's embedding width (`similarity_config` checked in `aligner_parts`)."""
@@ -571,7 +574,14 @@ class AlignerModel(PreTrainedModel):
         loss, terms = None, None
         if return_loss:
             terms = self.loss_terms(
-                vision_features, text_features, image_embeds, text_embeds, logits_per_image, image_ids=image_ids
+                vision_features,
+                text_features,
+                image_embeds,
+                text_embeds,
+                logits_per_image,
+                image_ids=image_ids,
+                vision_mask=vision_mask,
+                text_mask=text_mask,
             )
             loss = torch.stack(list(terms.values())).sum()
         output = AlignerOutput(
@@ -584,14 +594,28 @@ class AlignerModel(PreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def loss_terms(self, vision_features, text_features, image_embeds, text_embeds, logits_per_image, image_ids=None):
+    def loss_terms(
+        self,
+        vision_features,
+        text_features,
+        image_embeds,
+        text_embeds,
+        logits_per_image,
+        image_ids=None,
+        vision_mask=None,
+        text_mask=None,
+    ):
         """Every training loss term by name: InfoNCE, the method's own terms, then each regulariser's.
 
         `image_ids` (B,), when given, masks same-image pairs out of InfoNCE's negatives and reaches every regulariser
-        (see `forward`).
+        (see `forward`). The regularisers get the features as `aligner.regularizer_features` gives them (token methods
+        pool their tokens there, by the masks; a mask left None means every token is real).
         """
         terms = {"infonce": symmetric_infonce(logits_per_image, image_ids)}
         terms.update(self.aligner.extra_loss(vision_features, text_features, image_embeds, text_embeds))
+        if self.regularizers:
+            vision_features = self.aligner.regularizer_features("vision", vision_features, vision_mask)
+            text_features = self.aligner.regularizer_features("text", text_features, text_mask)
         for name, regularizer in self.regularizers.items():
             terms[name] = regularizer(vision_features, text_features, image_embeds, text_embeds, image_ids=image_ids)
         return terms
@@ -710,6 +734,10 @@ class AlignerModel(PreTrainedModel):
             )
         kwargs["use_safetensors"] = True
         return_info = kwargs.pop("output_loading_info", False)
+        # Compared with the weights' headers before transformers allocates anything; validated once (`_parts`).
+        parts = check_weights_fit_config(cls, pretrained_model_name_or_path, kwargs)
+        if parts is not None:
+            kwargs["_parts"] = parts
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs

@@ -4,6 +4,10 @@ The stock `pipeline("zero-shot-image-classification", model=<aligner>)` already 
 returns CLIP-style `logits_per_image` and the folder holds the processor files). hf_align adds two tasks, registered
 with `transformers.pipelines.PIPELINE_REGISTRY` by `register_pipelines()` (which `import hf_align` runs):
 
+Inputs are checked before any work: `hypothesis_template` must hold exactly one bare `{}`
+(`hf_align.templates.check_template`), labels are tokenised with truncation, and an image the image processor would
+blow up (a 4096×1 strip) raises `hf_align.processing.ImageSizeError` (`check_image_size`).
+
 * `"hf-align-zero-shot-image-classification"`: same inputs and outputs as the stock task, but the text tower runs once
   per label set: its output for `(candidate_labels, hypothesis_template, tokenizer_kwargs)` is kept in a small LRU
   cache, and later calls only run the vision tower and the (cheap) aligner. Scores are exactly those of the stock task.
@@ -37,7 +41,8 @@ from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY, Pipeline, ZeroShotImageClassificationPipeline
 
 from .modeling import AlignerModel
-from .templates import embed_texts
+from .processing import check_image_size
+from .templates import check_template, embed_texts, text_token_limit
 
 ZERO_SHOT_TASK = "hf-align-zero-shot-image-classification"
 RETRIEVAL_TASK = "hf-align-image-text-retrieval"
@@ -97,7 +102,9 @@ class AlignerZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
             or not all(isinstance(label, str) for label in candidate_labels)
         ):
             raise ValueError(f"candidate_labels must be a non-empty list of strings, got {candidate_labels!r}")
+        check_template(hypothesis_template, "hypothesis_template")
         image = load_image(image, timeout=timeout)
+        check_image_size(self.image_processor, image)
         inputs = self.image_processor(images=[image], return_tensors="pt").to(self.dtype)
         inputs["candidate_labels"] = list(candidate_labels)
         # Hashable cache key; tokenizer settings change the tokens, so they are part of it.
@@ -126,8 +133,15 @@ class AlignerZeroShotImageClassificationPipeline(ZeroShotImageClassificationPipe
             return cached
         labels, template, tokenizer_json = label_set
         # Some tokenizers (SigLIP's) return no attention mask unless asked; without one the padding of the shorter
-        # prompts would be pooled as if it were text.
-        tokenizer_kwargs = {"padding": True, "return_attention_mask": True, **json.loads(tokenizer_json)}
+        # prompts would be pooled as if it were text. A label longer than the text encoder's positions is cut to
+        # them, as captions are, rather than crashing the encoder.
+        tokenizer_kwargs = {
+            "padding": True,
+            "truncation": True,
+            "max_length": text_token_limit(self.model, self.tokenizer),
+            "return_attention_mask": True,
+            **json.loads(tokenizer_json),
+        }
         tokens = self.tokenizer([template.format(label) for label in labels], return_tensors="pt", **tokenizer_kwargs)
         tokens = tokens.to(self.device)
         cached = self.model.tapped_text_features(
@@ -213,16 +227,24 @@ class AlignerImageTextRetrievalPipeline(Pipeline):
         if self.gallery_modality == "image":
             if not isinstance(query, str):
                 raise ValueError(f"the gallery holds images, so queries must be text (str), got {type(query).__name__}")
-            return self.tokenizer([query], return_tensors="pt", truncation=True, return_attention_mask=True)
-        return self.image_processor(images=[load_image(query, timeout=timeout)], return_tensors="pt").to(self.dtype)
+            return self.tokenizer(
+                [query],
+                return_tensors="pt",
+                truncation=True,
+                max_length=text_token_limit(self.model, self.tokenizer),
+                return_attention_mask=True,
+            )
+        image = load_image(query, timeout=timeout)
+        check_image_size(self.image_processor, image)
+        return self.image_processor(images=[image], return_tensors="pt").to(self.dtype)
 
     def _forward(self, model_inputs):
         """(B, N) scores of each query against every gallery item."""
         if self.gallery_modality == "image":
             queries = self.model.get_text_features(**model_inputs)
-            return {"scores": self.model.similarity(self.gallery_embeds, queries).t()}
+            return {"scores": self.model.similarity.score_unit_norm(self.gallery_embeds, queries).t()}
         queries = self.model.get_image_features(**model_inputs)
-        return {"scores": self.model.similarity(queries, self.gallery_embeds)}
+        return {"scores": self.model.similarity.score_unit_norm(queries, self.gallery_embeds)}
 
     def postprocess(self, model_outputs, top_k=5):
         scores = model_outputs["scores"][0].float()

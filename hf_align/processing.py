@@ -1,15 +1,38 @@
-"""`AlignerProcessor`: the vision encoder's image processor and the text encoder's tokenizer, saved with the aligner."""
+"""`AlignerProcessor`: the vision encoder's image processor and the text encoder's tokenizer, saved with the aligner.
+
+It also holds the image-size check every path that hands an image to the image processor runs first
+(`check_image_size`: extraction, evaluation, the pipelines, segmentation, `AlignerProcessor` itself): a processor that
+resizes the shortest edge scales the long side by the same factor, so a 94-byte 4096×1 PNG would become a
+917,504×224 image (over 200 million pixels) before the crop. Such an image is refused, with `ImageSizeError`, when
+its aspect ratio exceeds `MAX_ASPECT_RATIO` or when the processor's resize would make more than `MAX_RESIZED_PIXELS`.
+"""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+import PIL.Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchEncoding, CLIPImageProcessor, ProcessorMixin
+from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
+from transformers.image_utils import ChannelDimension, get_image_size, get_image_size_for_max_height_width
 
 from .sentence_pipeline import SentencePipelineError, read_sentence_pipeline
 
 # timm's interpolation names -> PIL resampling filters (transformers' `resample`)
 _TIMM_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
+
+# Long side / short side an image may have. Panoramas (up to ~10:1) pass; a shortest-edge resize to 224 px then makes
+# at most 4480×224 px. Beyond it an image is a strip the encoders cannot see anyway.
+MAX_ASPECT_RATIO = 20
+# Pixels the image processor's resize may make of one image (before its crop): 4096² (~200 MB as float32 RGB).
+MAX_RESIZED_PIXELS = 4096 * 4096
+
+
+class ImageSizeError(ValueError):
+    """An image whose shape the image processor would blow up: its aspect ratio exceeds `MAX_ASPECT_RATIO`, or the
+    processor's resize would make more than `MAX_RESIZED_PIXELS` pixels of it. Extraction treats it as a bad sample
+    (`on_bad_sample`)."""
 
 
 class AlignerProcessor(ProcessorMixin):
@@ -59,11 +82,69 @@ class AlignerProcessor(ProcessorMixin):
         if images is None and text is None:
             raise ValueError("AlignerProcessor needs `images`, `text` or both; got neither")
         encoding = {}
+        if images is not None:
+            for i, image in enumerate(images if isinstance(images, (list, tuple)) else [images]):
+                check_image_size(self.image_processor, image, f"images[{i}]")
         if text is not None:
             encoding.update(self.tokenizer(text, return_tensors=return_tensors, padding=padding, truncation=truncation))
         if images is not None:
             encoding.update(self.image_processor(images, return_tensors=return_tensors))
         return BatchEncoding(encoding, tensor_type=return_tensors)
+
+
+def image_height_width(image) -> tuple[int, int]:
+    """(H, W) of a PIL image, or of an array / tensor read as transformers' image processors read it."""
+    if isinstance(image, PIL.Image.Image):
+        return image.height, image.width
+    return get_image_size(np.asarray(image))
+
+
+def resized_image_size(image_processor, height: int, width: int) -> tuple[int, int] | None:
+    """(H, W) the image processor's resize makes of a `height` x `width` image (before any crop), by transformers' own
+    rules for its `size` (those of `TorchvisionBackend.resize`); the image's own size when it does not resize, and
+    `None` for a `size` without one of the standard keys (a model-specific resize)."""
+    size = getattr(image_processor, "size", None)
+    if not getattr(image_processor, "do_resize", False) or size is None:
+        return height, width
+    setting = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    shortest, longest = setting("shortest_edge"), setting("longest_edge")
+    if shortest and longest:
+        return tuple(get_size_with_aspect_ratio((height, width), shortest, longest))
+    if shortest:
+        # A zero-stride stand-in: transformers' helper reads only the shape, and nothing of that size is allocated.
+        shape = np.broadcast_to(np.uint8(0), (height, width, 1))
+        return tuple(
+            get_resize_output_image_size(
+                shape, size=shortest, default_to_square=False, input_data_format=ChannelDimension.LAST
+            )
+        )
+    if setting("max_height") and setting("max_width"):
+        return tuple(get_image_size_for_max_height_width((height, width), setting("max_height"), setting("max_width")))
+    if setting("height") and setting("width"):
+        return setting("height"), setting("width")
+    return None
+
+
+def check_image_size(image_processor, image, what: str | None = None) -> None:
+    """Raise `ImageSizeError` (naming `what` when given, the image's size and the limit) when `image_processor` would
+    blow `image` up: an aspect ratio over `MAX_ASPECT_RATIO`, or a resize to more than `MAX_RESIZED_PIXELS` pixels."""
+    height, width = image_height_width(image)
+    what = "" if what is None else f"{what}: "
+    if min(height, width) < 1:
+        raise ImageSizeError(f"{what}empty image ({width}x{height} px)")
+    resized = resized_image_size(image_processor, height, width)
+    would = "" if resized is None else f"; the image processor would resize it to {resized[1]}x{resized[0]} px"
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageSizeError(
+            f"{what}a {width}x{height} px image has an aspect ratio of {ratio:.4g}:1, over the {MAX_ASPECT_RATIO}:1 "
+            f"that hf_align.processing.MAX_ASPECT_RATIO allows{would}"
+        )
+    if resized is not None and resized[0] * resized[1] > MAX_RESIZED_PIXELS:
+        raise ImageSizeError(
+            f"{what}the image processor would resize a {width}x{height} px image to {resized[1]}x{resized[0]} px, "
+            f"{resized[0] * resized[1]:,} pixels, over hf_align.processing.MAX_RESIZED_PIXELS={MAX_RESIZED_PIXELS:,}"
+        )
 
 
 def prepare_tokenizer(tokenizer) -> None:

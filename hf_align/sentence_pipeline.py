@@ -8,9 +8,11 @@ the same forward call as the model itself (`input_ids`, `attention_mask`, `outpu
 pipeline's output added as `sentence_embedding`. Hidden states are the model's own, so every other tap reads the same
 values with or without the pipeline.
 
-Safety: `Dense` weights load from `model.safetensors` only (a pickle-only `pytorch_model.bin` is refused: unpickling
-can run code), and the activation must be one of the plain `torch.nn` activations in `ACTIVATIONS` (a config naming
-any other class is refused rather than imported).
+Safety: every path `modules.json` names (and every file read there) must resolve, symlinks followed, inside the
+sentence-transformers folder (`hf_align.safe_loading.resolve_inside`); `Dense` weights load from `model.safetensors`
+only (a pickle-only `pytorch_model.bin` is refused: unpickling can run code), after their header was checked against
+the Dense config (nothing is allocated for a config wider than its weights); and the activation must be one of the
+plain `torch.nn` activations in `ACTIVATIONS` (a config naming any other class is refused rather than imported).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .configuration import MAX_WIDTH
 from .poolings import pool_tokens
+from .safe_loading import ArtefactError, repo_file, resolve_inside, safetensors_shapes, shape_mismatches
 
 MODULES_FILE = "modules.json"
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -52,8 +56,9 @@ ACTIVATIONS = ("Identity", "Tanh", "ReLU", "ReLU6", "GELU", "Sigmoid", "SiLU", "
 _SUPPORTED_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 
 
-class SentencePipelineError(OSError):
-    """A sentence-transformers repo whose pipeline cannot be run as configured (unknown module, pickle weights, ...)."""
+class SentencePipelineError(ArtefactError):
+    """A sentence-transformers repo whose pipeline cannot be run as configured (unknown module, pickle weights, a
+    path outside its folder, weights that do not fit their config, ...)."""
 
 
 @dataclass(frozen=True)
@@ -107,22 +112,6 @@ class SentencePipeline:
         }
 
 
-def repo_file(name_or_path: str, filename: str, revision: str | None = None) -> str | None:
-    """Local path of `filename` in a folder or Hub repo (downloaded when online), or `None` when it has none."""
-    if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, filename)
-        return path if os.path.isfile(path) else None
-    from transformers.utils import cached_file
-
-    return cached_file(
-        name_or_path,
-        filename,
-        revision=revision,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
-
-
 def read_sentence_pipeline(
     name_or_path: str, revision: str | None = None, subfolder: str = ""
 ) -> SentencePipeline | None:
@@ -135,10 +124,14 @@ def read_sentence_pipeline(
         SentencePipelineError: for a module hf_align cannot run (anything but Transformer, Pooling, Dense,
             Normalize), a module order other than Transformer -> Pooling -> Dense / Normalize, or an unreadable config.
     """
-    modules_path = repo_file(name_or_path, _join(subfolder, MODULES_FILE), revision)
+    modules_path = repo_file(name_or_path, _join(subfolder, MODULES_FILE), revision=revision)
     if modules_path is None:
         return None
-    modules = sorted(_read_json(modules_path), key=lambda m: m.get("idx", 0))
+    # Every path modules.json names must stay inside the sentence-transformers folder (after symlinks), whether the
+    # folder is local, a Hub download or bundled in an aligner (then `text_encoder/`, not the aligner around it).
+    folder = os.path.dirname(modules_path)
+    _inside(name_or_path, folder, MODULES_FILE, MODULES_FILE)
+    modules = _read_modules(name_or_path, modules_path)
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
     unknown = sorted({kind for kind in kinds if kind not in _SUPPORTED_MODULES})
     if unknown:
@@ -150,23 +143,39 @@ def read_sentence_pipeline(
         raise SentencePipelineError(
             f"{name_or_path!r}: hf_align runs a modules.json that starts with Transformer then Pooling, got {kinds}"
         )
-    transformer_path = _join(subfolder, modules[0].get("path", "") or "")
-    pooling_path = _join(subfolder, modules[1].get("path", "") or "")
-    pooling = _read_json(_required(name_or_path, _join(pooling_path, "config.json"), revision))
-    modes, include_prompt = _pooling_modes(name_or_path, pooling)
+    paths = [
+        _inside(name_or_path, folder, module.get("path", "") or "", f"modules.json module {module.get('idx')} ({kind})")
+        for module, kind in zip(modules, kinds)
+    ]
+
+    def read(path: str, filename: str, required: bool = True):
+        """`filename` of the module at `path` (in the folder), as JSON; `None` when absent and not `required`."""
+        relative = _inside(name_or_path, folder, _join(path, filename), f"{filename} of module {path or '.'!r}")
+        local = repo_file(name_or_path, _join(subfolder, relative), revision=revision)
+        if local is None and required:
+            raise SentencePipelineError(
+                f"{name_or_path!r}: modules.json needs {_join(subfolder, relative)!r}, which the repo does not have"
+            )
+        return None if local is None else _read_json(local, dict)
+
+    transformer_path = _join(subfolder, paths[0])
+    modes, include_prompt = _pooling_modes(name_or_path, read(paths[1], "config.json"))
     steps = []
-    for module, kind in zip(modules[2:], kinds[2:]):
+    for path, kind in zip(paths[2:], kinds[2:]):
         if kind == "Pooling" or kind == "Transformer":
             raise SentencePipelineError(f"{name_or_path!r}: modules.json has a second {kind} module: {kinds}")
-        path = _join(subfolder, module.get("path", "") or "")
         if kind == "Dense":
-            config = _read_json(_required(name_or_path, _join(path, "config.json"), revision))
-            _check_dense_config(name_or_path, path, config)
-            steps.append({"type": "Dense", "path": path, "config": config})
+            config = read(path, "config.json")
+            _check_dense_config(name_or_path, _join(subfolder, path), config)
+            steps.append({"type": "Dense", "path": _join(subfolder, path), "config": config})
         else:
             steps.append({"type": "Normalize"})
-    st_config = repo_file(name_or_path, _join(transformer_path, "sentence_bert_config.json"), revision)
-    max_seq_length = _read_json(st_config).get("max_seq_length") if st_config else None
+    st_config = read(paths[0], "sentence_bert_config.json", required=False) or {}
+    max_seq_length = st_config.get("max_seq_length")
+    if max_seq_length is not None and not (isinstance(max_seq_length, int) and not isinstance(max_seq_length, bool)):
+        raise SentencePipelineError(
+            f"{name_or_path!r}: sentence_bert_config.json has max_seq_length={max_seq_length!r}; expected an int"
+        )
     return SentencePipeline(transformer_path, modes, include_prompt, tuple(steps), max_seq_length)
 
 
@@ -238,16 +247,19 @@ class SentenceEncoder(nn.Module):
     def load(
         cls, model: nn.Module, pipeline: SentencePipeline, name_or_path: str, revision: str | None = None
     ) -> SentenceEncoder:
-        """Load the pipeline's Dense weights (safetensors only) around an already loaded `model`."""
+        """Load the pipeline's Dense weights (safetensors only) around an already loaded `model`.
+
+        Each Dense layer is built on the meta device and compared with its weights' header first, so a config asking
+        for more than its weights hold is refused before anything is allocated.
+        """
         steps: list[nn.Module] = []
         for step in pipeline.steps:
             if step["type"] == "Normalize":
                 steps.append(NormalizeStep())
                 continue
-            dense = DenseStep(step["config"])
-            weights = repo_file(name_or_path, _join(step["path"], "model.safetensors"), revision)
+            weights = repo_file(name_or_path, _join(step["path"], "model.safetensors"), revision=revision)
             if weights is None:
-                pickle = repo_file(name_or_path, _join(step["path"], "pytorch_model.bin"), revision)
+                pickle = repo_file(name_or_path, _join(step["path"], "pytorch_model.bin"), revision=revision)
                 found = f"only a pickle checkpoint ({_join(step['path'], 'pytorch_model.bin')})" if pickle else "none"
                 raise SentencePipelineError(
                     f"{name_or_path!r}: the Dense module in {step['path']!r} has no model.safetensors weights "
@@ -255,13 +267,26 @@ class SentenceEncoder(nn.Module):
                     "you trust the repo, convert it: safetensors.torch.save_file(torch.load(path, weights_only=True), "
                     "'model.safetensors')"
                 )
-            state = load_file(weights)
-            missing, unexpected = dense.load_state_dict(state, strict=False)
-            if missing or unexpected:
+            # The folder was checked when the pipeline was read; the file itself may be a symlink out of it.
+            _inside(name_or_path, os.path.dirname(weights), os.path.basename(weights), f"Dense {step['path']!r}")
+            try:
+                found_shapes = safetensors_shapes(weights)
+            except ArtefactError as err:
+                raise SentencePipelineError(f"{name_or_path!r}: Dense weights: {err}") from err
+            with torch.device("meta"):
+                dense = DenseStep(step["config"])
+            expected = {name: tuple(tensor.shape) for name, tensor in dense.state_dict().items()}
+            mismatch = {what: keys for what, keys in shape_mismatches(expected, found_shapes).items() if keys}
+            if mismatch:
                 raise SentencePipelineError(
-                    f"{name_or_path!r}: Dense weights in {step['path']!r} do not match its config.json: missing "
-                    f"{sorted(missing)}, unexpected {sorted(unexpected)}"
+                    f"{name_or_path!r}: Dense weights {weights!r} do not match {_join(step['path'], 'config.json')} "
+                    f"(in_features, out_features, bias, use_residual): {mismatch}"
                 )
+            try:
+                dense.load_state_dict(load_file(weights), assign=True)  # the meta tensors become the loaded ones
+            except (RuntimeError, ValueError) as err:  # shapes fit, but e.g. integer weights cannot be parameters
+                message = f"{name_or_path!r}: Dense weights {weights!r} cannot be loaded: {err}"
+                raise SentencePipelineError(message) from err
             steps.append(dense)
         encoder = cls(model, pipeline, steps, name_or_path)
         param = next(model.parameters())
@@ -346,9 +371,9 @@ def _pooling_modes(name_or_path: str, config: dict) -> tuple[tuple[str, ...], bo
     modes = config.get("pooling_mode")
     if modes is None:
         modes = [mode for key, mode in _LEGACY_POOLING_KEYS.items() if config.get(key, False)] or ["mean"]
-    modes = [modes] if isinstance(modes, str) else list(modes)
-    unknown = [mode for mode in modes if mode not in POOLING_MODES]
-    if unknown:
+    modes = list(modes) if isinstance(modes, list) else [modes]
+    unknown = [mode for mode in modes if not isinstance(mode, str) or mode not in POOLING_MODES]
+    if unknown or not modes:
         raise SentencePipelineError(
             f"{name_or_path!r}: 1_Pooling config has pooling modes {unknown}; known: {POOLING_MODES}"
         )
@@ -357,8 +382,11 @@ def _pooling_modes(name_or_path: str, config: dict) -> tuple[tuple[str, ...], bo
 
 def _check_dense_config(name_or_path: str, path: str, config: dict) -> None:
     for key in ("in_features", "out_features"):
-        if not isinstance(config.get(key), int):
-            raise SentencePipelineError(f"{name_or_path!r}: Dense config in {path!r} needs an int {key}, got {config}")
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WIDTH:
+            raise SentencePipelineError(
+                f"{name_or_path!r}: Dense config in {path!r} needs an int {key} in [1, {MAX_WIDTH}], got {value!r}"
+            )
     for key in ("module_input_name", "module_output_name"):
         if config.get(key, "sentence_embedding") not in ("sentence_embedding", None):
             raise SentencePipelineError(
@@ -371,7 +399,7 @@ def _check_dense_config(name_or_path: str, path: str, config: dict) -> None:
 def _activation_name(config: dict, name_or_path: str = "", path: str = "") -> str:
     """The `torch.nn` class a Dense config names (`torch.nn.modules.activation.Tanh` -> `Tanh`), checked."""
     dotted = config.get("activation_function") or "torch.nn.modules.activation.Tanh"  # sentence-transformers' default
-    module, _, name = dotted.rpartition(".")
+    module, _, name = dotted.rpartition(".") if isinstance(dotted, str) else ("", "", "")
     if not module.startswith("torch.nn") or name not in ACTIVATIONS:
         raise SentencePipelineError(
             f"{name_or_path!r}: Dense module in {path!r} has activation_function={dotted!r}; hf_align runs only the "
@@ -380,19 +408,38 @@ def _activation_name(config: dict, name_or_path: str = "", path: str = "") -> st
     return name
 
 
-def _required(name_or_path: str, filename: str, revision: str | None) -> str:
-    path = repo_file(name_or_path, filename, revision)
-    if path is None:
-        raise SentencePipelineError(f"{name_or_path!r}: modules.json needs {filename!r}, which the repo does not have")
-    return path
+def _inside(name_or_path: str, folder: str, entry, what: str) -> str:
+    """`entry` (a path modules.json names) normalised, relative to the sentence-transformers `folder` (a local path),
+    refused unless it stays inside (`hf_align.safe_loading.resolve_inside`)."""
+    try:
+        resolve_inside(folder, entry, what)
+    except ArtefactError as err:
+        raise SentencePipelineError(f"{name_or_path!r}: {err}") from err
+    normalised = os.path.normpath(entry).replace(os.sep, "/") if entry else ""
+    return "" if normalised == "." else normalised
 
 
-def _read_json(path: str):
+def _read_modules(name_or_path: str, path: str) -> list[dict]:
+    """modules.json: a list of `{"idx", "type", "path", ...}` objects, by `idx`."""
+    modules = _read_json(path, list)
+    for module in modules:
+        if not isinstance(module, dict) or not isinstance(module.get("idx", 0), int):
+            raise SentencePipelineError(
+                f"{name_or_path!r}: {path!r} must list modules as objects with an int 'idx', got {module!r}"
+            )
+    return sorted(modules, key=lambda m: m.get("idx", 0))
+
+
+def _read_json(path: str, kind: type | None = None):
+    """The JSON in `path`, which must be a `kind` (dict, list) when given."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            value = json.load(handle)
     except (OSError, ValueError) as err:
         raise SentencePipelineError(f"cannot read {path!r} as JSON: {err}") from err
+    if kind is not None and not isinstance(value, kind):
+        raise SentencePipelineError(f"{path!r} must hold a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def _write_json(path: str, value) -> None:

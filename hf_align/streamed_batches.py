@@ -111,7 +111,7 @@ class StreamedBatches:
         self.has_image_ids = "image_id" in view.column_names
         self.image_ids = torch.as_tensor(column_array(view, "image_id") if self.has_image_ids else range(len(view)))
         # view row -> row of the view's (unindexed) table; None: the same row
-        self.table_rows = None if view._indices is None else view._indices.column(0).to_numpy().astype(np.int64)
+        self.table_rows = batches.table_rows(view)
         self.blocks = [block for index, part in enumerate(self.parts) for block in _blocks(index, part)]
         self._block_starts = np.array([block.data_start for block in self.blocks])
         self.dims = tuple(len(view[0][column]) for column in _FEATURES)
@@ -192,7 +192,7 @@ class StreamedBatches:
         # In memory the whole cache is checked once at load; streamed, each batch is checked as it is read, in numpy
         # (torch.isfinite on the CPU takes ~50x longer), the rows named by the shared check when one fails.
         if not (np.isfinite(vision).all() and np.isfinite(text).all()):
-            batches._check_finite_rows(batch, batch_rows)
+            batches._check_finite_rows(batch, batch_rows, self.table_rows)
         batch["return_loss"] = True
         if with_image_ids and self.has_image_ids:
             batch["image_ids"] = self.image_ids[batch_rows]

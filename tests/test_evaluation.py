@@ -98,7 +98,7 @@ def test_zero_shot_on_raw_images_and_class_name_checks(tiny_vit, minilm):
         class_prototypes(model, model.processor, [], None)
     with pytest.raises(ValueError, match=r"class_names has duplicates \['one'\]"):
         class_prototypes(model, model.processor, ["one", "two", "one"], None)
-    with pytest.raises(ValueError, match=r"every template needs a '\{\}' placeholder"):
+    with pytest.raises(ValueError, match=r"templates\[0\]='no placeholder' must hold exactly one bare '\{\}'"):
         class_prototypes(model, model.processor, ["one"], ["no placeholder"])
 
 

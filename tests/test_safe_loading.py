@@ -1,6 +1,7 @@
 """Safe loading: safetensors only, no remote code, and a config that does not fit its weights or its encoders fails
 with a specific error before any weight is used."""
 
+import hashlib
 import json
 import logging
 import os
@@ -14,7 +15,9 @@ from transformers import AutoModel
 
 import hf_align
 from hf_align import AlignerModel
+from hf_align.checkpoints import CheckpointError
 from hf_align.encoders import EncoderLoadError
+from hf_align.safe_loading import ArtefactError
 from hf_align.testing import make_paired_task, save_tiny_vision_encoder
 from hf_align.training import AlignmentArguments, train
 
@@ -145,14 +148,14 @@ def test_weights_that_do_not_fit_the_config_are_refused(saved):
     ):
         AlignerModel.from_pretrained(folder, load_encoders=False)
     edit_config(folder, method="linear", method_config={"projection_dim": 16, "bias": False})
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # transformers refuses shape mismatches itself
-        AlignerModel.from_pretrained(folder, load_encoders=False)
-    with pytest.raises(
-        ValueError,
-        match=r"of another shape than the config gives: "
-        r"\['aligner.text_head.weight \(checkpoint \(8, 32\), config \(16, 32\)\)'",
-    ):
-        AlignerModel.from_pretrained(folder, load_encoders=False, ignore_mismatched_sizes=True)
+    # refused from the weights' header, before transformers builds anything, with or without ignore_mismatched_sizes
+    for ignore in (False, True):
+        with pytest.raises(
+            ArtefactError,
+            match=r"of another shape than the config gives: "
+            r"\['aligner.text_head.weight \(checkpoint \(8, 32\), config \(16, 32\)\)'",
+        ):
+            AlignerModel.from_pretrained(folder, load_encoders=False, ignore_mismatched_sizes=ignore)
 
 
 def test_revision_that_no_longer_resolves_is_named(saved):
@@ -214,6 +217,18 @@ def test_checkpoint_optimizer_state_is_loaded_with_weights_only(tmp_path):
         eval_fraction=0.0,
         resume_from_checkpoint="latest",
     )
+    # The checkpoint's manifest recorded another optimizer.pt: refused as damaged, never unpickled.
+    with pytest.raises(CheckpointError, match=r"every checkpoint .* is damaged \(.*optimizer.pt: \d+ bytes"):
+        train(AlignerModel.from_feature_dims(4, 4, projection_dim=2), features, args)
+    assert not marker.exists()
+    # Whoever can write the folder can forge the manifest too: then weights_only still refuses to run the pickle.
+    with open(os.path.join(checkpoint, "optimizer.pt"), "rb") as handle:
+        forged = {"size": os.path.getsize(handle.name), "sha256": hashlib.sha256(handle.read()).hexdigest()}
+    with open(os.path.join(checkpoint, "trainer_state.json")) as handle:
+        state = json.load(handle)
+    state["checkpoint"]["files"]["optimizer.pt"] = forged
+    with open(os.path.join(checkpoint, "trainer_state.json"), "w") as handle:
+        json.dump(state, handle)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         train(AlignerModel.from_feature_dims(4, 4, projection_dim=2), features, args)
     assert not marker.exists()

@@ -5,6 +5,7 @@ ones for speed; the documented path (`--model hf_align_quickstart/aligner`) runs
 gradio (the `space` extra) is not installed."""
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -242,3 +243,74 @@ def test_app_script_serves_the_quickstart_folder(app, pooled_folder, query_image
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------- untrusted requests
+def test_space_caps_the_labels_and_template_of_a_request(app):
+    assert app.parse_labels(" cat, dog ,, ") == ["cat", "dog"]
+    too_many = ",".join(f"l{i}" for i in range(app.MAX_LABELS + 1))
+    with pytest.raises(gr.Error, match=f"Give at most {app.MAX_LABELS} labels, got {app.MAX_LABELS + 1}"):
+        app.parse_labels(too_many)
+    with pytest.raises(gr.Error, match=f"Labels can have at most {app.MAX_LABEL_CHARS} characters; 1 label"):
+        app.parse_labels("cat, " + "x" * (app.MAX_LABEL_CHARS + 1))
+    with pytest.raises(gr.Error, match=f"Too much text for {app.MAX_LABELS} labels"):
+        app.parse_labels("a," * 1_000_000)
+    assert app.parse_template("") == "{}" and app.parse_template(TEMPLATE) == TEMPLATE
+    with pytest.raises(gr.Error, match=r"prompt template='\{:>1500000000\}' must hold exactly one bare '\{\}'"):
+        app.parse_template("{:>1500000000}")
+    with pytest.raises(
+        gr.Error, match=f"at most {app.MAX_TEMPLATE_CHARS} characters, got {app.MAX_TEMPLATE_CHARS + 1}"
+    ):
+        app.parse_template("{}" + "x" * (app.MAX_TEMPLATE_CHARS - 1))
+
+
+def test_space_refuses_a_strip_image_a_bad_template_and_a_huge_query(served, app):
+    demo, client = served
+    strip = Image.new("L", (4096, 1), 128)
+    refused = "This image cannot be used: a 4096x1 px image has an aspect ratio of 4096:1, over the 20:1"
+    with pytest.raises(gr.Error, match=refused):
+        demo.classify(strip, "cat, dog", TEMPLATE)
+    with pytest.raises(gr.Error, match=refused):
+        demo.search_captions(strip, 3)
+    with pytest.raises(gr.Error, match=refused):
+        demo.segment(strip, "cat, dog", TEMPLATE, False)
+    square = Image.new("RGB", (32, 32), (128, 128, 128))
+    for call in (
+        lambda: demo.classify(square, "cat", "{:>1500000000}"),
+        lambda: demo.segment(square, "cat", "{0}", False),
+    ):
+        with pytest.raises(gr.Error, match=r"must hold exactly one bare '\{\}'"):
+            call()
+    with pytest.raises(gr.Error, match=f"at most {app.MAX_QUERY_CHARS} characters, got {app.MAX_QUERY_CHARS + 1}"):
+        demo.search_images("x" * (app.MAX_QUERY_CHARS + 1), 3)
+
+
+def test_space_starts_when_the_training_summary_is_malformed(app, tiny_vit, tiny_bert, tmp_path):
+    folder = tmp_path / "aligner"
+    AlignerModel.from_encoders(tiny_vit, tiny_bert, method="linear", projection_dim=8).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["training_summary"] = {
+        "global_step": "many",
+        "trainer": 3,
+        "evaluations": [{"task": "nope", "dataset": "x", "metrics": "high"}],
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    demo = app.AlignerDemo(str(folder), app.load_gallery(size=2))
+    demo.build()  # the page, header included, is made
+    notice = (
+        "**This aligner's config holds a malformed training summary**, so its training run and evaluations are not "
+        "shown."
+    )
+    assert demo.description().split("\n\n")[1:] == [notice]
+    for summary in (
+        {"global_step": 3},  # no trainer
+        {"evaluations": "x"},
+        {"evaluations": [{"dataset": "x", "task": TASK_ZERO_SHOT, "metrics": {"top1": 1.0}}]},
+        {"evaluations": [{"dataset": {}, "task": TASK_ZERO_SHOT, "metrics": {"top1": "high"}}]},
+        {"evaluations": [{"dataset": {}, "task": "nope", "metrics": {}}]},
+    ):
+        assert app.training_lines(summary) == [notice], summary
+    assert app.training_lines({}) == [
+        "**No training run is recorded in this aligner's config**: unless it was trained some other way, its scores "
+        "are those of an untrained aligner."
+    ]

@@ -3,7 +3,9 @@ epoch, validation at full regulariser weight with every term reported, AdamW / s
 
 import dataclasses
 import math
+import os
 
+import datasets
 import pytest
 import torch
 
@@ -133,6 +135,109 @@ def test_first_all_and_auto_rules():
         AlignmentArguments(mask_same_image="yes")
 
 
+# ---------------------------------------------------------------------------------------------- no negatives
+def one_image_cache(rows=12, images=1):
+    """`rows` captions spread over `images` images (ids 7, 8, ...), with distinct text features."""
+    task = make_paired_task(n=rows, n_vision_layers=1, n_text_layers=1, seed=5)
+    owner = torch.arange(rows) % images
+    return features_from_tensors({0: task.vision[0][owner]}, {0: task.text[0]}, image_id=7 + owner)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # every pair of every batch is a same-image pair: the masked InfoNCE was exactly 0 at every step
+        (
+            dict(caption_sampling="all"),
+            r"12 training row\(s\) of 1 distinct `image_id` value\(s\), and mask_same_image=True keeps captions of "
+            r"one image from being each other's negatives",
+        ),
+        # one caption per image per epoch: one row per epoch, a batch of one pair
+        (dict(), r"caption_sampling='per_epoch' visits 1 row per epoch \(12 training row\(s\) of 1 distinct"),
+    ],
+)
+def test_training_pairs_without_negatives_are_refused_before_training(tmp_path, options, message):
+    model = AlignerModel.from_feature_dims(64, 48, projection_dim=8)
+    before = {k: v.clone() for k, v in model.aligner_state_dict().items()}
+    args = AlignmentArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, eval_fraction=0.0, **options
+    )
+    with pytest.raises(ValueError, match=r"the training pairs give no row a negative, .*: " + message):
+        train(model, one_image_cache(), args)
+    assert os.listdir(tmp_path) == []  # refused before init, training, checkpoints or a saved aligner
+    for key, value in model.aligner_state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_batch_of_one_pair_is_refused_and_two_images_or_no_masking_train():
+    args = dict(max_steps=2, eval_fraction=0.0, caption_sampling="all", learning_rate=1e-2)
+    with pytest.raises(ValueError, match=r"no row a negative, .*: a batch holds 1 pair \(per_device_train_batch_size"):
+        train(
+            AlignerModel.from_feature_dims(64, 48, projection_dim=8),
+            one_image_cache(images=4),
+            AlignmentArguments(per_device_train_batch_size=1, **args),
+        )
+    # two images, or captions of one image as each other's negatives: a real, positive loss
+    for images, mask in ((2, True), (1, False)):
+        result = train(
+            AlignerModel.from_feature_dims(64, 48, projection_dim=8),
+            one_image_cache(images=images),
+            AlignmentArguments(per_device_train_batch_size=12, logging_steps=1, mask_same_image=mask, **args),
+        )
+        assert result.training_loss > 0.1
+
+
+def test_check_negatives_counts():
+    ids = torch.tensor([3, 3, 3, 5])
+    CaptionSampler(torch.arange(4), ids, "all", seed=0).check_negatives(2, masked=True)  # images 3 and 5
+    with pytest.raises(ValueError, match=r"3 training row\(s\) of 1 distinct `image_id` value\(s\), and mask"):
+        CaptionSampler(torch.arange(3), ids[:3], "all", seed=0).check_negatives(64, masked=True)
+    CaptionSampler(torch.arange(3), ids[:3], "all", seed=0).check_negatives(64, masked=False)  # rows as negatives
+
+
+# ---------------------------------------------------------------------------------------------- bad rows
+@pytest.mark.parametrize("where", ["memory", "streamed", "tokens read per batch"])
+def test_a_bad_validation_row_is_named_by_its_cache_row(tmp_path, monkeypatch, where):
+    task = make_paired_task(n=60, vision_dim=6, text_dim=5, n_vision_layers=1, n_text_layers=1, seed=2)
+    text = task.text[0]
+    tokens = where == "tokens read per batch"
+
+    def cache_of(vision):
+        if not tokens:
+            return features_from_tensors({0: vision}, {0: text})
+        return features_from_tensors(
+            {0: vision[:, 0]},
+            {0: text},
+            vision_tokens={0: vision},
+            text_tokens={0: text[:, None, :]},
+            text_mask=torch.ones(60, 1, dtype=torch.bool),
+        )
+
+    vision = task.vision[0][:, None, :].repeat(1, 3, 1) if tokens else task.vision[0].clone()
+    if tokens:
+        model = AlignerModel.from_feature_dims(6, 5, method="token_relative", num_anchors=2)
+        monkeypatch.setattr(hf_align.batches, "_available_memory", lambda: 0)  # not preloaded: read per batch
+    else:
+        model = AlignerModel.from_feature_dims(6, 5, projection_dim=4)
+    # The features trained on are a selection of the cache (here its rows in reverse), as a split or subset is.
+    reverse = list(range(59, -1, -1))
+    _, eval_rows = training_module._validation_split(features_for(model, cache_of(vision).select(reverse)), 0.2, 0)
+    bad = int(eval_rows[-2])  # row of the features given; len(eval_rows) - 2 inside the validation split
+    vision[59 - bad, ..., 0] = float("inf")
+    cache_of(vision).save_to_disk(str(tmp_path / "cache"))
+    given = datasets.load_from_disk(str(tmp_path / "cache")).select(reverse)
+    args = AlignmentArguments(
+        max_steps=2, per_device_train_batch_size=8, eval_fraction=0.2, stream_features=where == "streamed"
+    )
+    # Before, only the row of the features given was named: the cache row was left to be worked out.
+    with pytest.raises(
+        ValueError,
+        match=rf"NaN or Inf in vision_features of 1 row\(s\), e.g. rows \[{bad}\] of the features given "
+        rf"\(rows \[{59 - bad}\] of the cache they were selected from\); re-extract",
+    ):
+        train(model, given, args)
+
+
 @pytest.mark.parametrize("sampling", ["auto", "all"])
 def test_training_batches_follow_caption_sampling_and_carry_image_ids(sampling, monkeypatch):
     cache, _ = multi_caption_cache()
@@ -185,8 +290,12 @@ def test_validation_reports_every_term_at_full_weight_with_masking():
     for clock in (1, 900):
         reg.steps_done.fill_(clock)
         metrics.append(evaluate_on_rows(model, source, rows, args))
+    scheduled = [m.pop("eval_loss_scheduled") for m in metrics]
     assert metrics[0] == metrics[1]  # the warm-up does not move the validation loss
     m = metrics[0]
+    # ... but the loss at the scheduled weight (the authors' validation figure) follows it
+    for clock, value in zip((1, 900), scheduled):
+        assert value == pytest.approx(m["eval_infonce"] + clock / 1000 * m["eval_structure"], rel=1e-6)
     assert m["eval_loss"] == pytest.approx(m["eval_infonce"] + m["eval_structure"], rel=1e-6)
     # by hand: batches of 40 rows, each term weighted by its batch's rows, same-image pairs masked, λ in full
     sums = {"infonce": 0.0, "structure": 0.0}
@@ -210,7 +319,7 @@ def test_validation_reports_every_term_at_full_weight_with_masking():
 
 def test_training_log_keeps_the_warmup_weight_and_best_model_can_use_a_term():
     cache, _ = multi_caption_cache(n_images=40)
-    model = AlignerModel.from_feature_dims(64, 48, projection_dim=8, structure_weight=10.0)
+    model = AlignerModel.from_feature_dims(64, 48, projection_dim=8, structure_weight=10.0, structure_warmup_steps=1000)
     args = AlignmentArguments(
         max_steps=4,
         per_device_train_batch_size=16,

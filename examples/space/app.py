@@ -14,11 +14,18 @@ already classified), retrieval over a small gallery (text -> images, image -> ca
 The gallery defaults to 24 images of scikit-learn's bundled handwritten digits (captioned "a handwritten digit
 three", ...) with the ten digit names as labels; `--gallery DIR` uses the images of a folder instead, captioned and
 labelled by their file names ("red_car.jpg" -> "red car").
+
+What a visitor sends is bounded before any model runs: at most `MAX_LABELS` labels of `MAX_LABEL_CHARS` characters,
+a template of at most `MAX_TEMPLATE_CHARS` with exactly one bare `{}` (`hf_align.templates.check_template`), a text
+query of at most `MAX_QUERY_CHARS`, and images the image processor would not blow up
+(`hf_align.processing.check_image_size`). The header reads the aligner's `training_summary` defensively: a malformed
+one is reported there, and the app still starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +38,11 @@ from transformers import pipeline
 from hf_align.experiments.quickstart import QuickstartArguments
 from hf_align.modelcard import TASK_NAMES, metric_display_name, ordered_metrics
 from hf_align.pipelines import RETRIEVAL_TASK, ZERO_SHOT_TASK, register_pipelines
+from hf_align.processing import ImageSizeError, check_image_size
 from hf_align.segmentation_inference import overlay_segmentation
+from hf_align.templates import check_template
+
+logger = logging.getLogger(__name__)
 
 MODEL_ENV = "HF_ALIGN_MODEL"
 GALLERY_ENV = "HF_ALIGN_GALLERY"
@@ -44,6 +55,11 @@ DEFAULT_GALLERY_SIZE = 24
 TOP_K = 5  # classes the classification chart shows
 EXAMPLES = 8  # gallery images offered as one-click examples
 IMAGE_HEIGHT = 256  # px
+# Per request: each label is a text-tower forward, and every prompt is tokenised in full before truncation.
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 100
+MAX_TEMPLATE_CHARS = 200
+MAX_QUERY_CHARS = 1000
 # Small images (the 32 px digits) are drawn filling their frame, pixels kept sharp, rather than at their own size.
 CSS = ".fill-frame img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
@@ -91,15 +107,65 @@ def required_model(model: str | None) -> str:
 
 
 def parse_labels(text: str) -> list[str]:
-    labels = [label.strip() for label in (text or "").split(",") if label.strip()]
+    """The comma-separated labels, at most `MAX_LABELS` of at most `MAX_LABEL_CHARS` characters each."""
+    text = text or ""
+    # Refused before splitting: a huge request is not worth splitting to count its labels.
+    if len(text) > MAX_LABELS * (MAX_LABEL_CHARS + 2):
+        raise gr.Error(f"Too much text for {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters.")
+    labels = [label.strip() for label in text.split(",") if label.strip()]
     if not labels:
         raise gr.Error("Type at least one label (several are separated by commas).")
+    if len(labels) > MAX_LABELS:
+        raise gr.Error(f"Give at most {MAX_LABELS} labels, got {len(labels)}.")
+    long = [label for label in labels if len(label) > MAX_LABEL_CHARS]
+    if long:
+        raise gr.Error(f"Labels can have at most {MAX_LABEL_CHARS} characters; {len(long)} label(s) are longer.")
     return labels
 
 
-def _require_image(image) -> None:
-    if image is None:
-        raise gr.Error("Upload an image first.")
+def parse_template(template: str) -> str:
+    """The prompt template (empty: the bare label), at most `MAX_TEMPLATE_CHARS` with exactly one bare `{}`."""
+    template = template or "{}"
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise gr.Error(f"The prompt template can have at most {MAX_TEMPLATE_CHARS} characters, got {len(template)}.")
+    try:
+        return check_template(template, "prompt template")
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
+
+
+def training_lines(summary) -> list[str]:
+    """Markdown lines on what `summary` (a config's `training_summary`) records of the aligner's training run and
+    evaluations: a run, or a bold warning that none is recorded; a malformed summary gets a notice instead."""
+    try:
+        return _training_lines(summary)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        # The summary comes from the aligner's config.json, which anyone can write: what it holds is shown, never
+        # trusted to be well formed, and a bad one must not keep the demo from starting.
+        logger.warning(
+            "the aligner's training_summary is malformed (%s: %s); the header leaves it out", type(err).__name__, err
+        )
+        return [
+            "**This aligner's config holds a malformed training summary**, so its training run and evaluations are "
+            "not shown."
+        ]
+
+
+def _training_lines(summary) -> list[str]:
+    lines = []
+    if "global_step" in summary:
+        pairs = f" on {summary['train_pairs']:,} image–text pairs" if summary.get("train_pairs") else ""
+        lines.append(f"Trained with `{summary['trainer']}` for {summary['global_step']:,} steps{pairs}.")
+    else:
+        lines.append(
+            "**No training run is recorded in this aligner's config**: unless it was trained some other way, its "
+            "scores are those of an untrained aligner."
+        )
+    for run in summary.get("evaluations", []):
+        dataset = run["dataset"].get("name") or run["dataset"].get("id") or "unnamed data"
+        metrics = ", ".join(f"{metric_display_name(k)} {v:.4g}" for k, v in ordered_metrics(run["metrics"])[:3])
+        lines.append(f"{TASK_NAMES[run['task']]} on {dataset}: {metrics}.")
+    return lines
 
 
 class AlignerDemo:
@@ -120,20 +186,33 @@ class AlignerDemo:
         self.caption_search = pipeline(RETRIEVAL_TASK, **shared).set_gallery(texts=gallery.captions)
         self.is_token_method = self.model.aligner.input_kind == "tokens"
 
+    def _require_image(self, image) -> None:
+        if image is None:
+            raise gr.Error("Upload an image first.")
+        try:
+            check_image_size(self.classifier.image_processor, image)
+        except ImageSizeError as err:
+            raise gr.Error(f"This image cannot be used: {err}.") from err
+
     def classify(self, image: Image.Image, labels: str, template: str) -> dict[str, float]:
         """Softmax over all the labels of `logits_per_image` (what the transformers pipeline returns); the chart
         shows the `TOP_K` best."""
-        _require_image(image)
-        results = self.classifier(image, candidate_labels=parse_labels(labels), hypothesis_template=template or "{}")
+        self._require_image(image)
+        results = self.classifier(
+            image, candidate_labels=parse_labels(labels), hypothesis_template=parse_template(template)
+        )
         return {r["label"]: r["score"] for r in results}
 
     def search_images(self, query: str, top_k: int) -> list[tuple[Image.Image, str]]:
-        if not (query or "").strip():
+        query = (query or "").strip()
+        if not query:
             raise gr.Error("Type a text query.")
-        return [(r["image"], f"{r['score']:.3f}") for r in self.image_search(query.strip(), top_k=int(top_k))]
+        if len(query) > MAX_QUERY_CHARS:
+            raise gr.Error(f"A text query can have at most {MAX_QUERY_CHARS} characters, got {len(query)}.")
+        return [(r["image"], f"{r['score']:.3f}") for r in self.image_search(query, top_k=int(top_k))]
 
     def search_captions(self, image: Image.Image, top_k: int) -> dict[str, float]:
-        _require_image(image)
+        self._require_image(image)
         # Several gallery images may share a caption: keep each caption's best score.
         scores: dict[str, float] = {}
         for r in self.caption_search(image, top_k=int(top_k)):
@@ -142,11 +221,11 @@ class AlignerDemo:
 
     def segment(self, image: Image.Image, labels: str, template: str, background: bool) -> tuple[Image.Image, dict]:
         """The label map drawn over the image, and the share of the image's pixels each class takes."""
-        _require_image(image)
-        classes = parse_labels(labels)
+        self._require_image(image)
+        classes, template = parse_labels(labels), parse_template(template)
         try:
             label_map = self.model.segment(
-                image, classes, templates=[template or "{}"], background="background" if background else None
+                image, classes, templates=[template], background="background" if background else None
             )
         except ValueError as err:  # e.g. a method with no per-patch embedding
             raise gr.Error(str(err)) from err
@@ -158,23 +237,11 @@ class AlignerDemo:
         """Markdown: the aligner's encoders and method, and what its config records of its training and evaluations
         (a model with no training run recorded is flagged: its scores may be those of random projections)."""
         config = self.model.config
-        summary = config.training_summary
         lines = [
             f"Aligner `{self.model_name}`: vision encoder `{config.vision_encoder}`, text encoder "
-            f"`{config.text_encoder}`, method `{config.method}`."
+            f"`{config.text_encoder}`, method `{config.method}`.",
+            *training_lines(config.training_summary),
         ]
-        if "global_step" in summary:
-            pairs = f" on {summary['train_pairs']:,} image–text pairs" if summary.get("train_pairs") else ""
-            lines.append(f"Trained with `{summary['trainer']}` for {summary['global_step']:,} steps{pairs}.")
-        else:
-            lines.append(
-                "**No training run is recorded in this aligner's config**: unless it was trained some other way, its "
-                "scores are those of an untrained aligner."
-            )
-        for run in summary.get("evaluations", []):
-            dataset = run["dataset"].get("name") or run["dataset"].get("id") or "unnamed data"
-            metrics = ", ".join(f"{metric_display_name(k)} {v:.4g}" for k, v in ordered_metrics(run["metrics"])[:3])
-            lines.append(f"{TASK_NAMES[run['task']]} on {dataset}: {metrics}.")
         return "\n\n".join(lines)
 
     def segmentation_notice(self) -> str:

@@ -1,4 +1,7 @@
-"""`hf-align push`: upload a saved aligner folder (config, weights, processor files, model card) to the Hub."""
+"""`hf-align push`: upload a saved aligner folder (config, weights, processor files, model card) to the Hub.
+
+Only the aligner's own files go up (`hf_align.hub.uploaded_files`, an allow-list): a training run's tracker logs,
+checkpoints and caches in the same folder stay local."""
 
 from __future__ import annotations
 
@@ -41,4 +44,4 @@ def run(args: PushArguments) -> int:
     return 0
 
 
-COMMAND = CommandSpec("push", __doc__.split(": ", 1)[1], (PushArguments,), run)
+COMMAND = CommandSpec("push", __doc__.split(": ", 1)[1].split("\n", 1)[0], (PushArguments,), run)

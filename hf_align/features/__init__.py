@@ -8,7 +8,8 @@
 * `encode`: what an extraction reads from the encoders, one batch through them, its rows checked and written;
   `BadSampleError`.
 * `streaming`: extraction of a `datasets.IterableDataset`, source shard by source shard, into a sharded cache that
-  a killed run resumes (`PARTIAL_SUFFIX`, `SHARD_IMAGE_ID_STRIDE`).
+  a killed run resumes (`PARTIAL_SUFFIX`, `SHARD_IMAGE_ID_STRIDE`); `stream_cache`, a finished cache read back as a
+  stream, each file's size and SHA-256 checked as it is read.
 * `extract`: `extract_features`, the encoders run once over a dataset (map-style or streamed).
 * `decode`: the source side: loading a dataset split, decoding images and captions, preprocessing batches.
 """

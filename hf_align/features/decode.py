@@ -4,8 +4,10 @@ batches of them (the CPU work `extract_features` runs in DataLoader workers whil
 Images are decoded one by one and converted to RGB: grayscale, palette, CMYK, 16-bit and float images are rescaled;
 transparency is composited on white as CLIP's processor does; sides over `MAX_IMAGE_SIDE` are box-downsampled first.
 Captions over the text encoder's length limit are truncated with a warning. What cannot be encoded (an undecodable or
-empty image, a missing / empty / non-text / non-UTF-8 caption) is reported with its row and reason, for
-`extract_features`' bad-sample policy to raise or skip.
+empty image, one the image processor would blow up (`hf_align.processing.check_image_size`: a 4096×1 strip), a
+missing / empty / non-text / non-UTF-8 caption, or one that UTF-8 cannot encode (a lone surrogate such as "\ud800",
+which a Python-level stream or transform can yield)) is reported with its row and reason, for `extract_features`'
+bad-sample policy to raise or skip.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import datasets
 import numpy as np
 import torch
 from transformers.utils import logging
+
+from ..processing import check_image_size
+from ..templates import text_token_limit as _text_length_limit  # noqa: F401  (encode.py imports it from here)
 
 if TYPE_CHECKING:
     from .encode import _Plan
@@ -94,6 +99,7 @@ def _prepare_batch(processor, plan: _Plan, start: int, batch: dict, shard: int |
     for i, (value, caption) in enumerate(zip(batch[plan.image_column], batch[plan.text_column])):
         try:
             image = _rgb_image(value)
+            check_image_size(processor.image_processor, image)
         except ValueError as err:
             rejects.append((i, f"{plan.image_column!r}: {err}", None))
             continue
@@ -218,7 +224,8 @@ def _to_8bit(image):
 
 # ---------------------------------------------------------------------------------------------- captions
 def _caption_text(value) -> str:
-    """A caption as text; `ValueError` for None, non-text, bytes that are not UTF-8, or an empty caption."""
+    """A caption as text; `ValueError` for None, non-text, bytes that are not UTF-8, text that UTF-8 cannot encode
+    (lone surrogates), or an empty caption."""
     if isinstance(value, (bytes, bytearray)):
         try:
             value = bytes(value).decode("utf-8")
@@ -229,17 +236,16 @@ def _caption_text(value) -> str:
         raise ValueError("missing caption (None)")
     if not isinstance(value, str):
         raise ValueError(f"a caption must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # lone surrogates: the tokenizer and Arrow would both fail on the whole batch
+        raise ValueError(
+            f"the caption cannot be encoded as UTF-8 ({err.reason}: {value[err.start : err.end]!r} at character "
+            f"{err.start})"
+        ) from err
     if not value.strip():
         raise ValueError("empty caption")
     return value
-
-
-def _text_length_limit(model, tokenizer, max_text_length: int | None) -> int:
-    """Tokens a caption keeps: `max_text_length`, else the tokenizer's maximum; never more than the text encoder
-    has positions for (a mismatched tokenizer would otherwise crash the encoder on a long caption)."""
-    limit = max_text_length or tokenizer.model_max_length
-    positions = getattr(model.text_model.config, "max_position_embeddings", None)
-    return min(limit, positions) if isinstance(positions, int) else limit
 
 
 def _truncated_captions(tokenizer, captions: list[str], rows: list[int], limit: int) -> list[tuple[int, int]]:

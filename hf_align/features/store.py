@@ -16,6 +16,11 @@ size and SHA-256 of each) and checked on load like the single file; `load_cache`
 order, one memory-mapped Dataset.
 
 `open_feature_cache` opens any folder a command is given: a finished cache, or a dataset saved with `save_to_disk`.
+
+What a folder says is not trusted: every file its metadata (or a dataset folder's `state.json`, `dataset_dict.json`,
+card `configs`) names must lie inside it after `realpath` (`hf_align.safe_loading.resolve_inside`), and metadata that
+is valid JSON but not what an extraction writes (a missing key, a wrong type) is damage, named by file and field. Under
+`cache_dir` (hf_align's own) damage is rebuilt; a `cache_path` the user named is never deleted.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import datasets
 from datasets.arrow_writer import ArrowWriter
 from transformers.utils import logging
 
+from ..safe_loading import ArtefactError
+from ..safe_loading import resolve_inside as _resolve_inside
 from ..version import __version__
 from .decode import load_dataset_split
 
@@ -176,10 +183,14 @@ def _finish_cache(tmp: str, target: str, parts: dict, n_rows: int, skipped: list
     }
     with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as handle:
         json.dump(meta, handle, default=str)
-    if os.path.isdir(target):  # a concurrent writer finished first; theirs is identical
-        shutil.rmtree(tmp)
-    else:
+    try:
         os.replace(tmp, target)
+    except OSError:
+        # A concurrent writer finished first (a finished cache is a non-empty folder, which rename never replaces):
+        # its cache of the same inputs stands, this one's copy goes.
+        if not os.path.isdir(target):
+            raise
+        shutil.rmtree(tmp)
 
 
 def _concatenate_arrow(paths: list[str], path: str) -> None:
@@ -255,73 +266,116 @@ def _write_sharded_meta(folder: str, parts: dict, shards: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+def _inside(folder, entry, what: str) -> str:
+    """`hf_align.safe_loading.resolve_inside`, the one check of every loader that a path read from an artefact (here a
+    metadata field, or a data file a dataset folder lists) stays inside the artefact's folder after `realpath`
+    (a Hub snapshot's files may link into that repo's blob store), raising `FeatureCacheError` like every cache
+    loader; the message names `what`, the entry and the folder."""
+    try:
+        return _resolve_inside(folder, entry, what)
+    except ArtefactError as err:
+        raise FeatureCacheError(str(err)) from None
+
+
 def load_cache(path: str, parts: dict | None = None, verify_checksum: bool | None = None) -> datasets.Dataset | None:
     """Open a finished cache folder; `None` if there is none (no `hf_align_cache.json`).
 
     Raises `FeatureCacheError` when `parts` (when given) differ from what the cache was built for (naming each
-    differing part with both values), or when the data file is not the one written: its size is checked on every
-    load, its SHA-256 when `verify_checksum=True`, or by default (`None`) when the file is at most
-    `CHECKSUM_AUTO_BYTES`.
+    differing part with both values), when the metadata does not hold what an extraction writes (naming the field),
+    when a file it names lies outside the folder (`hf_align.safe_loading.resolve_inside`), or when a data file is not
+    the one written: its size is checked on every load, its SHA-256 when `verify_checksum=True`, or by default
+    (`None`) when the data is at most `CHECKSUM_AUTO_BYTES`; an unreadable Arrow file is named.
     """
     meta = read_cache_meta(path)
     if meta is None:
         return None
+    sharded = isinstance(meta, dict) and meta.get("layout") == SHARDED_LAYOUT
+    records = _checked_records(path, meta, sharded)
     if parts is not None:
         expected = json.loads(json.dumps(parts, default=str))
-        differences = _differences("", meta.get("parts", {}), expected)
+        differences = _differences("", meta["parts"], expected)
         if differences:
             raise FeatureCacheError(
                 f"feature cache {path!r} was built for other inputs: " + "; ".join(differences) + ". Use the "
                 "inputs it was built for, or another cache folder"
             )
-    if meta.get("layout") == SHARDED_LAYOUT:
-        return _load_sharded(path, meta, verify_checksum)
-    record = meta.get("data_file")
-    if not isinstance(record, dict):
-        raise FeatureCacheError(
-            f"feature cache {path!r} has no size/checksum record (written by an older hf_align); re-extract it"
-        )
-    size = _checked_size(path, DATA_FILE, record["size"])
-    if verify_checksum or (verify_checksum is None and size <= CHECKSUM_AUTO_BYTES):
-        _check_sha256(path, DATA_FILE, record["sha256"])
-    dataset = datasets.Dataset.from_file(os.path.join(path, DATA_FILE))
-    if len(dataset) != meta.get("num_rows"):
-        raise FeatureCacheError(
-            f"feature cache {path!r} is damaged: {len(dataset)} rows on disk, {meta.get('num_rows')} recorded"
-        )
-    return dataset
-
-
-def _load_sharded(path: str, meta: dict, verify_checksum: bool | None) -> datasets.Dataset:
-    """The shards of a sharded cache, checked (sizes always; SHA-256 as `load_cache` says, over their total size)
-    and concatenated in shard order."""
-    shards = meta.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise FeatureCacheError(f"feature cache {path!r}: {META_FILE} lists no shards; re-extract it")
-    total = sum(_checked_size(path, record["file"], record["size"]) for record in shards)
+    files = [_inside(path, record["file"], "feature cache file") for record in records]
+    total = sum(_checked_size(path, record["file"], file, record["size"]) for record, file in zip(records, files))
     if verify_checksum or (verify_checksum is None and total <= CHECKSUM_AUTO_BYTES):
-        for record in shards:
-            _check_sha256(path, record["file"], record["sha256"])
-    parts = []
-    for record in shards:
-        part = datasets.Dataset.from_file(os.path.join(path, record["file"]))
-        if len(part) != record["num_rows"]:
+        for record, file in zip(records, files):
+            _check_sha256(path, record["file"], file, record["sha256"])
+    pieces = []
+    for record, file in zip(records, files):
+        piece = _read_arrow(path, record["file"], file)
+        if sharded and len(piece) != record["num_rows"]:
             raise FeatureCacheError(
-                f"feature cache {path!r} is damaged: {record['file']} holds {len(part)} rows, {record['num_rows']} "
+                f"feature cache {path!r} is damaged: {record['file']} holds {len(piece)} rows, {record['num_rows']} "
                 "were written; delete the folder to re-extract"
             )
-        parts.append(part)
-    dataset = datasets.concatenate_datasets(parts)
-    if len(dataset) != meta.get("num_rows"):
+        pieces.append(piece)
+    dataset = datasets.concatenate_datasets(pieces) if sharded else pieces[0]
+    if len(dataset) != meta["num_rows"]:
         raise FeatureCacheError(
-            f"feature cache {path!r} is damaged: {len(dataset)} rows on disk, {meta.get('num_rows')} recorded"
+            f"feature cache {path!r} is damaged: {len(dataset)} rows on disk, {meta['num_rows']} recorded"
         )
     return dataset
 
 
-def _checked_size(path: str, name: str, written: int) -> int:
-    """The size of the cache file `name`; `FeatureCacheError` naming it when that is not the `written` size."""
-    full = os.path.join(path, name)
+def _checked_records(path: str, meta, sharded: bool) -> list[dict]:
+    """The data file records of the metadata `meta` (`file`, `size`, `sha256`, and `num_rows` for a shard), after
+    checking that it holds what an extraction writes; `FeatureCacheError` naming the file and field otherwise."""
+
+    def damaged(field: str, expected: str, value) -> FeatureCacheError:
+        return damaged_meta(path, field, expected, value)
+
+    if not isinstance(meta, dict):
+        raise damaged("(top level)", "an object", meta)
+    checks = {"complete": (lambda v: v is True, "true"), "parts": (lambda v: isinstance(v, dict), "an object")}
+    checks["num_rows"] = (_is_count, "an int >= 0")
+    checks["skipped"] = (lambda v: isinstance(v, list), "a list")
+    fields = {"size": (_is_count, "an int >= 0"), "sha256": (_is_sha256, "64 hexadecimal digits")}
+    if sharded:
+        shards = meta.get("shards")
+        if not isinstance(shards, list) or not shards:
+            raise FeatureCacheError(f"feature cache {path!r}: {META_FILE} lists no shards; re-extract it")
+        records, names = shards, [f"shards[{i}]" for i in range(len(shards))]
+        fields.update(file=(lambda v: isinstance(v, str), "a file path"), num_rows=(_is_count, "an int >= 0"))
+    else:
+        if not isinstance(meta.get("data_file"), dict):
+            raise FeatureCacheError(
+                f"feature cache {path!r} has no size/checksum record (written by an older hf_align); re-extract it"
+            )
+        records, names = [{**meta["data_file"], "file": DATA_FILE}], ["data_file"]
+    for field, (valid, expected) in checks.items():
+        if not valid(meta.get(field, [] if field == "skipped" else None)):
+            raise damaged(field, expected, meta.get(field))
+    for record, name in zip(records, names):
+        if not isinstance(record, dict):
+            raise damaged(name, "an object", record)
+        for field, (valid, expected) in fields.items():
+            if not valid(record.get(field)):
+                raise damaged(f"{name}.{field}", expected, record.get(field))
+    return records
+
+
+def damaged_meta(path: str, field: str, expected: str, value) -> FeatureCacheError:
+    """The error for the cache `path` whose metadata's `field` is not the `expected` kind of value."""
+    return FeatureCacheError(
+        f"feature cache {path!r} is damaged: {META_FILE} field {field!r} must be {expected}, got {_short(value, 80)}; "
+        "delete the folder to re-extract"
+    )
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _checked_size(path: str, name: str, full: str, written: int) -> int:
+    """The size of the cache file `name` (at `full`); `FeatureCacheError` naming it when that is not `written`."""
     size = os.path.getsize(full) if os.path.isfile(full) else None
     if size != written:
         found = "is missing" if size is None else f"is {size} bytes"
@@ -332,8 +386,8 @@ def _checked_size(path: str, name: str, written: int) -> int:
     return size
 
 
-def _check_sha256(path: str, name: str, written: str) -> None:
-    digest = _file_record(os.path.join(path, name))["sha256"]
+def _check_sha256(path: str, name: str, full: str, written: str) -> None:
+    digest = _file_record(full)["sha256"]
     if digest != written:
         raise FeatureCacheError(
             f"feature cache {path!r} is damaged: {name} has SHA-256 {digest}, {written} was written (modified after "
@@ -341,14 +395,31 @@ def _check_sha256(path: str, name: str, written: str) -> None:
         )
 
 
+def _read_arrow(path: str, name: str, full: str) -> datasets.Dataset:
+    """The Arrow file `name` of the cache `path`, memory-mapped. A large file's checksum is not verified by default,
+    so a damaged header shows here: `FeatureCacheError` naming it, never a bare pyarrow error."""
+    import pyarrow as pa
+
+    try:
+        return datasets.Dataset.from_file(full)
+    except (pa.ArrowException, OSError) as err:
+        raise FeatureCacheError(
+            f"feature cache {path!r} is damaged: {name} is not a readable Arrow file ({err}); delete the folder to "
+            "re-extract"
+        ) from err
+
+
 def open_feature_cache(path: str | os.PathLike, split: str = "train") -> datasets.Dataset:
     """Open a feature cache folder: a finished `extract_features` cache (`hf_align_cache.json`; checked as by
     `load_cache`), or a dataset saved with `save_to_disk` (a `DatasetDict` gives its `split`); any other local folder
-    is read by `datasets.load_dataset` (its `split`), e.g. Parquet files of feature columns.
+    is read by `datasets.load_dataset` (its `split`), e.g. Parquet files of feature columns. Only the folder's own
+    files are read (`hf_align.safe_loading.resolve_inside`): the data files a `state.json`, a `dataset_dict.json` or
+    the dataset card's `configs` list must lie in it.
 
     Raises:
         FileNotFoundError: `path` is not a folder.
-        FeatureCacheError: an hf_align cache that must not be read (built unfinished, truncated or modified).
+        FeatureCacheError: an hf_align cache that must not be read (built unfinished, truncated or modified), or a
+            folder that lists data files outside itself.
         ValueError: the folder holds neither an hf_align feature cache nor a dataset.
     """
     path = os.fspath(path)
@@ -360,11 +431,44 @@ def open_feature_cache(path: str | os.PathLike, split: str = "train") -> dataset
     if cache is not None:
         return cache
     try:
+        _check_dataset_files(path)
         return load_dataset_split(path, split=split)
     except FileNotFoundError as err:  # datasets' "no data files here": say what the folder should have held
         raise ValueError(
             f"{path!r} holds neither an hf_align feature cache nor a save_to_disk dataset: {err}"
         ) from None
+
+
+def _check_dataset_files(folder: str) -> None:
+    """`FeatureCacheError` when a dataset folder lists a data file outside itself: `save_to_disk`'s `state.json`
+    (`_data_files`) and `dataset_dict.json` (split folders), else the files `datasets` resolves from the folder's
+    card (`configs` / `data_files`) or its default patterns."""
+    if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+        splits = _json_field(folder, "dataset_dict.json", "splits")
+        for split in splits if isinstance(splits, list) else [splits]:
+            _check_dataset_files(_inside(folder, split, "dataset_dict.json split folder"))
+    elif os.path.isfile(os.path.join(folder, "state.json")):
+        files = _json_field(folder, "state.json", "_data_files")
+        for record in files if isinstance(files, list) else [files]:
+            entry = record.get("filename") if isinstance(record, dict) else record
+            _inside(folder, entry, "state.json data file")
+    else:
+        builder = datasets.load_dataset_builder(folder)
+        for files in (builder.config.data_files or {}).values():
+            for file in files:
+                _inside(folder, os.path.relpath(file, folder), "data file of the dataset card's configs")
+
+
+def _json_field(folder: str, name: str, field: str):
+    """Field `field` of the JSON file `name` of a `save_to_disk` folder; `FeatureCacheError` naming what is wrong."""
+    try:
+        with open(_inside(folder, name, name), encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FeatureCacheError(f"{folder!r}: {name} is unreadable ({err})") from err
+    if not isinstance(value, dict) or field not in value:
+        raise FeatureCacheError(f"{folder!r}: {name} has no field {field!r}")
+    return value[field]
 
 
 def skipped_samples(features: datasets.Dataset) -> list[dict]:
@@ -379,12 +483,12 @@ def skipped_samples(features: datasets.Dataset) -> list[dict]:
 
 def read_cache_meta(folder: str) -> dict | None:
     """The metadata (`hf_align_cache.json`) of the cache in `folder`, `None` when it has none; `FeatureCacheError`
-    when it cannot be read."""
+    when it cannot be read or is a link to a file outside the folder (`hf_align.safe_loading.resolve_inside`)."""
     path = os.path.join(folder, META_FILE)
     if not os.path.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(_inside(folder, META_FILE, META_FILE), encoding="utf-8") as handle:
             return json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise FeatureCacheError(f"feature cache {folder!r}: {META_FILE} is unreadable ({err}); re-extract it") from err

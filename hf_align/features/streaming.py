@@ -27,6 +27,9 @@ times, or the fingerprints of the map-style shards of `Dataset.to_iterable_datas
 transforms applied to the stream (hashed as `datasets` hashes `map` functions) and its features. A stream whose rows
 come from elsewhere (`IterableDataset.from_generator`) has none: it needs an explicit `cache_path`.
 
+`stream_cache` reads a finished cache back as a stream (`hf_align.load_features(..., streaming=True)`), each Arrow file
+checked as it is read: its size first, its SHA-256 as its bytes go by.
+
 Kept columns (`keep_columns`) get their Arrow types from the stream's features; a stream that does not declare them
 (a webdataset whose files `datasets` cannot type, or one after `map`) has them inferred from its first rows, as
 `datasets` does (`check_stream`).
@@ -34,12 +37,15 @@ Kept columns (`keep_columns`) get their Arrow types from the stream's features; 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
 
 import datasets
+import pyarrow as pa
 import torch
 from datasets.arrow_writer import ArrowWriter
 from transformers.utils import logging
@@ -51,10 +57,13 @@ from .store import (
     META_FILE,
     SHARD_FOLDER,
     SHARD_PREFIX,
+    SHARDED_LAYOUT,
     FeatureCacheError,
+    _checked_records,
     _differences,
     _file_record,
     _fsync,
+    _inside,
     _reuse_or_clear,
     _shard_file,
     _write_json_atomic,
@@ -64,7 +73,7 @@ from .store import (
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["PARTIAL_SUFFIX", "check_stream", "extract_stream", "stream_identity"]
+__all__ = ["PARTIAL_SUFFIX", "check_stream", "extract_stream", "stream_cache", "stream_identity"]
 
 PARTIAL_SUFFIX = ".partial"  # <target>.partial: the resumable state of a streamed extraction
 _PROGRESS = "progress"  # in the partial folder: parts.json, one record per finished shard, the lock file
@@ -209,6 +218,11 @@ def _open_partial(partial: str, target: str, parts: dict, cache_path, n_shards: 
                 _rename(partial, target)
                 return None
         except FeatureCacheError as err:
+            if cache_path is not None:  # a finished extraction in what the user named is never deleted for them
+                raise FeatureCacheError(
+                    f"{partial!r} holds a finished extraction that cannot be used for this one ({err}); rerun with "
+                    "the inputs it was made with, or delete it to start over"
+                ) from err
             logger.warning(f"restarting {partial}: {err}")
         _clear(partial)
     parts_path = os.path.join(progress, "parts.json")
@@ -423,3 +437,92 @@ def _locked(path: str):
         return handle
     fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
     return handle
+
+
+# ------------------------------------------------------------------------------------------- a cache read as a stream
+def stream_cache(
+    folder: str, meta: dict, split: str, url: str | None = None, storage_options: dict | None = None
+) -> datasets.IterableDataset:
+    """The rows of the cache whose metadata `meta` lies in `folder`, as a `datasets.IterableDataset` reading its Arrow
+    files in row order: from `folder`, or from `url` + their path (e.g. `hf://datasets/<repo>@<commit>/`, opened
+    with fsspec and `storage_options`). Each file is checked like a downloaded one: its size before it is read, its
+    SHA-256 as it is read; a truncated, altered or unreadable file raises `FeatureCacheError` naming it, when it is
+    reached. Its file names must lie inside the cache (`hf_align.safe_loading.resolve_inside`)."""
+    from datasets.iterable_dataset import ArrowExamplesIterable
+
+    records = _checked_records(folder, meta, meta.get("layout") == SHARDED_LAYOUT)
+    files = []
+    for record in records:
+        path = _inside(folder, record["file"], "feature cache file")
+        name = "/".join(os.path.relpath(path, os.path.abspath(folder)).split(os.sep))
+        files.append([name, path if url is None else url + name, record["size"], record["sha256"]])
+    options = storage_options or {}
+    with _opened(files[0], options) as (reader, _):
+        features = datasets.Features.from_arrow_schema(reader.schema)
+    examples = ArrowExamplesIterable(_verified_tables, kwargs={"files": files, "storage_options": options})
+    return datasets.IterableDataset(examples, info=datasets.DatasetInfo(features=features), split=datasets.Split(split))
+
+
+def _verified_tables(files: list, storage_options: dict):
+    """(key, table) of each record batch of `files` ([name, url, size, sha256] each), every file checked whole."""
+    for file in files:
+        name, _, size, sha256 = file
+        with _opened(file, storage_options) as (reader, hashed):
+            for index, batch in enumerate(_batches(name, reader)):
+                yield f"{name}:{index}", pa.Table.from_batches([batch])
+            hashed.read()  # what follows the last batch (the end-of-stream marker) counts too
+            if hashed.count != size or hashed.digest.hexdigest() != sha256:
+                raise FeatureCacheError(
+                    f"feature cache file {name} read {hashed.count} bytes with SHA-256 {hashed.digest.hexdigest()}, "
+                    f"{size} bytes with {sha256} were written (modified after extraction); re-extract or re-push it"
+                )
+
+
+def _batches(name: str, reader):
+    try:
+        yield from reader
+    except (pa.ArrowException, OSError) as err:
+        raise FeatureCacheError(f"feature cache file {name} is not a readable Arrow file ({err})") from err
+
+
+@contextlib.contextmanager
+def _opened(file: list, storage_options: dict):
+    """An Arrow stream reader of `file` ([name, url, size, sha256]) after its size is checked, and the hashing
+    reader under it."""
+    from fsspec.core import url_to_fs
+
+    name, url, size, _ = file
+    fs, path = url_to_fs(url, **(storage_options if "://" in url else {}))
+    try:
+        found = fs.size(path)
+    except (OSError, ValueError):
+        found = None
+    if found != size:
+        found = "is missing" if found is None else f"is {found} bytes"
+        raise FeatureCacheError(
+            f"feature cache file {name} {found}, {size} bytes were written (truncated or modified after extraction)"
+        )
+    with fs.open(path, "rb") as raw:
+        hashed = _HashedReader(raw)
+        try:
+            reader = pa.ipc.open_stream(hashed)
+        except (pa.ArrowException, OSError) as err:
+            raise FeatureCacheError(f"feature cache file {name} is not a readable Arrow file ({err})") from err
+        yield reader, hashed
+
+
+class _HashedReader(io.RawIOBase):
+    """A file read once, front to back, with the SHA-256 and the count of the bytes read so far."""
+
+    def __init__(self, raw):
+        self.raw, self.digest, self.count = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.raw.read(len(buffer))
+        buffer[: len(data)] = data
+        self.digest.update(data)
+        self.count += len(data)
+        return len(data)
