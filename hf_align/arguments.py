@@ -9,6 +9,7 @@ import datasets
 
 from .features import extract_features
 from .features.decode import load_dataset_split
+from .taps import POOLED_SOURCES
 
 
 def parse_layer(name: str, value: str | int) -> int | str:
@@ -22,13 +23,16 @@ def parse_layer(name: str, value: str | int) -> int | str:
 
 
 def parse_layer_list(name: str, value: str | None):
-    """None, "all" or a comma-separated list of ints ("0,4,-1")."""
+    """None, "all" or a comma-separated list of ints and pooled-embedding names ("0,4,-1", "13,pooler_output": layer
+    selection's candidates)."""
     if value is None or value == "all":
         return value
     try:
-        return [int(v) for v in str(value).split(",") if v.strip()]
+        return [v.strip() if v.strip() in POOLED_SOURCES else int(v) for v in str(value).split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{name} must be 'all' or comma-separated ints, got {value!r}") from None
+        raise ValueError(
+            f"{name} must be 'all' or comma-separated ints and pooled embeddings {POOLED_SOURCES}, got {value!r}"
+        ) from None
 
 
 @dataclass

@@ -1,16 +1,19 @@
 """Cross-modal layer selection (docs/methods.md §4): score every (vision layer, text layer) pair of an all-layers
 feature cache by representational similarity on a sample of pairs, and train on the best pair.
 
-`select_layers(features)` reads the cache's pooled columns `vision_layer_{l}` / `text_layer_{l}` (`hf_align.features`),
-draws `n_samples` pairs (one caption per image, so duplicated image rows cannot fake neighbourhood agreement),
-L2-normalises every row (`normalize=True`, the STRUCTURE authors' `normalize: true`) and fills a
+`select_layers(features)` reads the cache's pooled columns `vision_layer_{l}` / `text_layer_{l}` (`hf_align.features`)
+and, as further candidates, the encoder's own pooled embedding where the cache holds it (`vision_pooler_output`,
+`*_projected`: `SELECTABLE_SOURCES`; `extract_features` stores it beside the layers of an `"auto"` model), draws
+`n_samples` pairs (one caption per image, so duplicated image rows cannot fake neighbourhood agreement), L2-normalises
+every row (`normalize=True`, the STRUCTURE authors' `normalize: true`) and fills a
 (n_vision_layers, n_text_layers) matrix with `mutual_knn` (default, k by the Rice rule), `cka` or `unbiased_cka`
 (`hf_align.representation_similarity`). Per-layer work (neighbour tables, centred statistics) is done once per layer,
 so the pair loop is cheap. Only `image_id` is read for every row (to draw the sample); the feature columns are read
 for the sampled rows only, so a memory-mapped cache of any size or number of shards is never read whole.
 
 `resolve_auto_layers(model, features)` is what `hf_align.train` calls when a layer is `"auto"`: it selects, points the
-model at the best pair (`model.set_layers`) and records the report in `model.config.training_summary`.
+model at the best pair (`model.set_layers`, or the pooled embedding's source) and records the report, every candidate
+included, in `model.config.training_summary`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .features import cached_layers, layer_column, open_feature_cache  # open_feature_cache: re-exported, it lived here
-from .features.schema import _cache_layer
+from .features.schema import _cache_layer, source_column
 from .representation_similarity import (
     cka_from_stats,
     knn_indices,
@@ -33,26 +36,39 @@ from .representation_similarity import (
     mutual_knn_from_indices,
     resolve_k,
 )
+from .taps import POOLED_SOURCES
 
 METRICS = ("mutual_knn", "cka", "unbiased_cka")
+# The encoder's own pooled embeddings layer selection weighs against the hidden states when the cache holds them
+# (`sentence_embedding` needs the sentence-transformers pipeline loaded with the encoder, so it is not among them).
+SELECTABLE_SOURCES = ("pooler_output", "projected")
 
-__all__ = ["METRICS", "LayerSelectionReport", "open_feature_cache", "resolve_auto_layers", "select_layers"]
+__all__ = [
+    "METRICS",
+    "SELECTABLE_SOURCES",
+    "LayerSelectionReport",
+    "open_feature_cache",
+    "resolve_auto_layers",
+    "select_layers",
+]
 
 
 @dataclass
 class LayerSelectionReport:
     """Scores of every (vision layer, text layer) pair; `scores[i][j]` is for `vision_layers[i]`, `text_layers[j]`.
 
-    Layers are absolute hidden-state indices. `k` is the resolved neighbour count (mutual k-NN only) and `k_rule` what
-    was asked for (`"rice"`, an int, ...). `vision_hidden_sizes` / `text_hidden_sizes` are the widths of those layers.
+    Layers are absolute hidden-state indices, or the name of one of the encoder's own pooled embeddings
+    (`"pooler_output"`, `"projected"`: `SELECTABLE_SOURCES`) when the cache holds it. `k` is the resolved neighbour
+    count (mutual k-NN only) and `k_rule` what was asked for (`"rice"`, an int, ...). `vision_hidden_sizes` /
+    `text_hidden_sizes` are the widths of those layers.
     `normalize`: whether rows were L2-normalised before scoring (reports saved before the option existed load as
     True for mutual k-NN, which always normalised, and False for CKA, which did not).
     """
 
     metric: str
     scores: list[list[float]]
-    vision_layers: list[int]
-    text_layers: list[int]
+    vision_layers: list[int | str]
+    text_layers: list[int | str]
     vision_hidden_sizes: list[int]
     text_hidden_sizes: list[int]
     n_samples: int
@@ -73,8 +89,8 @@ class LayerSelectionReport:
         return int(i), int(j)
 
     @property
-    def best_pair(self) -> tuple[int, int]:
-        """(vision layer, text layer) with the highest score."""
+    def best_pair(self) -> tuple[int | str, int | str]:
+        """(vision layer, text layer) with the highest score (a layer index or a pooled source's name)."""
         i, j = self.best_index
         return self.vision_layers[i], self.text_layers[j]
 
@@ -161,23 +177,30 @@ class LayerSelectionReport:
         return path
 
 
-def _candidate_layers(features: datasets.Dataset, modality: str, requested) -> list[int]:
+def _candidate_layers(features: datasets.Dataset, modality: str, requested) -> list[int | str]:
+    sources = [s for s in SELECTABLE_SOURCES if source_column(modality, s) in features.column_names]
     have = cached_layers(features, modality)
-    if not have:
+    if not have and not sources:
         raise ValueError(
             f"the feature cache holds no pooled {modality} layers (no {modality}_layer_<l> columns; "
             f"columns: {features.column_names}): extract it with {modality}_layers='all'"
         )
     if requested is None or requested == "all":
-        return have
-    requested = [int(layer) for layer in requested]
-    missing = sorted(set(requested) - set(have))
+        return [*have, *sources]
+    # an explicit list may name any pooled embedding the cache holds (a fixed side's `sentence_embedding`)
+    sources = [s for s in POOLED_SOURCES if source_column(modality, s) in features.column_names]
+    requested = [layer if layer in POOLED_SOURCES else int(layer) for layer in requested]
+    missing = [layer for layer in requested if layer not in have and layer not in sources]
     if missing:
         raise ValueError(
             f"{modality}_layers={requested} asks for layers the feature cache does not hold: {missing}; "
-            f"pooled {modality} layers cached: {have}"
+            f"pooled {modality} layers cached: {have}, pooled embeddings: {sources}"
         )
     return requested
+
+
+def _candidate_column(modality: str, candidate: int | str) -> str:
+    return source_column(modality, candidate) if isinstance(candidate, str) else layer_column(modality, candidate)
 
 
 def _sample_rows(features: datasets.Dataset, n_samples: int, seed: int) -> list[int]:
@@ -220,7 +243,8 @@ def select_layers(
         n_samples: pairs drawn at random (one caption per image); all of them when the cache holds fewer.
         seed: seed of that draw.
         k: neighbours for mutual k-NN: an int or a rule of the sample size (`rice` = ⌈2·n^⅓⌉, 35 for 5000).
-        vision_layers / text_layers: candidate layers (absolute indices); default (or "all"): every cached layer.
+        vision_layers / text_layers: candidate layers (absolute indices, or `"pooler_output"` / `"projected"` for the
+            encoder's own pooled embedding); default (or "all"): every cached layer and pooled embedding.
         device: where to compute (default: CUDA when available).
         normalize: L2-normalise every row before scoring, as the STRUCTURE authors do for every metric. CKA then
             ignores each sample's norm (without it, `cka(a, a * s)` for random per-row scales s is below 1); mutual
@@ -246,8 +270,8 @@ def select_layers(
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    names = {("vision", l): layer_column("vision", l) for l in v_layers}
-    names.update({("text", l): layer_column("text", l) for l in t_layers})
+    names = {("vision", l): _candidate_column("vision", l) for l in v_layers}
+    names.update({("text", l): _candidate_column("text", l) for l in t_layers})
     data = _load_columns(features, rows, sorted(set(names.values())), device)
     if normalize:  # rows first, then the CKA statistics centre the columns: the authors' order
         data = {name: F.normalize(values, dim=1) for name, values in data.items()}
@@ -300,14 +324,36 @@ def resolve_auto_layers(model, features: datasets.Dataset, **kwargs) -> LayerSel
                     f"{modality}_layers candidates given but the model's {modality}_layer is fixed at "
                     f"{getattr(config, f'{modality}_layer')}"
                 )
-            kwargs[f"{modality}_layers"] = [_cache_layer(config, features, modality, tokens=False)]
+            # scored against what the fixed side reads: its layer, or its own pooled embedding
+            source = getattr(config, f"{modality}_source")
+            fixed = source if source in POOLED_SOURCES else _cache_layer(config, features, modality, tokens=False)
+            kwargs[f"{modality}_layers"] = [fixed]
     report = select_layers(features, **kwargs)
-    (vision_layer, text_layer), (vision_width, text_width) = report.best_pair, report.best_hidden_sizes
-    model.set_layers(
-        vision_layer=vision_layer,
-        text_layer=text_layer,
-        vision_hidden_size=vision_width,
-        text_hidden_size=text_width,
-    )
+    chosen = dict(zip(("vision", "text"), zip(report.best_pair, report.best_hidden_sizes)))
+    layers = {
+        f"{m}_{key}": value
+        for m, (layer, width) in chosen.items()
+        if auto[m] and not isinstance(layer, str)
+        for key, value in (("layer", layer), ("hidden_size", width))
+    }
+    if layers:
+        model.set_layers(**layers)
+    for modality, (layer, width) in chosen.items():
+        if auto[modality] and isinstance(layer, str):
+            _read_pooled_source(model, modality, layer, width)
     config.training_summary = {**config.training_summary, "layer_selection": report.summary()}
     return report
+
+
+def _read_pooled_source(model, modality: str, source: str, width: int) -> None:
+    """Point `model`'s `modality` side at the encoder's own pooled embedding `source` (after the last layer, no
+    pooling), `width` wide: the last layer first through `set_layers` (which rebuilds the aligner for a new width),
+    then the source."""
+    config = model.config
+    # an aligner without encoders knows no depth to count -1 from: any index serves set_layers' width check
+    last = -1 if getattr(config, f"{modality}_num_layers") is not None else 0
+    model.set_layers(**{f"{modality}_layer": last, f"{modality}_hidden_size": width})
+    setattr(config, f"{modality}_layer", -1)
+    setattr(config, f"{modality}_source", source)
+    setattr(config, f"{modality}_pooling", "none")
+    config.tap(modality)  # checks the three fields together

@@ -90,6 +90,10 @@ class CardDataCallback(TrainerCallback):
                         "(hf_align.features_for(model, features))"
                     )
                 _init_from_data(aligner_model, dataset, self.init_samples, args.seed)
+        if state.max_steps > 0:  # STRUCTURE's warmup_steps="auto" is a share of the run
+            from .training import schedule_regularizers
+
+            schedule_regularizers(aligner_model, state.max_steps * args.gradient_accumulation_steps)
         # What was recorded before this run (an earlier fit, evaluations of the old weights) no longer describes it.
         aligner_model.model_card_data.start_training_run()
         self._start = time.perf_counter()

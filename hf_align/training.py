@@ -31,18 +31,20 @@ from transformers.utils import logging
 from .batches import CaptionSampler
 from .checkpoints import (
     latest_checkpoint,
+    load_aligner_state,
     load_checkpoint,
     remove_partial_checkpoints,
     resume_dir,
     save_checkpoint,
 )
+from .cpu_threads import follow_load, scoped_cpu_threads
 from .distributed import average_gradients, cpu_process_group, gather_rows
 from .features import features_for, split_by_image
 from .modeling import MAX_LOGIT_SCALE, AlignerOutput
 from .retrieval import chunked_retrieval_metrics
 from .streamed_batches import RowSource, training_batches
 from .tracking import log_layer_selection, logged_values, tracker_config
-from .training_args import AlignmentArguments, TrainingResult
+from .training_args import AlignmentArguments, TrainingPlan, TrainingResult, plan_training
 
 logger = logging.get_logger(__name__)
 
@@ -59,6 +61,7 @@ def _validation_split(view: datasets.Dataset, eval_fraction: float, seed: int) -
     return torch.from_numpy(train_rows), torch.from_numpy(eval_rows)
 
 
+@scoped_cpu_threads
 def train(model, features: datasets.Dataset, args: AlignmentArguments | None = None) -> TrainingResult:
     """Train `model`'s aligner on a feature cache and return what happened.
 
@@ -67,8 +70,12 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
     epoch, when the cache holds several captions per image (`caption_sampling`, `hf_align.batches`); captions of one
     image that meet in a batch are not each other's negatives (`mask_same_image`). Methods with a data-dependent start
     (`init_from_data`) get up to `args.init_samples` training pairs before the first step; training-free methods stop
-    there. The best weights on the validation split (by `metric_for_best_model`; validation scores every loss term at
-    its full weight) are restored at the end and, with `output_dir`, saved with `save_pretrained`.
+    there. Left unset, the batch, the length of the run and its evaluations follow the number of training rows
+    (`plan_training`), logged in one line before the first step. The best weights on the validation split (by
+    `metric_for_best_model`, by default `eval_rsum`: R@1 + R@5 + R@10 both ways) are restored at the end and, with
+    `output_dir`, saved with `save_pretrained`; with a validation split the run stops early after
+    `early_stopping_patience` evaluations without improvement. The returned `TrainingResult` (and one line of the
+    log) says how many steps ran, the best step and score, and whether early stopping fired.
 
     A run killed at any point (even while writing a checkpoint) and restarted with
     `resume_from_checkpoint="latest"` continues from the last complete checkpoint and ends with exactly the weights of
@@ -112,20 +119,29 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
     mask_train = args.mask_same_image and sampler.repeats_images  # one caption per image: no pair to mask
     model.to(accelerator.device)
     world = accelerator.num_processes
-    global_batch = args.per_device_train_batch_size * world
+    plan = plan_training(args, sampler.rows_per_epoch, world, has_validation=len(eval_rows) > 0)
+    global_batch = plan.batch_size * world
+    if model.aligner.trainable:  # InfoNCE needs negatives; a training-free method only reads the rows
+        sampler.check_negatives(global_batch, mask_train)
 
     resume_from = resume_dir(args)
     if resume_from is None:
         init_from_training_rows(model, source, sampler, args, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     batches_per_epoch = math.ceil(sampler.rows_per_epoch / global_batch)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    eval_steps = args.eval_steps or steps_per_epoch
+    total_steps, eval_steps = plan.total_steps, plan.eval_steps
     save_steps = args.save_steps or eval_steps
+    schedule_regularizers(model, total_steps * args.gradient_accumulation_steps)
     state = {"global_step": 0, "history": [], "best_metric": None, "best_step": None, "bad_evals": 0}
+    early_stopped = False
     start = time.perf_counter()
     trainable = bool(params) and model.aligner.trainable
+    if accelerator.is_main_process:  # what was chosen, in one line a user sees
+        logger.warning(
+            plan.describe(len(train_rows), len(eval_rows), world)
+            if trainable
+            else f"{model.config.method} is training-free: set up from {len(train_rows)} training rows, no steps"
+        )
 
     if trainable:
         optimizer = build_optimizer(params, args)
@@ -202,6 +218,7 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
             if not accelerator.sync_gradients:
                 continue
             unwrapped.aligner.after_optimizer_step()
+            follow_load()  # torch's CPU threads follow the machine's load (hf_align.cpu_threads)
             state["global_step"] += 1
             step = state["global_step"]
             if (
@@ -230,13 +247,14 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
                     state["bad_evals"] += 1
             if args.output_dir and (step % save_steps == 0 or step == total_steps):
                 save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best_state)
-            patience = args.early_stopping_patience
-            if patience is not None and state["bad_evals"] >= patience:
+            patience = plan.early_stopping_patience
+            if patience and state["bad_evals"] >= patience:
                 logger.info(f"early stopping at step {step}: {patience} evaluations without improvement")
+                early_stopped = True
                 break
         model = accelerator.unwrap_model(model)
         if best_state is not None:
-            model.load_state_dict(best_state, strict=False)
+            load_aligner_state(model, best_state, "the best weights of this run")
         accelerator.end_training()
     final = evaluate_on_rows(model, source, eval_rows, args) if len(eval_rows) else {}
     runtime = time.perf_counter() - start
@@ -244,9 +262,22 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
     if args.output_dir and args.save_model and accelerator.is_main_process:
         model.save_pretrained(args.output_dir)
     losses = [h["loss"] for h in state["history"] if "loss" in h]
-    return TrainingResult(
-        state["global_step"], losses[-1] if losses else float("nan"), final, state["history"], runtime, args.output_dir
+    result = TrainingResult(
+        state["global_step"],
+        losses[-1] if losses else float("nan"),
+        final,
+        state["history"],
+        runtime,
+        args.output_dir,
+        total_steps=total_steps if trainable else 0,
+        best_step=state["best_step"],
+        best_metric=state["best_metric"],
+        metric_for_best_model=args.metric_for_best_model if len(eval_rows) else None,
+        early_stopped=early_stopped,
     )
+    if accelerator.is_main_process:
+        logger.warning(result.summary())
+    return result
 
 
 @torch.no_grad()
@@ -254,7 +285,8 @@ def evaluate_on_rows(model, source: RowSource, rows: torch.Tensor, args: Alignme
     """Validation loss and retrieval recall@k on the held-out rows (every caption of every held-out image).
 
     The model runs in eval mode, where every loss term has its full weight (a regulariser's warm-up does not apply),
-    so `eval_loss` measures the same objective at every evaluation. Returns `eval_loss`, each term as
+    so `eval_loss` measures the same objective at every evaluation; `eval_loss_scheduled` is the same loss with each
+    regulariser at its scheduled training weight (during a warm-up). Returns `eval_loss`, each term as
     `eval_<term>` (`eval_infonce`, `eval_structure`, ...; means over rows, weighted like `eval_loss`) and
     `eval_<retrieval metric>` (`eval_mean_R@1`, ...). With `args.mask_same_image` captions of one image are not
     each other's negatives.
@@ -278,7 +310,15 @@ def evaluate_on_rows(model, source: RowSource, rows: torch.Tensor, args: Alignme
         image_embeds[first.to(device)], text_embeds, owner.to(device), similarity=model.similarity
     )
     metrics = {f"eval_{name}": (total / len(rows)).item() for name, total in sums.items()}
+    # The loss with each regulariser at its scheduled training weight (the authors' validation figure during warm-up).
+    metrics["eval_loss_scheduled"] = metrics["eval_loss"] - sum(
+        metrics[f"eval_{name}"] * (1.0 - regularizer.schedule_fraction())
+        for name, regularizer in model.regularizers.items()
+    )
     metrics.update({f"eval_{k}": v for k, v in recall.items()})
+    # R@1 + R@5 + R@10 both ways (the retrieval literature's rsum, out of 600): it keeps moving where R@10 saturates
+    # (a small validation split) and where identical captions tie at R@1 (class-name captions)
+    metrics["eval_rsum"] = sum(v for k, v in recall.items() if not k.startswith("mean_"))
     return metrics
 
 
@@ -322,7 +362,14 @@ def _global_batch_output(model, batch: dict, accelerator: Accelerator) -> Aligne
     scale = model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     logits = model.similarity.score_unit_norm(image_embeds, text_embeds) * scale
     terms = model.loss_terms(
-        batch["vision_features"], batch["text_features"], image_embeds, text_embeds, logits, batch.get("image_ids")
+        batch["vision_features"],
+        batch["text_features"],
+        image_embeds,
+        text_embeds,
+        logits,
+        batch.get("image_ids"),
+        vision_mask=batch.get("vision_mask"),  # token methods pool the regulariser's features by these
+        text_mask=batch.get("text_mask"),
     )
     return AlignerOutput(
         loss=torch.stack(list(terms.values())).sum(),
@@ -358,7 +405,11 @@ def _to_device(batch: dict, device) -> dict:
 
 def init_from_training_rows(model, source: RowSource, sampler: CaptionSampler, args, device) -> None:
     """Give the method its data-dependent start from up to `args.init_samples` training rows: those of the sampler's
-    epoch −1 (one caption per image unless sampling `all`), in their seeded order."""
+    epoch −1 (one caption per image unless sampling `all`), in their seeded order.
+
+    A setting the method resolves from the data (asif's `num_anchors="auto"`) is then written into the model's
+    config, so the saved aligner reloads at the width it was trained at, and a similarity head built for another
+    embedding width is rebuilt for the new one."""
     rows = sampler.epoch_rows(-1)[: args.init_samples]
     batch = _to_device(source.fetch(rows), device)
     model.aligner.init_from_data(
@@ -368,11 +419,24 @@ def init_from_training_rows(model, source: RowSource, sampler: CaptionSampler, a
         vision_mask=batch.get("vision_mask"),
         text_mask=batch.get("text_mask"),
     )
+    model.config.method_config = model.aligner.config.to_dict()
+    model.config.projection_dim = model.aligner.embed_dim
+    if model.similarity.dim != model.aligner.embed_dim:
+        model.similarity = type(model.similarity)(model.aligner.embed_dim, **model.config.similarity_config).to(device)
 
 
 def _diagnostics(model) -> dict:
     report = getattr(model.aligner, "diagnostics", None)
     return {f"diag_{k}": float(v) for k, v in report().items()} if callable(report) else {}
+
+
+def schedule_regularizers(model, forward_calls: int) -> None:
+    """Tell every regulariser with a warm-up how many training forward calls the run makes (STRUCTURE's
+    `warmup_steps="auto"` warms up over a share of them)."""
+    for regularizer in model.regularizers.values():
+        schedule = getattr(regularizer, "set_training_length", None)
+        if callable(schedule):
+            schedule(forward_calls)
 
 
 def _record(state: dict, entry: dict, accelerator: Accelerator) -> None:
@@ -421,9 +485,12 @@ def _summarise(model, args, state, final, n_train, n_eval, runtime, accelerator)
 __all__ = [
     "AlignmentArguments",
     "build_optimizer",
+    "TrainingPlan",
     "TrainingResult",
+    "plan_training",
     "evaluate_on_rows",
     "init_from_training_rows",
+    "schedule_regularizers",
     "split_by_image",
     "train",
 ]

@@ -21,8 +21,9 @@ METHOD_NAMES = sorted(hf_align.METHODS)
 VISION_DIM, TEXT_DIM = 12, 10
 N_PAIRS = 48
 TINY = 8  # every integer size of a method's config above this is set to it (widths, anchors, codes, iterations)
-# Settings the shrinking would make vacuous: ASIF's top-k sparsification is a no-op once topk == num_anchors.
-OVERRIDES = {"asif": {"topk": 4}}
+# Settings the shrinking would make vacuous: ASIF's top-k sparsification is a no-op once topk == num_anchors. ASIF's
+# num_anchors defaults to "auto" (every pair init_from_data gets), which the shrinking does not reach: fixed here.
+OVERRIDES = {"asif": {"topk": 4, "num_anchors": TINY}}
 
 
 def tiny_settings(name: str) -> dict:

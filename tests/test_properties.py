@@ -30,21 +30,22 @@ WRONG = {
 
 # ---------------------------------------------------------------------------------------------- AlignmentArguments
 POSITIVE_INTS = [
-    "per_device_train_batch_size",
     "per_device_eval_batch_size",
     "gradient_accumulation_steps",
     "logging_steps",
     "save_total_limit",
     "init_samples",
 ]
-OPTIONAL_POSITIVE_INTS = ["eval_steps", "save_steps", "early_stopping_patience"]
+# None: chosen from the data (batch, evaluation interval) or at evaluations (save_steps)
+OPTIONAL_POSITIVE_INTS = ["per_device_train_batch_size", "eval_steps", "save_steps"]
 
 valid_arguments = st.fixed_dictionaries(
     {
         **{name: st.integers(1, 10_000) for name in POSITIVE_INTS},
         **{name: st.none() | st.integers(1, 10_000) for name in OPTIONAL_POSITIVE_INTS},
+        "early_stopping_patience": st.none() | st.integers(0, 10_000),  # None: automatic, 0: never stop early
         "max_steps": st.integers(-5, 10_000),
-        "num_train_epochs": st.floats(0.01, 1e3),
+        "num_train_epochs": st.none() | st.floats(0.01, 1e3),  # None: automatic length
         "learning_rate": st.floats(1e-8, 10.0),
         "weight_decay": st.floats(0.0, 1.0),
         "max_grad_norm": st.floats(0.0, 100.0),
@@ -71,13 +72,14 @@ def test_valid_training_arguments_are_accepted_and_round_trip(values):
 invalid_argument = st.one_of(
     st.tuples(st.sampled_from(POSITIVE_INTS), st.sampled_from([0, -1, -100, *WRONG[int]])),
     st.tuples(st.sampled_from(OPTIONAL_POSITIVE_INTS), st.sampled_from([0, -3, True, 2.5, "4"])),
+    st.tuples(st.just("early_stopping_patience"), st.sampled_from([-3, True, 2.5, "4"])),
     st.tuples(st.sampled_from(["max_steps", "warmup_steps", "seed"]), st.sampled_from([1.5, "3", None, True])),
     st.tuples(st.just("warmup_steps"), st.integers(-1000, -1)),
     st.tuples(st.just("learning_rate"), st.sampled_from([0.0, -1e-3, *WRONG[float]])),
     st.tuples(st.sampled_from(["weight_decay", "max_grad_norm"]), st.sampled_from([-0.1, *WRONG[float]])),
     st.tuples(st.just("warmup_ratio"), st.sampled_from([-0.1, 1.5, *WRONG[float]])),
     st.tuples(st.just("eval_fraction"), st.sampled_from([1.0, -0.1, 2.0, *WRONG[float]])),
-    st.tuples(st.just("num_train_epochs"), st.sampled_from(WRONG[float])),
+    st.tuples(st.just("num_train_epochs"), st.sampled_from([v for v in WRONG[float] if v is not None])),
     st.tuples(st.just("lr_scheduler_type"), st.sampled_from(["cosine_annealing", "", 3, None])),
     st.tuples(st.just("mixed_precision"), st.sampled_from(["fp8", "bfloat16", None, 16])),
     st.tuples(st.just("metric_for_best_model"), st.sampled_from(["loss", "R@1", None, 3])),
@@ -93,7 +95,7 @@ def test_invalid_training_arguments_are_rejected_by_name(case):
 
 
 def test_training_without_any_length_is_rejected():
-    with pytest.raises(ValueError, match="give num_train_epochs > 0 or max_steps > 0"):
+    with pytest.raises(ValueError, match=r"give num_train_epochs > 0, max_steps > 0 or neither \(automatic length\)"):
         AlignmentArguments(num_train_epochs=0.0, max_steps=-1)
 
 

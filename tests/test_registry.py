@@ -86,7 +86,18 @@ def test_methods_regularisers_heads_and_commands_share_the_helper():
     for registry in (METHODS, REGULARIZERS, SIMILARITIES, COMMANDS):
         assert isinstance(registry, Registry)
     assert hf_align.METHODS is METHODS and hf_align.register_method is register_method
-    assert METHODS.names() == ["asif", "codebook", "linear", "mlp", "relative", "token_relative"]
+    assert METHODS.names() == [
+        "asif",
+        "attention_pool",
+        "codebook",
+        "csa",
+        "freeze_align",
+        "linear",
+        "mlp",
+        "relative",
+        "sail",
+        "token_relative",
+    ]
     assert get_method("linear") is LinearAligner and LinearAligner.method_name == "linear"
     assert build_method_config("linear", {"projection_dim": 8}) == LinearConfig(projection_dim=8, bias=False)
     with pytest.raises(ValueError, match=r"^unknown method 'linaer'; registered methods: \['asif', "):
@@ -153,5 +164,5 @@ def test_method_and_regulariser_configs_have_their_own_bases_over_one_implementa
     assert issubclass(LinearConfig, MethodConfig) and not issubclass(LinearConfig, RegularizerConfig)
     implementations = {c.from_kwargs.__func__ for c in (MethodConfig, RegularizerConfig, LinearConfig, StructureConfig)}
     assert implementations == {ComponentConfig.from_kwargs.__func__}
-    with pytest.raises(ValueError, match=r"'structure' setting warmup_steps must be an int, got 1\.5"):
-        StructureConfig.from_kwargs("structure", {"warmup_steps": 1.5})
+    with pytest.raises(ValueError, match=r"'structure' setting centering must be True or False, got 'yes'"):
+        StructureConfig.from_kwargs("structure", {"centering": "yes"})

@@ -60,8 +60,8 @@ def test_loss_terms_learning_rate_temperature_and_evaluations_are_logged(tmp_pat
     for tag in ("eval_loss", "eval_mean_R@1", "eval_infonce"):
         assert [step for step, _ in scalar_points(events, tag)] == [3, 6], tag  # eval_steps=3
         assert scalar_points(events, tag) == history_points(result.history, tag), tag
-    # Cosine schedule from 1e-3 over 6 steps without warm-up: lr(s) = 1e-3 · (1 + cos(π s / 6)) / 2.
-    expected_lr = [1e-3 * (1 + math.cos(math.pi * s / 6)) / 2 for s in (2, 4, 6)]
+    # Cosine schedule from the default 2e-3 over 6 steps without warm-up: lr(s) = 2e-3 · (1 + cos(π s / 6)) / 2.
+    expected_lr = [2e-3 * (1 + math.cos(math.pi * s / 6)) / 2 for s in (2, 4, 6)]
     assert [v for _, v in scalar_points(events, "learning_rate")] == pytest.approx(expected_lr, rel=1e-6, abs=1e-12)
     # The temperature is fixed at the default τ = 0.05 (learnable_temperature=False): 1/exp(logit_scale) is τ.
     assert [v for _, v in scalar_points(events, "temperature")] == pytest.approx([0.05] * 3, rel=1e-6)

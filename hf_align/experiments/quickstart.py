@@ -41,16 +41,34 @@ class QuickstartArguments:
     label_column: str = "label"
     method: str = "linear"
     vision_pooling: str = field(default="auto", metadata={"help": "How the vision tap pools (auto: its own)."})
-    structure_weight: float = field(
-        default=10.0, metadata={"help": "Weight of the STRUCTURE regulariser (0 = plain InfoNCE)."}
+    structure_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the STRUCTURE regulariser (default: the regulariser's own; 0 = plain InfoNCE)."},
     )
     image_size: int = field(default=32, metadata={"help": "Side the 8×8 digits are upscaled to (nearest) first."})
     max_samples: int | None = None
     test_fraction: float = 0.2
-    num_train_epochs: float = 40.0
-    batch_size: int = 256
-    learning_rate: float = 2e-3
+    # No recipe of its own: the library's defaults fit the run to the data (hf_align.training_args.plan_training).
+    num_train_epochs: float | None = field(default=None, metadata={"help": "Epochs (default: the library's choice)."})
+    batch_size: int | None = field(default=None, metadata={"help": "Batch (default: the library's choice)."})
+    learning_rate: float | None = field(default=None, metadata={"help": "Learning rate (default: the library's)."})
     seed: int = 0
+
+
+def default_regularizers(method: str, structure_weight: float | None) -> dict:
+    """STRUCTURE at `structure_weight` (None: the regulariser's own default) where the method takes it: a trainable
+    method with pooled inputs for it. Other methods (training-free ones, token methods without a pooled reference)
+    get no regulariser unless a weight is asked for, which the model then refuses with its reason."""
+    from ..methods import get_method
+    from ..regularizers.structure import StructureRegularizer
+
+    method_class = get_method(method)
+    takes_structure = method_class.trainable and (
+        (method_class.regularizer_input_kind or method_class.input_kind) in StructureRegularizer.input_kinds
+    )
+    if structure_weight is None and not takes_structure:
+        return {}
+    return {"structure": {} if structure_weight is None else {"weight": structure_weight}}
 
 
 def run_quickstart(args: QuickstartArguments) -> dict:
@@ -99,12 +117,14 @@ def run_quickstart(args: QuickstartArguments) -> dict:
         text_model,
         method=args.method,
         vision_pooling=args.vision_pooling,
-        structure_weight=args.structure_weight,
+        regularizers=default_regularizers(args.method, args.structure_weight),
     )
     config = model.config
+    structure = model.regularizers["structure"] if "structure" in model.regularizers else None
     say(
-        f"aligner: {args.method} + STRUCTURE (weight {args.structure_weight:g}), "
-        f"{sum(p.numel() for p in model.aligner.parameters()):,} trainable parameters, reading "
+        f"aligner: {args.method}"
+        + (f" + STRUCTURE (weight {structure.weight:g}), " if structure is not None else " (no regulariser), ")
+        + f"{sum(p.numel() for p in model.aligner.parameters()):,} trainable parameters, reading "
         f"{config.tap('vision').describe()} ({config.vision_hidden_size}-d) and {config.tap('text').describe()} "
         f"({config.text_hidden_size}-d)"
     )
@@ -119,19 +139,22 @@ def run_quickstart(args: QuickstartArguments) -> dict:
     )
     say(f"extracted features of {len(features)} training pairs into {cache_dir}")
     model.model_card_data.add_training_dataset(name=dataset_name, split=args.split, num_rows=len(train_data))
+    overrides = {
+        "num_train_epochs": args.num_train_epochs,
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+    }
     result = train(
         model,
         features,
         AlignmentArguments(
             output_dir=os.path.join(args.output_dir, "run"),
-            num_train_epochs=args.num_train_epochs,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
             seed=args.seed,
             save_model=False,
+            **{name: value for name, value in overrides.items() if value is not None},
         ),
     )
-    say(f"trained {result.global_step} steps in {result.train_runtime:.1f}s")
+    say(result.summary())
     metrics = evaluate_zero_shot(
         model,
         model.processor,

@@ -20,6 +20,14 @@ measured, while a fixed k = 800 and the authors' fraction k = ⌈K/2000⌉ fall 
 | 4 000 | 14.5 (k = 2) | 59.1 (k = 64) | 60.1 | 40.7 |
 | 10 000 | 27.9 (k = 5) | 73.1 (k = 100) | 73.3 | 54.1 |
 
+**How many anchors.** `num_anchors="auto"` (the default) takes every training pair `init_from_data` is given, up to
+`MAX_AUTO_ANCHORS`: more anchors only help (the table above), and a fixed K larger than a small dataset cannot be met.
+The count is fixed once the anchors are picked (`config.num_anchors` becomes it); before that an `"auto"` aligner has
+no anchors. `hf_align.train` and `AlignerTrainer` (`hf_align.training.init_from_training_rows`) also record the
+count in the model's config and size its similarity head for it, so a saved aligner reloads at that width: call
+`init_from_training_rows` rather than `aligner.init_from_data` by hand on an `"auto"` aligner. An
+explicit K above the pairs given stays an error.
+
 The anchors are buffers, so they are saved with `save_pretrained` and restored by `from_pretrained`; training only
 runs `init_from_data`.
 """
@@ -37,6 +45,8 @@ from .citations import ASIF, RELATIVE_REPRESENTATIONS, join
 from .registry import register_method
 
 MAX_AUTO_TOPK = 800  # the authors' k, reached by the "auto" rule at their scale
+# num_anchors="auto": every training pair up to this many (AlignmentArguments.init_samples' default gives as many)
+MAX_AUTO_ANCHORS = 10000
 
 
 def auto_topk(num_anchors: int) -> int:
@@ -46,20 +56,22 @@ def auto_topk(num_anchors: int) -> int:
 
 @dataclass
 class ASIFConfig(MethodConfig):
-    """num_anchors: K training pairs used as anchors (the embedding width). topk: entries kept per relative vector,
-    an int or `"auto"` = `min(800, ⌈√K⌉)` (the authors keep 800 of 1.6 M). power: exponent applied to the kept
-    similarities (authors' default 8)."""
+    """num_anchors: K training pairs used as anchors (the embedding width), or `"auto"`: every pair `init_from_data`
+    gets, up to `MAX_AUTO_ANCHORS`. topk: entries kept per relative vector, an int or `"auto"` = `min(800, ⌈√K⌉)`
+    (the authors keep 800 of 1.6 M). power: exponent applied to the kept similarities (authors' default 8)."""
 
-    num_anchors: int = 4096
+    num_anchors: int | str = "auto"
     topk: int | str = "auto"
     power: float = 8.0
 
     def __post_init__(self):
-        if not isinstance(self.num_anchors, int) or isinstance(self.num_anchors, bool) or self.num_anchors < 1:
-            raise ValueError(f"asif: num_anchors must be a positive int, got {self.num_anchors!r}")
+        if self.num_anchors != "auto" and (
+            not isinstance(self.num_anchors, int) or isinstance(self.num_anchors, bool) or self.num_anchors < 1
+        ):
+            raise ValueError(f"asif: num_anchors must be a positive int or 'auto', got {self.num_anchors!r}")
         if self.topk != "auto" and (not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1):
             raise ValueError(f"asif: topk must be a positive int or 'auto', got {self.topk!r}")
-        if self.topk != "auto" and self.topk > self.num_anchors:
+        if self.topk != "auto" and self.num_anchors != "auto" and self.topk > self.num_anchors:
             raise ValueError(f"asif: topk={self.topk} must not exceed num_anchors={self.num_anchors}")
         if not isinstance(self.power, (int, float)) or not self.power > 0:
             raise ValueError(f"asif: power must be a number > 0, got {self.power!r}")
@@ -78,15 +90,29 @@ class ASIFAligner(AlignerMethod):
 
     def __init__(self, config: ASIFConfig, vision_dim: int, text_dim: int):
         super().__init__(config, vision_dim, text_dim)
-        self.embed_dim = config.num_anchors
-        self.register_buffer("vision_anchors", torch.zeros(config.num_anchors, vision_dim))
-        self.register_buffer("text_anchors", torch.zeros(config.num_anchors, text_dim))
+        # "auto": no anchors until init_from_data counts the pairs; the width is then at most MAX_AUTO_ANCHORS.
+        rows = 0 if config.num_anchors == "auto" else config.num_anchors
+        self.embed_dim = rows or MAX_AUTO_ANCHORS
+        self.register_buffer("vision_anchors", torch.zeros(rows, vision_dim))
+        self.register_buffer("text_anchors", torch.zeros(rows, text_dim))
         # 1 once init_from_data has run; saved with the anchors so a reloaded model knows it is ready.
         self.register_buffer("anchors_set", torch.zeros((), dtype=torch.uint8))
 
     @torch.no_grad()
     def init_from_data(self, vision_features, text_features, seed=0, vision_mask=None, text_mask=None) -> None:
-        """Use `num_anchors` of the given (N, d) training pairs (drawn with `seed`) as the anchors."""
+        """Use `num_anchors` of the given (N, d) training pairs (drawn with `seed`) as the anchors; with
+        `num_anchors="auto"`, min(N, `MAX_AUTO_ANCHORS`) of them, and `config.num_anchors` becomes that count."""
+        if self.config.num_anchors == "auto":
+            count = min(int(vision_features.shape[0]), MAX_AUTO_ANCHORS)
+            if self.config.topk != "auto" and self.config.topk > count:
+                raise ValueError(
+                    f"asif: topk={self.config.topk} must not exceed num_anchors, which 'auto' makes {count} (the "
+                    "training pairs init_from_data got): lower topk or give more pairs"
+                )
+            self.config.num_anchors = count
+            self.embed_dim = count
+            self.vision_anchors = self.vision_anchors.new_zeros(count, self.vision_dim)
+            self.text_anchors = self.text_anchors.new_zeros(count, self.text_dim)
         self.set_anchors(*pick_anchor_pairs(vision_features, text_features, self.config.num_anchors, seed, "asif"))
 
     @torch.no_grad()
