@@ -15,7 +15,8 @@ from the folder's (or Hub repo's) `classnames.txt` / `zeroshot_classification_te
 webdataset files, one per line); for a standard name, from the lists clip_benchmark ships (when it is installed);
 then from the data (`ClassLabel` or folder names) and `hf_align.templates.DEFAULT_TEMPLATES` (CLIP's 80 prompts).
 
-`run_benchmark` scores each dataset with `evaluate_zero_shot` / `evaluate_retrieval`, records every result on the
+`run_benchmark` scores each dataset with `evaluate_zero_shot` / `evaluate_retrieval` (both rank with the model's own
+similarity head, as its logits do), records every result on the
 model's card data (the card's model-index lists them once the aligner is saved), and writes `benchmark.csv`,
 `benchmark.json` and `benchmark.png` (a bar chart of the headline metrics) to its output folder.
 """

@@ -21,8 +21,11 @@ from typing import Any
 import datasets
 import torch
 
+from .batches import _check_finite_rows, table_rows
 from .configuration import TASK_RETRIEVAL, TASK_ZERO_SHOT
+from .cpu_threads import scoped_cpu_threads
 from .features import FeatureCollator, column_array, features_for
+from .processing import check_image_size
 from .retrieval import check_ks, check_text_image_index, chunked_retrieval_metrics, recall_metrics
 from .templates import DEFAULT_TEMPLATES, class_prototypes, embed_texts
 
@@ -149,8 +152,14 @@ def is_feature_cache(dataset: datasets.Dataset) -> bool:
 
 
 @torch.no_grad()
-def embed_images(model, processor, images, batch_size: int = 64) -> torch.Tensor:
-    """Aligned embeddings (n, D) of images through the frozen vision encoder."""
+def embed_images(model, processor, images, batch_size: int = 64, first: int = 0) -> torch.Tensor:
+    """Aligned embeddings (n, D) of images through the frozen vision encoder.
+
+    Each image is checked first (`hf_align.processing.check_image_size`); an `ImageSizeError` names it as
+    `image <first + position>` (`first`: the position of `images[0]` in the caller's data).
+    """
+    for i, image in enumerate(images):
+        check_image_size(processor.image_processor, image, f"image {first + i}")
     out = []
     for start in range(0, len(images), batch_size):
         pixel_values = processor.image_processor(images=images[start : start + batch_size], return_tensors="pt")
@@ -160,12 +169,21 @@ def embed_images(model, processor, images, batch_size: int = 64) -> torch.Tensor
 
 @torch.no_grad()
 def embed_feature_cache(model, features: datasets.Dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aligned image and text embeddings of every row of a feature cache: two (n, D) tensors."""
+    """Aligned image and text embeddings of every row of a feature cache: two (n, D) tensors.
+
+    A row with NaN/Inf features is refused (`ValueError`) by its row of `features` and, when `features` is a selection
+    of a cache (`features.select(test_rows)`, a split), by its row in that cache (`hf_align.batches.table_rows`), not
+    by its position in a batch.
+    """
     view = features_for(model, features)
+    table = table_rows(features)
     collate = FeatureCollator()
     images, texts = [], []
     for start in range(0, len(view), batch_size):
         batch = collate(view[start : start + batch_size])
+        rows = torch.arange(start, start + len(batch["vision_features"]))
+        # NaN/Inf checked here, by cache row: the model's own check would name a position in the batch.
+        _check_finite_rows({name: batch[name] for name in ("vision_features", "text_features")}, rows, table)
         images.append(
             model.get_image_features(vision_features=batch["vision_features"], vision_mask=batch.get("vision_mask"))
         )
@@ -174,6 +192,7 @@ def embed_feature_cache(model, features: datasets.Dataset, batch_size: int = 102
 
 
 # ---------------------------------------------------------------------------------------------- protocols
+@scoped_cpu_threads
 @torch.no_grad()
 def evaluate_zero_shot(
     model,
@@ -187,10 +206,13 @@ def evaluate_zero_shot(
     dataset_name: str | None = None,
     dataset_split: str | None = None,
 ) -> EvaluationResult:
-    """Zero-shot classification: top-1, top-5 and mean per-class recall (percent).
+    """Zero-shot classification: top-1, top-5 and mean per-class recall (percent), each image ranked against the
+    class prototypes by the model's similarity head (`model.similarity.score_unit_norm`, as in its logits).
 
     `dataset` holds images (raw, or a feature cache with the image features) and integer labels. Class names default
-    to the label column's `ClassLabel` names; `templates` default to CLIP's 80 ImageNet prompts.
+    to the label column's `ClassLabel` names; `templates` default to CLIP's 80 ImageNet prompts (each must hold exactly
+    one bare `{}`: `hf_align.templates.check_template`). An image the image processor would blow up raises
+    `hf_align.processing.ImageSizeError` naming its row.
 
     Returns an `EvaluationResult`, the dict `top1`, `top5`, `mean_per_class_recall`; nothing is written into the
     model. To list the run on the model card (under `dataset_name` / `dataset_split`, default: what a Hub-loaded
@@ -216,12 +238,14 @@ def evaluate_zero_shot(
             raise ValueError(f"image_column={image_column!r} is not a column of the dataset: {dataset.column_names}")
         images = torch.cat(
             [
-                embed_images(model, processor, dataset[s : s + batch_size][image_column])
+                embed_images(model, processor, dataset[s : s + batch_size][image_column], first=s)
                 for s in range(0, len(dataset), batch_size)
             ]
         )
         labels = dataset[label_column]
-    logits = 100.0 * images @ prototypes.t()
+    # Ranked by the model's own head, the function its forward makes logits with (a positive temperature cannot
+    # change a ranking): a learned or distance head is evaluated as it scores, not as a raw dot product.
+    logits = model.similarity.score_unit_norm(images, prototypes.to(images))
     metrics = zero_shot_metrics(logits, labels)
     n_templates = len(templates or DEFAULT_TEMPLATES)
     return EvaluationResult(
@@ -236,6 +260,7 @@ def evaluate_zero_shot(
     )
 
 
+@scoped_cpu_threads
 @torch.no_grad()
 def evaluate_retrieval(
     model,
@@ -247,7 +272,8 @@ def evaluate_retrieval(
     dataset_name: str | None = None,
     dataset_split: str | None = None,
 ) -> EvaluationResult:
-    """Image↔text retrieval R@1/5/10 both ways (percent), several captions per image allowed.
+    """Image↔text retrieval R@1/5/10 both ways (percent), several captions per image allowed, every pair scored by
+    the model's similarity head (`model.similarity.score_unit_norm`, as in its logits).
 
     `dataset` is a feature cache (rows sharing an `image_id` are captions of one image; `processor` unused) or raw
     data with an image column and a caption column holding a string or a list of strings per image.
@@ -278,15 +304,16 @@ def evaluate_retrieval(
             owner.extend([i] * len(group))
         image_embeds = torch.cat(
             [
-                embed_images(model, processor, dataset[s : s + batch_size][image_column])
+                embed_images(model, processor, dataset[s : s + batch_size][image_column], first=s)
                 for s in range(0, len(dataset), batch_size)
             ]
         )
         text_embeds = embed_texts(model, processor, captions)
         owner = torch.tensor(owner)
-    # In blocks: the full (n_images, n_texts) score matrix of a large test set would not fit in memory.
+    # In blocks: the full (n_images, n_texts) score matrix of a large test set would not fit in memory. Each block
+    # is scored by the head's `score_unit_norm`, what the model's forward makes its logits with.
     metrics = chunked_retrieval_metrics(
-        image_embeds, text_embeds, owner.to(image_embeds.device), similarity=model.similarity
+        image_embeds, text_embeds, owner.to(image_embeds.device), similarity=model.similarity.score_unit_norm
     )
     return EvaluationResult(
         metrics,

@@ -18,6 +18,10 @@ For clip_benchmark's metric code, which iterates a `torch.utils.data.DataLoader`
 `RetrievalDataset` present a `datasets.Dataset` the way its loaders do (`(image, label)` items and a `.classes` list;
 `(image, [captions])` items collated by `collate_image_captions`).
 
+open_clip's contract scores by the dot product of the normalised embeddings, as above: that is the aligner's own score
+for the `cosine` and `dot` heads only. For any other head (`bilinear`, `mlp`, the distances) clip_benchmark's figures
+are not the model's; `hf_align.evaluate_zero_shot` / `evaluate_retrieval` rank with the head itself.
+
 open_clip's own `create_model_and_transforms` returns `(model, preprocess_train, preprocess_val)` and leaves the
 tokenizer to `open_clip.get_tokenizer`; an aligner has no training augmentation, so this one returns the evaluation
 transform and the tokenizer, the triple clip_benchmark's loaders return. `get_tokenizer` is here too.
@@ -33,7 +37,7 @@ import torch
 from transformers import BatchEncoding
 
 from .modeling import AlignerModel
-from .processing import AlignerProcessor
+from .processing import AlignerProcessor, check_image_size
 
 
 class AlignerTokenizer:
@@ -84,6 +88,8 @@ class AlignerImageTransform:
                 f"preprocess transforms one image, got a {type(image).__name__} of {len(image)}; call it per image "
                 "(a torch Dataset's transform) or give the batch to the aligner's image processor"
             )
+        # The gate every image path shares: a strip would be resized into a huge tensor before the encoder runs.
+        check_image_size(self.image_processor, image, "preprocess image")
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 

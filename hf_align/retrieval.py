@@ -13,10 +13,16 @@ functions walk the matrix in blocks of `query_chunk_size × chunk_size` scores:
   the same blocks with the same shapes, so a positive is compared with exactly the value it was read from: it ties
   with itself exactly once, whatever the rounding of the blocks.
 
+Scores come from a `similarity(rows_a, rows_b) -> (len(rows_a), len(rows_b))` function the caller passes, called on
+one block of rows at a time (this module sits below the model and never imports it): an aligner's
+`model.similarity.score_unit_norm`, the function its forward makes logits with, so recall is what the model's own
+logits rank. Without one, the dot product (the cosine of L2-normalised embeddings, the `cosine` head's fast path).
+
 Peak memory, besides the inputs: one block of scores (`query_chunk_size · chunk_size` values in the scores' dtype,
 256 MiB in fp32 with the defaults) plus, for `topk_similarity`, the block's top-k and the running (n_queries, k)
 values (fp32) and indices (int64); for `chunked_retrieval_metrics`, the fp32 copy of a non-fp32 block and the
-comparisons of `COUNT_ROWS` rows at a time (int64 counts: 32 MiB with the defaults).
+comparisons of `COUNT_ROWS` rows at a time (int64 counts: 32 MiB with the defaults). A head that builds a pairwise
+intermediate to score a block (`mlp`, `manhattan`, `chi_square`) bounds it itself (`max_chunk_elements`).
 
 On a GPU, pass bf16 embeddings for a bf16 matmul (scores are returned in fp32); on CPU the functions run as they are.
 """
@@ -55,9 +61,10 @@ def topk_similarity(
             overlap the previous block's work); blocks are moved to the queries' device one at a time.
         k: results per query, 1 ≤ k ≤ n_g.
         chunk_size / query_chunk_size: gallery / query rows per block of scores.
-        similarity: `f(query_rows, gallery_rows) -> (rows_q, rows_g)` scores, higher = better; default the dot product
-            (the cosine for L2-normalised embeddings). A model's head (`model.similarity`) scores (images, texts):
-            for text queries pass `lambda q, g: model.similarity(g, q).t()`.
+        similarity: `f(query_rows, gallery_rows) -> (rows_q, rows_g)` scores, higher = better, called once per block;
+            default the dot product (the cosine for L2-normalised embeddings). A model's head scores (images, texts):
+            for image queries pass `model.similarity.score_unit_norm`, for text queries
+            `lambda q, g: model.similarity.score_unit_norm(g, q).t()`.
 
     Returns:
         `(scores, indices)`: (n_q, k) fp32 scores sorted in decreasing order and the (n_q, k) int64 gallery rows they
@@ -85,7 +92,7 @@ def topk_similarity(
         width = min(k, filled + block_gallery.shape[0])
         for q_start in range(0, n_queries, query_chunk_size):
             q_end = q_start + query_chunk_size
-            scores = score(queries[q_start:q_end], block_gallery)
+            scores = _scored(score, queries[q_start:q_end], block_gallery)
             top_scores, top_index = scores.topk(min(k, scores.shape[1]), dim=1)
             merged_scores = torch.cat([best_scores[q_start:q_end, : min(k, filled)], top_scores.float()], dim=1)
             merged_index = torch.cat([best_index[q_start:q_end, : min(k, filled)], top_index + g_start], dim=1)
@@ -113,8 +120,8 @@ def chunked_retrieval_metrics(
     Args:
         image_embeds: (n_images, D); text_embeds: (n_texts, D), on one device.
         text_image_index: (n_texts,) index of the image each text describes (several texts per image allowed).
-        similarity: `f(image_rows, text_rows) -> (rows_i, rows_t)` scores (e.g. `model.similarity`); default the dot
-            product.
+        similarity: `f(image_rows, text_rows) -> (rows_i, rows_t)` scores, called once per block (an aligner's
+            `model.similarity.score_unit_norm`: its logits' ranking); default the dot product.
         chunk_size / query_chunk_size: text / image rows per block of scores.
 
     Same semantics as `retrieval_metrics`: rank = negatives scoring at least as high as the (best) positive (ties
@@ -134,7 +141,7 @@ def chunked_retrieval_metrics(
 
     def block(i_start: int, t_start: int) -> torch.Tensor:
         images = image_embeds[i_start : i_start + query_chunk_size]
-        return score(images, text_embeds[t_start : t_start + chunk_size]).float()
+        return _scored(score, images, text_embeds[t_start : t_start + chunk_size]).float()
 
     # pass 1: each text's positive score, read off the only block row that holds its image
     positive = torch.empty(n_texts, device=device)
@@ -205,6 +212,20 @@ def recall_metrics(image_rank: torch.Tensor, text_rank: torch.Tensor, ks: Sequen
         metrics[f"text_to_image_R@{k}"] = t2i
         metrics[f"mean_R@{k}"] = (i2t + t2i) / 2
     return metrics
+
+
+def _scored(score: Similarity, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """`score(rows, columns)`, refused unless it is the (len(rows), len(columns)) matrix of their pairs: a function
+    scoring matched pairs, or (texts, images) for (images, texts), would otherwise rank the wrong numbers silently."""
+    scores = score(rows, columns)
+    expected = (rows.shape[0], columns.shape[0])
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != expected:
+        got = f"shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(
+            f"similarity must return the {expected} matrix of every pair of its {expected[0]} and {expected[1]} "
+            f"rows, got {got}"
+        )
+    return scores
 
 
 def _check_chunks(chunk_size, query_chunk_size) -> None:

@@ -2,9 +2,9 @@
 (`docs/methods.md` §6).
 
 The label maps come from `hf_align.segmentation_inference` (the PAL protocol: patch tokens against the class
-profiles, upsampled to the mask size, argmax). Over a dataset one confusion matrix is accumulated; IoU per class skips
-classes that are neither in the ground truth nor predicted (mmseg's convention), and pixels labelled `ignore_index`
-never count.
+profiles, scored by the model's similarity head, upsampled to the mask size, argmax). Over a dataset one confusion
+matrix is accumulated; IoU per class skips classes that are neither in the ground truth nor predicted (mmseg's
+convention), and pixels labelled `ignore_index` never count.
 
 **Dataset presets** (`evaluate_segmentation(..., preset=...)`, `SEGMENTATION_PRESETS`) fix the prompts, the mask
 labels and which classes enter the mean, each by its background rule:
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .configuration import TASK_SEGMENTATION
+from .cpu_threads import scoped_cpu_threads
 from .evaluation import EvaluationResult
 from .segmentation_inference import (
     ImageSegmenter,
@@ -47,6 +48,7 @@ from .segmentation_inference import (
     image_size,
     overlay_segmentation,
     palette,
+    patch_class_scores,
     patch_embeddings,
     patch_grid,
     segment_images,
@@ -253,6 +255,7 @@ def segmentation_metrics(
     }
 
 
+@scoped_cpu_threads
 @torch.no_grad()
 def evaluate_segmentation(
     model: AlignerModel,
@@ -376,6 +379,7 @@ __all__ = [
     "evaluate_segmentation",
     "overlay_segmentation",
     "palette",
+    "patch_class_scores",
     "patch_embeddings",
     "patch_grid",
     "segment_images",

@@ -4,7 +4,9 @@ Per image: resize to the encoder's square input (bicubic, no crop, as PAL), run 
 tapped layer's patch tokens (CLS and any register tokens dropped), embed every patch against the image anchors
 (`S_pa = cos(patch, A_v)`, P×K, not renormalised: the aligner's `embed_patches`), score it against the class profiles
 (`S_ac`, K×C: each class's prompts through the text side, i.e. the CAP profiles for `token_relative`, averaged over
-templates), reshape the P×C scores to the patch grid, upsample bilinearly to the mask size and take the argmax.
+templates) with the model's similarity head (`patch_class_scores`: the plain product `S_pa · S_ac` for the `cosine` and
+`dot` heads, as PAL; any other head scores the renormalised patch embeddings as it scores pooled ones), reshape the
+P×C scores to the patch grid, upsample bilinearly to the mask size and take the argmax.
 
 Entry points: `segment_tokens` (precomputed token features -> label maps), `segment_images` (images -> label maps;
 what `AlignerModel.segment` calls) and `overlay_segmentation` (a label map drawn over its image). Scoring a dataset
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .poolings import as_token_sequence
+from .processing import check_image_size
 from .templates import class_prototypes
 
 if TYPE_CHECKING:
@@ -91,7 +94,7 @@ def segmentation_logits(
     num_prefix_tokens: int | None = None,
     grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """(B, C, H, W) class scores of token features: `S_pa · S_ac` on the patch grid, bilinearly upsampled.
+    """(B, C, H, W) class scores of token features (`patch_class_scores`) on the patch grid, bilinearly upsampled.
 
     Args:
         model: an `AlignerModel` (its aligner embeds the patches).
@@ -117,14 +120,29 @@ def segmentation_logits(
 
 
 def _grid_scores(model, patches, grid, class_embeds, output_size) -> torch.Tensor:
-    embeds = patch_embeddings(model, patches)  # (B, P, D)
-    if embeds.shape[-1] != class_embeds.shape[-1]:
-        raise ValueError(f"class_embeds have width {class_embeds.shape[-1]}, the patch embeddings {embeds.shape[-1]}")
-    scores = embeds @ class_embeds.to(embeds).t()  # (B, P, C)
+    scores = patch_class_scores(model, patch_embeddings(model, patches), class_embeds)  # (B, P, C)
     scores = scores.transpose(1, 2).reshape(scores.shape[0], -1, *grid)
     if output_size is not None and tuple(output_size) != tuple(grid):
         scores = F.interpolate(scores, size=tuple(output_size), mode="bilinear", align_corners=False)
     return scores
+
+
+def patch_class_scores(model: AlignerModel, embeds: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
+    """(B, P, D) patch embeddings, (C, D) class profiles -> (B, P, C) scores by the model's similarity head.
+
+    A head whose unit-norm score is the plain product (`inner_product`: `cosine`, `dot`) gets PAL's `S_pa · S_ac` on
+    the patch embeddings as they are (a patch's length scales its row of scores, never its ranking). Any other head
+    scores what the model feeds it everywhere else, unit-norm embeddings: each patch embedding renormalised, then
+    `model.similarity.score_unit_norm`, the function the model's forward makes logits with.
+    """
+    if embeds.shape[-1] != class_embeds.shape[-1]:
+        raise ValueError(f"class_embeds have width {class_embeds.shape[-1]}, the patch embeddings {embeds.shape[-1]}")
+    head = model.similarity
+    class_embeds = class_embeds.to(embeds)
+    if getattr(head, "inner_product", False):  # a head registered as a bare nn.Module does not say: the general path
+        return embeds @ class_embeds.t()
+    flat = F.normalize(embeds.reshape(-1, embeds.shape[-1]), dim=-1)
+    return head.score_unit_norm(flat, class_embeds).reshape(*embeds.shape[:-1], class_embeds.shape[0])
 
 
 def segment_tokens(
@@ -239,6 +257,10 @@ class ImageSegmenter:
     def __call__(self, images: Sequence, sizes: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
         """One (H, W) int64 label map per image, upsampled to its entry of `sizes` (default: the image's own size)."""
         model = self.model
+        # The gate every image path shares: the square resize below cannot blow a strip up, but its label map and
+        # patch grid would be meaningless, and the rule stays one rule.
+        for i, image in enumerate(images):
+            check_image_size(self.image_processor, image, f"images[{i}]")
         sizes = [image_size(image) for image in images] if sizes is None else sizes
         pixel_values = _square_pixel_values(self.image_processor, images, self.input_size).to(model.device)
         state = model.vision_token_state(pixel_values)  # the sequence the vision tap reads its tokens from
@@ -321,6 +343,7 @@ __all__ = [
     "image_size",
     "overlay_segmentation",
     "palette",
+    "patch_class_scores",
     "patch_embeddings",
     "patch_grid",
     "segment_images",

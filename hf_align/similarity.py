@@ -23,6 +23,13 @@ Contract of a head (`SimilarityHead`):
     * `forward(x, y)`: (Bi, D) and (Bt, D) -> (Bi, Bt) raw scores, higher = more similar; the model divides by τ.
     * `score_pairs(x, y)`: (N, D) and (N, D) -> (N,), the score of row i with row i only (diagnostics).
     * `learned`: whether the head has trainable parameters (they train with the aligner and are saved with it).
+    * `inner_product`: whether `score_unit_norm(x, y)` is the plain matrix product `x @ y.T` (`cosine`, `dot`): the
+      evaluations then score with that product and keep the protocols' own inputs as they are (segmentation's patch
+      embeddings are not renormalised); every other head scores the unit-norm embeddings the model trains it on.
+
+`score_unit_norm` is the scoring entry point: `AlignerModel.forward` turns embeddings into logits with it, and every
+evaluation (zero-shot, retrieval, segmentation, `compare`, the benchmark) ranks with it, so a reported figure is what
+the model's own logits give.
 
 Every head scores pooled embeddings, one vector per sample: that is what every registered method outputs.
 
@@ -48,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .configuration import check_upper_bounds
 from .registry import Registry
 
 SIMILARITIES: Registry[type[nn.Module]] = Registry(
@@ -81,6 +89,7 @@ def _check_kwargs(name: str, cls: type[nn.Module], kwargs: dict[str, Any]) -> No
         raise TypeError(
             f"similarity {name!r} got unknown similarity_config key(s) {unknown}; it accepts {accepted or 'none'}"
         )
+    check_upper_bounds(f"similarity {name!r}", kwargs)
 
 
 def check_similarity(name: str, method: Any = None, similarity_config: dict | None = None) -> type[nn.Module]:
@@ -110,6 +119,7 @@ class SimilarityHead(nn.Module):
 
     similarity_name: ClassVar[str] = ""
     learned: ClassVar[bool] = False
+    inner_product: ClassVar[bool] = False
 
     def __init__(self, dim: int):
         super().__init__()
@@ -201,6 +211,8 @@ class CosineSimilarity(SimilarityHead):
     """Cosine similarity `x·y / (‖x‖‖y‖)`, in [−1, 1]. The model's embeddings arrive normalised, so this is their
     dot product; rows are renormalised anyway so the head is a true cosine on any input."""
 
+    inner_product = True
+
     def forward(self, image_embeds, text_embeds):
         self._check(image_embeds, text_embeds)
         return F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).t()
@@ -218,6 +230,8 @@ class CosineSimilarity(SimilarityHead):
 @register_similarity("dot")
 class DotProductSimilarity(SimilarityHead):
     """Dot product `x·y` (no normalisation; equal to `cosine` on the model's unit-norm embeddings)."""
+
+    inner_product = True
 
     def forward(self, image_embeds, text_embeds):
         self._check(image_embeds, text_embeds)

@@ -133,13 +133,17 @@ def test_card_cites_method_and_regularisers_each_entry_once(tmp_path):
     assert [key for key, _ in bibtex_entries(citation)] == ["radford2021clip", "groger2025structure"]
 
 
-# What docs/methods.md §12 says each component cites.
+# What docs/methods.md §13 says each component cites.
 CITED = {
     "asif": ["norelli2023asif", "moschella2023relative"],
+    "attention_pool": ["radford2021clip", "lee2019settransformer", "kim2026pal"],
     "codebook": ["duan2022codis", "caron2020swav"],
+    "csa": ["li2025csa", "groger2025structure"],
+    "freeze_align": ["maniparambil2025freezealign"],
     "linear": ["radford2021clip"],
     "mlp": ["radford2021clip", "groger2025structure"],
     "relative": ["moschella2023relative", "kim2026pal"],
+    "sail": ["zhang2025sail", "radford2021clip"],
     "token_relative": ["kim2026pal", "moschella2023relative"],
     "structure": ["groger2025structure"],
 }

@@ -35,7 +35,8 @@ def hand_transition(rows, tau, centering=True, image_ids=None):
 
 def hand_divergence(p, q, divergence):
     """Mean over rows of JS(p_i, q_i) or ½[KL(m_i‖q_i) + KL(m_i‖p_i)], m_i = ½(p_i + q_i), natural log; an entry with
-    p = q = 0 contributes 0."""
+    p = q = 0 contributes 0. `authors_rkl` adds the authors' floor 1e-12 to m, p and q before the logs."""
+    eps = 1e-12 if divergence == "authors_rkl" else 0.0
     total = 0.0
     for i in range(p.shape[0]):
         row = 0.0
@@ -46,7 +47,8 @@ def hand_divergence(p, q, divergence):
             if divergence == "js":
                 row += 0.5 * p[i, j] * math.log(p[i, j] / m) + 0.5 * q[i, j] * math.log(q[i, j] / m)
             else:
-                row += 0.5 * m * math.log(m / q[i, j]) + 0.5 * m * math.log(m / p[i, j])
+                m, fp, fq = m + eps, p[i, j] + eps, q[i, j] + eps
+                row += 0.5 * m * math.log(m / fq) + 0.5 * m * math.log(m / fp)
         total += row
     return total / p.shape[0]
 
@@ -64,7 +66,7 @@ def hand_structure(levels, tau, divergence, weighting="none", margin=0.0, image_
     return total / levels
 
 
-@pytest.mark.parametrize("divergence", ["js", "authors_rkl"])
+@pytest.mark.parametrize("divergence", ["js", "authors_rkl", "exact_rkl"])
 @pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("tau", [0.5, 0.05])
 @pytest.mark.parametrize("weighting", ["none", "inverse"])
@@ -85,13 +87,14 @@ def test_defaults_are_the_authors_divergence_and_inverse_weighting():
     assert default.item() != pytest.approx(hand_structure(2, 0.5, "js", "inverse"), rel=1e-2)
     assert default.item() != pytest.approx(hand_structure(2, 0.5, "authors_rkl", "none"), rel=1e-2)
     config = StructureConfig()
-    assert (config.divergence, config.weighting, config.levels, config.weight) == ("authors_rkl", "inverse", 1, 10.0)
+    assert (config.divergence, config.weighting, config.levels, config.weight) == ("authors_rkl", "inverse", 1, "auto")
+    assert StructureRegularizer(config).weight == 10.0  # "auto" unbound to a method: the authors' λ
     # at L = 1 the two weightings agree (w_1 = 1)
     one = [hf_align.structure_regularizer(frozen, aligned, tau=0.5, weighting=w).item() for w in ("none", "inverse")]
     assert one[0] == one[1]
 
 
-@pytest.mark.parametrize("divergence", ["js", "authors_rkl"])
+@pytest.mark.parametrize("divergence", ["js", "authors_rkl", "exact_rkl"])
 @pytest.mark.parametrize("levels", [1, 2])
 def test_same_image_rows_get_zero_transition_probability(divergence, levels):
     # rows 0 and 1 are two captions of image 5: neither is the other's neighbour, in either space
@@ -189,7 +192,7 @@ def test_registered_and_configured_through_from_encoders_keywords():
     assert model.config.regularizers == {"structure": {"weight": 10.0, "levels": 3, "divergence": "authors_rkl"}}
     assert isinstance(model.regularizers["structure"], StructureRegularizer)
     assert model.regularizers["structure"].config == StructureConfig(weight=10.0, levels=3, divergence="authors_rkl")
-    with pytest.raises(ValueError, match=r"divergence must be one of \('authors_rkl', 'js'\), got 'kl'"):
+    with pytest.raises(ValueError, match=r"divergence must be one of \('authors_rkl', 'exact_rkl', 'js'\), got 'kl'"):
         model_with_structure(structure_divergence="kl")
     with pytest.raises(TypeError, match=r"'structure' got unknown argument\(s\) \['lambda'\]"):
         model_with_structure(structure_lambda=1.0)
@@ -222,7 +225,7 @@ def test_configured_through_the_regularizers_mapping_beside_the_shorthand(tiny_v
         ValueError, match=r"regularizers must map regulariser names to dicts .* got \{'structure': 10\.0\}"
     ):
         model_with_structure(regularizers={"structure": 10.0})
-    with pytest.raises(ValueError, match=r"'structure' setting weight must be a finite number, got 'high'"):
+    with pytest.raises(ValueError, match=r"structure weight must be a float >= 0 or 'auto', got 'high'"):
         model_with_structure(regularizers={"structure": {"weight": "high"}})
     # the mapping reaches from_encoders' config as given
     model = AlignerModel.from_encoders(
@@ -244,7 +247,9 @@ def test_term_is_half_the_sum_over_modalities_with_linear_warmup():
             hf_align.structure_regularizer(vision, out.image_embeds, levels=2)
             + hf_align.structure_regularizer(text, out.text_embeds, levels=2)
         )
-        assert out.loss_terms["structure"].item() == pytest.approx(10.0 * min(1.0, k / 4) * raw.item(), rel=1e-5)
+        # batch k uses λ·(k−1)/W, as the authors' loss steps its schedule before the forward pass: batch 1 has none
+        expected = 10.0 * min(1.0, (k - 1) / 4) * raw.item()
+        assert out.loss_terms["structure"].item() == pytest.approx(expected, rel=1e-5, abs=1e-12)
         assert int(reg.steps_done) == k
     # evaluation calls leave the clock alone
     model.eval()
@@ -269,9 +274,9 @@ def test_evaluation_uses_the_full_weight_at_any_point_of_the_warmup():
         hf_align.structure_regularizer(vision, out.image_embeds) + hf_align.structure_regularizer(text, out.text_embeds)
     )
     assert evals == [pytest.approx(3.0 * raw.item(), rel=1e-6)] * 3
-    # training at clock 900 uses the warm-up weight of batch 901
+    # training at clock 900 (batch 901) uses the weight of the clock before the batch: 900/1000
     train_out = model.train()(vision_features=vision, text_features=text, return_loss=True)
-    assert train_out.loss_terms["structure"].item() == pytest.approx(3.0 * 0.901 * raw.item(), rel=1e-5)
+    assert train_out.loss_terms["structure"].item() == pytest.approx(3.0 * 0.900 * raw.item(), rel=1e-5)
     assert (
         model_with_structure(structure_weight=3.0, structure_warmup_steps=0).regularizers["structure"].current_weight()
         == 3.0

@@ -271,7 +271,9 @@ def evaluate_run(model, train_features, test_features, label_column: str | None 
         test_labels = [index.get(int(v), -1) for v in test_rows[label_column]]
         keep = torch.tensor([v >= 0 for v in test_labels])
         if keep.any():
-            scores = model.similarity(images[keep.to(images.device)], prototypes.to(images.device))
+            # The head's unit-norm score, the function the model's forward makes logits with (both sides are
+            # normalised here): a learned head is evaluated as it scores.
+            scores = model.similarity.score_unit_norm(images[keep.to(images.device)], prototypes.to(images))
             zs = zero_shot_metrics(scores, torch.tensor(test_labels)[keep], ks=(1, min(5, len(classes))))
             metrics["zero_shot_top1"] = zs["top1"]
             metrics["zero_shot_top5"] = zs[f"top{min(5, len(classes))}"]

@@ -6,10 +6,14 @@ plus its import below: the built-in modules are imported by name so that the imp
 
 # The built-in methods: importing a module runs its @register_method. (`as`: re-exported, not unused.)
 from . import asif as asif
+from . import attention_pool as attention_pool
 from . import codebook as codebook
+from . import csa as csa
+from . import freeze_align as freeze_align
 from . import linear as linear
 from . import mlp as mlp
 from . import relative as relative
+from . import sail as sail
 from . import token_relative as token_relative
 from .base import AlignerMethod, MethodConfig
 from .registry import METHODS, build_method_config, get_method, register_method

@@ -29,14 +29,19 @@ class AlignerMethod(nn.Module, abc.ABC):
         trainable: `False` for training-free methods (training only runs `init_from_data`).
         citation: BibTeX entries (separated by blank lines) of the papers the method implements; the model card of
             an aligner built with it renders them. Empty when there is nothing to cite.
+        regularizer_input_kind: what the regularisers (STRUCTURE) get from `regularizer_features`: `None` = the
+            method's own `input_kind`; `"pooled"` for a token method that pools its tokens for them.
 
     Instance attribute `embed_dim`: width D of the embeddings `embed_image` / `embed_text` return (set by subclasses).
+    Instance attribute `vision_num_prefix_tokens`: leading CLS / register tokens of a vision token sequence (0 for a
+    CNN's spatial grid); `AlignerModel` sets it from its config, for methods that treat the CLS apart from the patches.
     """
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     input_kind: ClassVar[str] = "pooled"
     trainable: ClassVar[bool] = True
     citation: ClassVar[str] = ""
+    regularizer_input_kind: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig, vision_dim: int, text_dim: int):
         super().__init__()
@@ -44,6 +49,7 @@ class AlignerMethod(nn.Module, abc.ABC):
         self.vision_dim = vision_dim
         self.text_dim = text_dim
         self.embed_dim: int | None = None
+        self.vision_num_prefix_tokens = 1
 
     @abc.abstractmethod
     def embed_image(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,6 +68,12 @@ class AlignerMethod(nn.Module, abc.ABC):
     ) -> dict[str, torch.Tensor]:
         """Method-specific loss terms added to InfoNCE during training (name -> already weighted scalar)."""
         return {}
+
+    def regularizer_features(self, modality: str, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The frozen features the regularisers compare the embeddings with (STRUCTURE's reference space); default:
+        the method's inputs. A token method with `regularizer_input_kind = "pooled"` returns (B, d') vectors pooled as
+        its forward pools its tokens (`mask` None = every token real)."""
+        return features
 
     def init_from_data(
         self,

@@ -1,5 +1,5 @@
 """BibTeX entries of the papers the built-in methods implement, one constant per entry, combined into each method's
-`citation` class attribute (`docs/methods.md` §12 lists which entry each component cites and which fields could not
+`citation` class attribute (`docs/methods.md` §13 lists which entry each component cites and which fields could not
 be verified; the STRUCTURE entry lives with its regulariser, `StructureRegularizer.citation`), and the helpers the
 model card uses to list the works a model cites.
 """
@@ -68,6 +68,41 @@ SWAV = """@inproceedings{caron2020swav,
   year      = {2020}
 }"""
 
+SAIL = """@inproceedings{zhang2025sail,
+  title     = {Assessing and Learning Alignment of Unimodal Vision and Language Models},
+  author    = {Zhang, Le and Yang, Qian and Agrawal, Aishwarya},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  pages     = {14604--14614},
+  year      = {2025}
+}"""
+
+FREEZE_ALIGN = """@inproceedings{maniparambil2025freezealign,
+  title         = {Harnessing Frozen Unimodal Encoders for Flexible Multimodal Alignment},
+  author        = {Maniparambil, Mayug and Akshulakov, Raiymbek and Djilali, Yasser Abdelaziz Dahou and
+                   Narayan, Sanath and Singh, Ankit and O'Connor, Noel E.},
+  booktitle     = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year          = {2025},
+  eprint        = {2409.19425},
+  archivePrefix = {arXiv}
+}"""
+
+CSA = """@inproceedings{li2025csa,
+  title     = {{CSA}: Data-efficient Mapping of Unimodal Features to Multimodal Features},
+  author    = {Li, Po-han and Chinchali, Sandeep and Topcu, Ufuk},
+  booktitle = {The Thirteenth International Conference on Learning Representations},
+  year      = {2025}
+}"""
+
+SET_TRANSFORMER = """@inproceedings{lee2019settransformer,
+  title     = {Set Transformer: A Framework for Attention-based Permutation-Invariant Neural Networks},
+  author    = {Lee, Juho and Lee, Yoonho and Kim, Jungtaek and Kosiorek, Adam and Choi, Seungjin and Teh, Yee Whye},
+  booktitle = {Proceedings of the 36th International Conference on Machine Learning},
+  series    = {Proceedings of Machine Learning Research},
+  volume    = {97},
+  pages     = {3744--3753},
+  year      = {2019}
+}"""
+
 
 def join(*entries: str) -> str:
     """Several BibTeX entries as one `citation` string, separated by a blank line."""
@@ -120,8 +155,12 @@ __all__ = [
     "ASIF",
     "CLIP",
     "CODIS",
+    "CSA",
+    "FREEZE_ALIGN",
     "PAL",
     "RELATIVE_REPRESENTATIONS",
+    "SAIL",
+    "SET_TRANSFORMER",
     "SWAV",
     "bibtex_entries",
     "join",

@@ -12,6 +12,11 @@ tokens per anchor:
 and image–text similarity is `h_v · h_t` (the model normalises and scores by cosine), trained with InfoNCE.
 `pooling="mean"` replaces CAP by the mean of `R` over the real tokens (the paper's ablation).
 
+`projector_dim=m > 0` adds the authors' bottleneck projector ablation (their `token_k512_proj512` config, m = 512):
+before the cosines, every token goes through a residual bottleneck per modality, `z + W_up GELU(W_down z + b_down) +
+b_up` with `W_down` (m, d), `W_up` (d, m) and `W_up`, `b_up` zero at initialisation, so training starts from the
+projection-free method. PAL applies it to tokens only (its pooled-CLS path skips it); here every input is tokens.
+
 Late interaction (for each word the best-matching patch, `max_p cos(R_v[p], R_t[w])`, averaged over the words)
 cannot be written as a dot product of one vector per sample, so it is an evaluation-time score on a trained model:
 `late_interaction_scores(...)`; it is not a `pooling` choice (asking for one raises an error that says so).
@@ -38,11 +43,14 @@ POOLINGS = ("cap", "mean")
 @dataclass
 class TokenRelativeConfig(MethodConfig):
     """num_anchors: K anchors per modality (the embedding width; PAL uses 512). pool_temperature: τ_p of the
-    cross-attention pooling (PAL: 0.03, swept 0.02–0.10). pooling: `cap` (cross-attention pooling) or `mean`."""
+    cross-attention pooling (PAL: 0.03, swept 0.02–0.10). pooling: `cap` (cross-attention pooling) or `mean`.
+    projector_dim: width of the residual bottleneck projector applied to the tokens first (0: none, PAL's default
+    and the projection-free method; 512 in the authors' `token_k512_proj512` ablation)."""
 
     num_anchors: int = 512
     pool_temperature: float = 0.03
     pooling: str = "cap"
+    projector_dim: int = 0
 
     def __post_init__(self):
         if not isinstance(self.num_anchors, int) or isinstance(self.num_anchors, bool) or self.num_anchors < 1:
@@ -58,6 +66,22 @@ class TokenRelativeConfig(MethodConfig):
             )
         if self.pooling not in POOLINGS:
             raise ValueError(f"token_relative: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        p = self.projector_dim
+        if not isinstance(p, int) or isinstance(p, bool) or p < 0:
+            raise ValueError(f"token_relative: projector_dim must be an int >= 0 (0: no projector), got {p!r}")
+
+
+class BottleneckProjector(nn.Module):
+    """(..., d) -> (..., d): `z + up(GELU(down(z)))`; `TokenRelativeAligner.reset_parameters` sets `up` to zero, so
+    the projector starts as the identity map."""
+
+    def __init__(self, dim: int, bottleneck: int):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + self.up(F.gelu(self.down(tokens)))
 
 
 def cross_attention_pool(relative: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> torch.Tensor:
@@ -141,6 +165,9 @@ class TokenRelativeAligner(AlignerMethod):
         self.embed_dim = config.num_anchors
         self.vision_anchors = nn.Parameter(torch.empty(config.num_anchors, vision_dim))
         self.text_anchors = nn.Parameter(torch.empty(config.num_anchors, text_dim))
+        if config.projector_dim:
+            self.vision_projector = BottleneckProjector(vision_dim, config.projector_dim)
+            self.text_projector = BottleneckProjector(text_dim, config.projector_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -151,12 +178,26 @@ class TokenRelativeAligner(AlignerMethod):
             nn.init.normal_(anchors)
             with torch.no_grad():
                 anchors.copy_(F.normalize(anchors, dim=-1))
+        # The projectors' `up` layers start at zero. This runs after their own nn.Linear reset (transformers' init
+        # visits children first), and leaves weights loaded from a checkpoint alone, like the anchors above.
+        for projector in (getattr(self, "vision_projector", None), getattr(self, "text_projector", None)):
+            for weight in (projector.up.weight, projector.up.bias) if projector is not None else ():
+                if not (getattr(weight, "_is_hf_initialized", False) or weight.is_meta):
+                    with torch.no_grad():
+                        weight.zero_()
 
     # ------------------------------------------------------------------ token relative vectors
+    def projected(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:
+        """The tokens after this modality's bottleneck projector (`projector_dim > 0`), else unchanged."""
+        if not self.config.projector_dim:
+            return tokens
+        return (self.vision_projector if modality == "vision" else self.text_projector)(tokens)
+
     def token_relative(self, tokens: torch.Tensor, modality: str) -> torch.Tensor:
-        """(B, T, d) tokens -> (B, T, K) `R[t, k] = cos(z_t, a_k)` against this modality's anchors."""
+        """(B, T, d) tokens -> (B, T, K) `R[t, k] = cos(z_t, a_k)` against this modality's anchors (after the
+        projector, when there is one)."""
         anchors = self.vision_anchors if modality == "vision" else self.text_anchors
-        return relative_representation(tokens, anchors)
+        return relative_representation(self.projected(tokens, modality), anchors)
 
     def profiles(self, tokens: torch.Tensor, mask: torch.Tensor | None, modality: str) -> torch.Tensor:
         """(B, T, d) tokens + (B, T) mask -> (B, K) pooled profiles `p` (not normalised), all samples at once."""
@@ -165,7 +206,7 @@ class TokenRelativeAligner(AlignerMethod):
         # A mean of cosines is linear in the unit tokens: mean_t (ẑ_t · â_k) = (mean_t ẑ_t) · â_k. Averaging the unit
         # tokens first makes it one (B, d) x (d, K) product instead of a (B, T, d) x (d, K) one: T times fewer FLOPs.
         anchors = self.vision_anchors if modality == "vision" else self.text_anchors
-        mean_unit_token = mean_pool(F.normalize(tokens.float(), dim=-1), mask)  # (B, d)
+        mean_unit_token = mean_pool(F.normalize(self.projected(tokens, modality).float(), dim=-1), mask)  # (B, d)
         return relative_representation(mean_unit_token, F.normalize(anchors.float(), dim=-1), normalize=False)
 
     def embed_image(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -37,6 +37,11 @@ class Regularizer(nn.Module, abc.ABC):
         super().__init__()
         self.config = config
 
+    def schedule_fraction(self) -> float:
+        """The share of its full weight the term has in training now (a warm-up below 1); evaluation always uses the
+        full weight. `hf_align.train` logs the validation loss at this share too (`eval_loss_scheduled`)."""
+        return 1.0
+
     @abc.abstractmethod
     def forward(
         self,

@@ -10,8 +10,11 @@ For one modality with frozen batch features X (B, d) and their aligned embedding
    matrices, so both spaces compare the same neighbour sets;
 3. the level divergence is the mean over rows of either the variant the authors' code computes
    (`divergence="authors_rkl"`, the default: ½ [KL(M‖P_A) + KL(M‖P_X)], M = ½(P_X + P_A), "reverse" KLs from the
-   mixture, not bounded by ln 2; λ = 10 was tuned on it) or the Jensen–Shannon divergence (`divergence="js"`,
-   ½ KL(P_X‖M) + ½ KL(P_A‖M), natural log, in [0, ln 2]);
+   mixture, not bounded by ln 2; λ = 10 was tuned on it), computed as their code does it, with a floor ε = 1e-12
+   added to every probability: Σ_j (m + ε)(log(m + ε) − log(q + ε)); or the same divergence without the floor,
+   from exact log-probabilities (`divergence="exact_rkl"`: the two differ only where a transition probability falls
+   below about 1e-12, and there the exact one keeps the gradient the floor flattens); or the Jensen–Shannon
+   divergence (`divergence="js"`, ½ KL(P_X‖M) + ½ KL(P_A‖M), natural log, in [0, ln 2]);
 4. `R_S = (1/L) Σ_l w_l · relu(D_l − margin)` with `w_l = 1/l` (`weighting="inverse"`, the default, as the authors'
    configurations with L > 1) or `1` (`"none"`); the two agree at L = 1.
 
@@ -21,12 +24,19 @@ and 1/L then divides by its length. `STRUCTURE_PRESETS` holds the authors' four 
 
 The registered regulariser `"structure"` adds `λ_t · ½ (R_S(image) + R_S(text))` to the training loss, with the
 frozen tapped-layer features and the aligned embeddings of the batch, and `λ_t = weight · min(1, t / warmup_steps)`.
+`warmup_steps="auto"` (the default) is `AUTO_WARMUP_FRACTION` of the run's training forward calls, which
+`hf_align.train` (and `AlignerTrainer`) announce through `set_training_length` before the first step: a fixed 1,000
+calls (the authors' value, kept by the presets) is longer than a whole run on a few thousand pairs, where λ would
+never reach its weight. A loop that announces nothing warms up over `FALLBACK_WARMUP_STEPS`.
 The counter t is a persistent buffer (`steps_done`, saved in checkpoints and `save_pretrained`): it advances by one
-at every forward call made in training mode, and t is its value after that increment, so the k-th training batch uses
-`weight · min(1, k / warmup_steps)`. Eval-mode calls use the full `weight` and leave the counter alone, so validation
-losses of different epochs measure the same objective. One forward call per optimisation step is what
-`hf_align.train` does without gradient accumulation; with `gradient_accumulation_steps = g` the counter sees g calls
-per step, so pass `warmup_steps = 1000·g` to warm up over 1000 optimiser steps.
+at every forward call made in training mode, and t is its value before that increment, so the k-th training batch
+uses `weight · min(1, (k − 1) / warmup_steps)` and the first batch has no STRUCTURE term, as in the authors' code
+(their loss steps its schedule before the forward pass). Eval-mode calls use the full `weight` and leave the counter
+alone, so validation losses of different epochs measure the same objective; `hf_align.train` also logs the validation
+loss at the scheduled weight (`eval_loss_scheduled`), the figure the authors' curves show. One forward call per
+optimisation step is what `hf_align.train` does without gradient accumulation; with `gradient_accumulation_steps = g`
+the counter sees g calls per step, so pass `warmup_steps = 1000·g` to warm up over 1000 optimiser steps (`"auto"`
+counts them itself).
 
 The regulariser needs pooled features (one vector per sample); token sequences (B, T, d) are rejected.
 """
@@ -47,11 +57,20 @@ from .base import Regularizer, RegularizerConfig
 from .registry import register_regularizer
 
 WEIGHTINGS = ("none", "inverse")
-DIVERGENCES = ("authors_rkl", "js")
+# warmup_steps="auto": λ ramps up over this share of the run's training forward calls (docs/methods.md, "Defaults")
+AUTO_WARMUP_FRACTION = 0.1
+# weight="auto": λ by the method the term is bound to, the authors' 10 for any other. The trained MLP branch (§2)
+# follows the frozen geometry at λ 10 at the expense of the contrastive fit: λ 1 measured best of 10 / 5 / 2.5 / 1 on
+# the digits (docs/methods.md, "Defaults"); the authors' MLP had its branch gated off, i.e. was linear.
+AUTO_WEIGHTS = {"mlp": 1.0}
+AUTHORS_WEIGHT = 10.0
+FALLBACK_WARMUP_STEPS = 1000  # "auto" when nothing announced the run's length: the authors' warm-up
+DIVERGENCES = ("authors_rkl", "exact_rkl", "js")
+AUTHORS_EPS = 1e-12  # the floor the authors' structure_reg adds to every probability before its logs
 # The authors' four configurations (their configs/losses_{lin,mlp}/clip_structure_*.yaml): λ 10 warmed up over 1000
 # steps, τ 0.05, no margin, their divergence; L = 1 without level weighting (the same as inverse at L = 1), L > 1 with
 # inverse weighting.
-_AUTHORS = dict(weight=10.0, warmup_steps=1000, tau=0.05, margin=0.0, divergence="authors_rkl")
+_AUTHORS = dict(weight=AUTHORS_WEIGHT, warmup_steps=1000, tau=0.05, margin=0.0, divergence="authors_rkl")
 STRUCTURE_PRESETS: dict[str, dict] = {
     "L1": {**_AUTHORS, "levels": 1, "weighting": "none"},
     "L2": {**_AUTHORS, "levels": 2, "weighting": "inverse"},
@@ -136,7 +155,8 @@ def _log_transitions(
 def _row_divergence(
     log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, ignore: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean over rows of JS(p, q) or ½[KL(m‖q) + KL(m‖p)], m = ½(p + q); inputs are (B, B) log-probabilities.
+    """Mean over rows of JS(p, q) or ½[KL(m‖q) + KL(m‖p)], m = ½(p + q) (`exact_rkl`; `authors_rkl` the same with
+    `AUTHORS_EPS` added to m, p and q before the logs, as the authors' code); inputs are (B, B) log-probabilities.
 
     `ignore` (B, B) bool marks entries where both p and q are exactly 0 (log −∞): they contribute 0. They are set to
     log 1 in both first, which makes every term there exactly 0 (p = q = m) and keeps −∞ − (−∞) = NaN out of the
@@ -148,6 +168,11 @@ def _row_divergence(
     log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
     if divergence == "js":
         per_row = 0.5 * (p * (log_p - log_m)).sum(1) + 0.5 * (q * (log_q - log_m)).sum(1)
+    elif divergence == "authors_rkl":
+        m = 0.5 * (p + q) + AUTHORS_EPS
+        per_row = 0.5 * (m * (m.log() - (q + AUTHORS_EPS).log())).sum(1) + 0.5 * (
+            m * (m.log() - (p + AUTHORS_EPS).log())
+        ).sum(1)
     else:
         m = log_m.exp()
         per_row = 0.5 * (m * (log_m - log_q)).sum(1) + 0.5 * (m * (log_m - log_p)).sum(1)
@@ -174,7 +199,8 @@ def structure_regularizer(
         tau: softmax temperature of the transition matrices.
         weighting: `inverse` (w_l = 1/l, the default) or `none` (w_l = 1).
         margin: divergence below which a level costs nothing (`relu(D_l − margin)`).
-        divergence: `authors_rkl` (½[KL(M‖P_A) + KL(M‖P_X)], the default) or `js` (Jensen–Shannon).
+        divergence: `authors_rkl` (½[KL(M‖P_A) + KL(M‖P_X)] with the authors' 1e-12 floor, the default),
+            `exact_rkl` (the same without the floor) or `js` (Jensen–Shannon).
         centering: subtract the batch mean after L2 normalisation.
         image_ids: optional (B,) image id of each sample; samples i ≠ j with the same id get transition probability 0
             to each other in both P_X and P_A. `None`: every pair is a neighbour candidate.
@@ -210,31 +236,35 @@ class StructureConfig(RegularizerConfig):
     """Settings of the `structure` regulariser (`AlignerModel.from_encoders(..., regularizers={"structure": {...}})`
     or the shorthand `structure_<field>=...`).
 
-    weight: λ (default 10, the authors' value). warmup_steps: training forward calls over which λ ramps up linearly
-    from 0 (0 = full weight at once). preset: one of `STRUCTURE_PRESETS` (`L1`, `L2`, `L3`, `L5`, the authors'
+    weight: λ, or `"auto"` (the default): `AUTO_WEIGHTS` by method (1 for `mlp`), else the authors' 10, resolved
+    when the model binds the term to its method (`bind_method`). warmup_steps: training forward calls over which λ
+    ramps up linearly from 0 (0 = full weight at once; `"auto"`, the default: `AUTO_WARMUP_FRACTION` of the run, see
+    the module docstring). preset: one of `STRUCTURE_PRESETS` (`L1`, `L2`, `L3`, `L5`, the authors'
     configurations): every field left at its default takes the preset's value; a field given another value than the
     preset's is a `ValueError`. The other fields are those of `structure_regularizer`.
     """
 
-    weight: float = 10.0
+    weight: float | str = "auto"
     levels: int | list[int] = 1
     tau: float = 0.05
     weighting: str = "inverse"
     margin: float = 0.0
     divergence: str = "authors_rkl"
     centering: bool = True
-    warmup_steps: int = 1000
+    warmup_steps: int | str = "auto"
     preset: str | None = None
 
     def __post_init__(self):
         if self.preset is not None:
             self._apply_preset()
-        if not (isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool) and self.weight >= 0):
-            raise ValueError(f"structure weight must be a float >= 0, got {self.weight!r}")
-        if not (
+        if self.weight != "auto" and not (
+            isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool) and self.weight >= 0
+        ):
+            raise ValueError(f"structure weight must be a float >= 0 or 'auto', got {self.weight!r}")
+        if self.warmup_steps != "auto" and not (
             isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool) and self.warmup_steps >= 0
         ):
-            raise ValueError(f"structure warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+            raise ValueError(f"structure warmup_steps must be an int >= 0 or 'auto', got {self.warmup_steps!r}")
         if not isinstance(self.centering, bool):
             raise ValueError(f"structure centering must be a bool, got {self.centering!r}")
         _check_levels(self.levels)
@@ -287,16 +317,50 @@ class StructureRegularizer(Regularizer):
         super().__init__(config)
         # Training forward calls seen so far (the warm-up clock); a persistent buffer, so checkpoints carry it.
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.training_length: int | None = None  # training forward calls of the run, when announced
+        self.method: str | None = None  # the aligner method the term regularises, once bound
+
+    def bind_method(self, method: str) -> None:
+        """Record the aligner method the term regularises (what `weight="auto"` depends on); the model's
+        configuration does it when the model is built."""
+        self.method = method
+
+    @property
+    def weight(self) -> float:
+        """λ: `config.weight`, or what `"auto"` gives for the bound method (the authors' 10 when unbound)."""
+        if self.config.weight != "auto":
+            return float(self.config.weight)
+        return AUTO_WEIGHTS.get(self.method, AUTHORS_WEIGHT)
+
+    def set_training_length(self, forward_calls: int) -> None:
+        """Announce how many training forward calls the run makes (what `warmup_steps="auto"` is a share of)."""
+        if not isinstance(forward_calls, int) or isinstance(forward_calls, bool) or forward_calls < 1:
+            raise ValueError(
+                f"structure training length must be a positive int of forward calls, got {forward_calls!r}"
+            )
+        self.training_length = forward_calls
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warm-up in training forward calls: `config.warmup_steps`, or what `"auto"` makes of the run's length."""
+        if self.config.warmup_steps != "auto":
+            return self.config.warmup_steps
+        if self.training_length is None:
+            return FALLBACK_WARMUP_STEPS
+        return max(1, round(AUTO_WARMUP_FRACTION * self.training_length))
 
     def reset_parameters(self) -> None:
         # nn.init keeps transformers' guard: a counter loaded from a checkpoint is not reset by post-load init.
         nn.init.zeros_(self.steps_done)
 
+    def schedule_fraction(self) -> float:
+        return self.current_weight() / self.weight if self.weight else 1.0
+
     def current_weight(self) -> float:
         """λ_t, the training weight for the counter's present value (evaluation always uses the full `weight`)."""
-        warmup = self.config.warmup_steps
+        warmup = self.warmup_steps
         ramp = 1.0 if warmup == 0 else min(1.0, int(self.steps_done) / warmup)
-        return self.config.weight * ramp
+        return self.weight * ramp
 
     def forward(
         self,
@@ -308,9 +372,9 @@ class StructureRegularizer(Regularizer):
     ) -> torch.Tensor:
         _check_pooled("vision_features", vision_features)
         _check_pooled("text_features", text_features)
+        weight = self.current_weight() if self.training else self.weight
         if self.training:
             self.steps_done += 1
-        weight = self.current_weight() if self.training else self.config.weight
         if weight == 0.0:  # λ = 0: nothing to compute
             return image_embeds.new_zeros((), dtype=torch.float32)
         options = self.config.function_kwargs()

@@ -18,8 +18,10 @@ query, so a collapsed model that scores everything alike gets no credit). Return
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions (`list` of `list` of `float`): one row per image, its scores against every text
-        (the `(n_images, n_texts)` matrix `logits_per_image`).
+    predictions (`list` of `list` of `float`): one row per image, its scores against every text: the model's own
+        `(n_images, n_texts)` `logits_per_image` (`model(...)`, or `model.similarity.score_unit_norm(image_embeds,
+        text_embeds)`), which rank pairs by its similarity head as `hf_align.evaluate_retrieval` does; a raw dot
+        product of the embeddings ranks differently under any head other than `cosine` / `dot`.
     references (`list` of `list` of `int`): for each image, the indices (columns of `predictions`) of the texts that
         describe it. Every text belongs to exactly one image; an image may have several texts, or none.
     ks (`list` of `int`, defaults to `[1, 5, 10]`): the cut-offs k.

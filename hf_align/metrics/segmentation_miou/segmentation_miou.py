@@ -19,7 +19,8 @@ count. This is `hf_align.segmentation.confusion_matrix` + `segmentation_metrics`
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list` of 2-D `list` of `int`): one (H, W) predicted label map per image (sizes may differ between
-        images).
+        images), e.g. `model.segment(...)`, whose patches are scored by the model's similarity head as in
+        `hf_align.evaluate_segmentation`.
     references (`list` of 2-D `list` of `int`): the reference label maps, each the size of its prediction.
     num_labels (`int`): number of classes C; labels are in [0, C).
     ignore_index (`int`, defaults to 255): reference label of pixels that are not scored.

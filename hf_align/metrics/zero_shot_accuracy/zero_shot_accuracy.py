@@ -16,7 +16,11 @@ against integer labels. Classes absent from the references do not enter the per-
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions (`list` of `list` of `float`): one row per image, its score for every class (n, C).
+    predictions (`list` of `list` of `float`): one row per image, its score for every class (n, C): the model's
+        own logits against the class prompts (`model(...).logits_per_image`, or
+        `model.similarity.score_unit_norm(image_embeds, class_prototypes)`), which rank classes by its similarity head
+        as `hf_align.evaluate_zero_shot` does; a raw dot product ranks differently under any head other than
+        `cosine` / `dot`.
     references (`list` of `int`): the true class of each image, in [0, C).
     ks (`list` of `int`, defaults to `[1, 5]`): the cut-offs k of top-k accuracy (k above C counts as C).
 Returns:
