@@ -24,6 +24,7 @@ import datasets
 import torch
 from transformers.utils import logging
 
+from ..cpu_threads import scoped_cpu_threads
 from ..distributed import broadcast, on_every_process, on_main, process_state
 from .decode import _Preprocessor, _SourceBatches
 from .encode import (
@@ -55,6 +56,7 @@ logger = logging.get_logger(__name__)
 __all__ = ["BAD_SAMPLE_POLICIES", "BadSampleError", "extract_features"]
 
 
+@scoped_cpu_threads
 def extract_features(
     model,
     processor,
