@@ -105,3 +105,14 @@ class AlignerMethod(nn.Module, abc.ABC):
     def reset_parameters(self) -> None:
         """(Re-)initialise parameters held directly by this method. `post_init` visits every submodule, so children
         with their own `reset_parameters` (nn.Linear, ...) are reset separately; default: nothing of its own."""
+
+
+def check_token_input(method: str, modality: str, tokens: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Shapes only (no host-device sync in a training step): (B, T, d) tokens and, if given, a (B, T) mask."""
+    if tokens.dim() != 3:
+        raise ValueError(
+            f"{method} needs {modality} token features (B, T, d); got shape {tuple(tokens.shape)}. Use "
+            f"{modality}_pooling='tokens' and a feature cache with token columns"
+        )
+    if mask is not None and tuple(mask.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(f"{method}: {modality} mask has shape {tuple(mask.shape)}, expected {tuple(tokens.shape[:2])}")

@@ -46,10 +46,10 @@ import torch
 from torch import nn
 
 from ..configuration import check_number, check_positive_int
-from .base import AlignerMethod, MethodConfig
+from .base import AlignerMethod, MethodConfig, check_token_input
 from .citations import FREEZE_ALIGN
 from .registry import register_method
-from .sail import check_token_input, pooled_token_features, split_vision_tokens
+from .sail import pooled_token_features, split_vision_tokens
 from .token_relative import mean_pool
 
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..configuration import check_positive_int
-from .base import AlignerMethod, MethodConfig
+from .base import AlignerMethod, MethodConfig, check_token_input
 from .citations import CLIP, SAIL, join
 from .registry import register_method
 from .token_relative import mean_pool
@@ -64,17 +64,6 @@ class SAILConfig(MethodConfig):
     def __post_init__(self):
         check_positive_int("sail: projection_dim", self.projection_dim)
         check_positive_int("sail: width_factor", self.width_factor)
-
-
-def check_token_input(method: str, modality: str, tokens: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """Shapes only (no host-device sync in a training step): (B, T, d) tokens and, if given, a (B, T) mask."""
-    if tokens.dim() != 3:
-        raise ValueError(
-            f"{method} needs {modality} token features (B, T, d); got shape {tuple(tokens.shape)}. Use "
-            f"{modality}_pooling='tokens' and a feature cache with token columns"
-        )
-    if mask is not None and tuple(mask.shape) != tuple(tokens.shape[:2]):
-        raise ValueError(f"{method}: {modality} mask has shape {tuple(mask.shape)}, expected {tuple(tokens.shape[:2])}")
 
 
 def split_vision_tokens(

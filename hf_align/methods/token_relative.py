@@ -33,7 +33,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..relative_representations import relative_representation
-from .base import AlignerMethod, MethodConfig
+from .base import AlignerMethod, MethodConfig, check_token_input
 from .citations import PAL, RELATIVE_REPRESENTATIONS, join
 from .registry import register_method
 
@@ -134,18 +134,6 @@ def mean_pool(relative: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (relative * weights).sum(dim=1) / weights.sum(dim=1)
 
 
-def _check_tokens(modality: str, tokens: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """Shapes only, so that a training step has no host-device sync (`AlignerModel` refuses all-padding masks when it
-    checks its inputs' values; `late_interaction_scores` below does so itself)."""
-    if tokens.dim() != 3:
-        raise ValueError(
-            f"token_relative needs {modality} token features (B, T, d); got shape {tuple(tokens.shape)}. Use "
-            f"{modality}_pooling='tokens' and a feature cache with token columns"
-        )
-    if mask is not None and tuple(mask.shape) != tuple(tokens.shape[:2]):
-        raise ValueError(f"{modality} mask has shape {tuple(mask.shape)}, expected {tuple(tokens.shape[:2])}")
-
-
 def _check_real_tokens(modality: str, mask: torch.Tensor | None) -> None:
     if mask is None:
         return
@@ -210,11 +198,11 @@ class TokenRelativeAligner(AlignerMethod):
         return relative_representation(mean_unit_token, F.normalize(anchors.float(), dim=-1), normalize=False)
 
     def embed_image(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_tokens("vision", features, mask)
+        check_token_input("token_relative", "vision", features, mask)
         return self.profiles(features, mask, "vision")
 
     def embed_text(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        _check_tokens("text", features, mask)
+        check_token_input("token_relative", "text", features, mask)
         return self.profiles(features, mask, "text")
 
     def embed_patches(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -238,7 +226,7 @@ class TokenRelativeAligner(AlignerMethod):
         5k-caption gallery against 257-token images never materialises at once.
         """
         for modality, tokens, mask in (("vision", vision_tokens, vision_mask), ("text", text_tokens, text_mask)):
-            _check_tokens(modality, tokens, mask)
+            check_token_input("token_relative", modality, tokens, mask)
             _check_real_tokens(modality, mask)
         n_images, n_patches = vision_tokens.shape[:2]
         n_texts, n_words = text_tokens.shape[:2]
