@@ -19,7 +19,6 @@ never part of a checkpoint (unlike `accelerator.save_state`, which would copy th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
+from .file_integrity import file_record, fsync_path
 from .safe_loading import ArtefactError
 
 logger = logging.get_logger(__name__)
@@ -117,7 +117,7 @@ def checkpoint_damage(path: str) -> list[str]:
             damaged.append(f"{file}: not a regular file")
         elif record is not None and info.st_size != record["size"]:
             damaged.append(f"{file}: {info.st_size} bytes, {record['size']} when written")
-        elif record is not None and _sha256(file) != record["sha256"]:
+        elif record is not None and file_record(file)["sha256"] != record["sha256"]:
             damaged.append(f"{file}: its SHA-256 differs from the one recorded when it was written")
     return damaged
 
@@ -177,14 +177,14 @@ def save_checkpoint(args, accelerator, model, optimizer, scheduler, state, best_
         json.dump({**state, MANIFEST_KEY: {"serial": serial, "files": files}}, handle)  # last: marks it complete
         handle.flush()
         os.fsync(handle.fileno())
-    _fsync_folder(tmp)  # the folder's entries are on disk before the rename publishes it
+    fsync_path(tmp)  # the folder's entries are on disk before the rename publishes it
     old = None
     if os.path.lexists(final):  # this step's checkpoint of an earlier run: moved aside, deleted once replaced
         old = final + ".old.tmp"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_folder(output_dir)
+    fsync_path(output_dir)
     if old is not None:
         shutil.rmtree(old)
     # `final` has the highest serial, so it is first: the limit (>= 1) never reaches it.
@@ -330,25 +330,5 @@ def _latest(output_dir: str | None) -> tuple[str | None, list[str]]:
 
 def _synced_record(path: str) -> dict:
     """Size and SHA-256 of the file just written at `path`, after fsyncing its data to disk."""
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-    return {"size": os.path.getsize(path), "sha256": _sha256(path)}
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_folder(path: str) -> None:
-    """Make a folder's entries (new files, a rename) durable; Windows cannot open a folder for this."""
-    if os.name != "posix":
-        return
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_path(path)
+    return file_record(path)

@@ -35,6 +35,7 @@ import datasets
 from datasets.arrow_writer import ArrowWriter
 from transformers.utils import logging
 
+from ..file_integrity import file_record, fsync_path
 from ..safe_loading import ArtefactError
 from ..safe_loading import resolve_inside as _resolve_inside
 from ..version import __version__
@@ -178,7 +179,7 @@ def _finish_cache(tmp: str, target: str, parts: dict, n_rows: int, skipped: list
         "parts": parts,
         "num_rows": n_rows,
         "complete": True,
-        "data_file": _file_record(os.path.join(tmp, DATA_FILE)),
+        "data_file": file_record(os.path.join(tmp, DATA_FILE)),
         "skipped": skipped,
     }
     with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as handle:
@@ -213,23 +214,6 @@ def _shard_file(index: int) -> str:
     return f"{SHARD_FOLDER}/{SHARD_PREFIX}{index:05d}.arrow"
 
 
-def _fsync(path: str) -> None:
-    """Flush a file's (or a folder's: its entries, i.e. renames) writes to disk."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open a folder; the files in it were synced
-        if os.path.isdir(path):
-            return
-        raise
-    try:
-        os.fsync(descriptor)
-    except OSError:  # some file systems refuse fsync on a folder
-        if not os.path.isdir(path):
-            raise
-    finally:
-        os.close(descriptor)
-
-
 def _write_json_atomic(path: str, value) -> None:
     """Write `value` as JSON under a temporary name, fsync it, rename it to `path` and fsync the folder: a reader
     finds the old file, or the whole new one."""
@@ -239,7 +223,7 @@ def _write_json_atomic(path: str, value) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync(os.path.dirname(path))
+    fsync_path(os.path.dirname(path))
 
 
 def _write_sharded_meta(folder: str, parts: dict, shards: list[dict]) -> None:
@@ -387,7 +371,7 @@ def _checked_size(path: str, name: str, full: str, written: int) -> int:
 
 
 def _check_sha256(path: str, name: str, full: str, written: str) -> None:
-    digest = _file_record(full)["sha256"]
+    digest = file_record(full)["sha256"]
     if digest != written:
         raise FeatureCacheError(
             f"feature cache {path!r} is damaged: {name} has SHA-256 {digest}, {written} was written (modified after "
@@ -518,15 +502,6 @@ def _differences(prefix: str, recorded, expected) -> list[str]:
 def _short(value, limit: int = 200) -> str:
     text = json.dumps(value, default=str, ensure_ascii=False)  # taps read `hidden_states[2] · mean`, not `\u00b7`
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _file_record(path: str) -> dict:
-    """Size and SHA-256 of a file, read in 8 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(8 * 2**20), b""):
-            digest.update(chunk)
-    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
 # ---------------------------------------------------------------------------------------------- stale partial caches

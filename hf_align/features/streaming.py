@@ -51,6 +51,7 @@ from datasets.arrow_writer import ArrowWriter
 from transformers.utils import logging
 
 from ..distributed import on_every_process, on_main
+from ..file_integrity import file_record, fsync_path
 from .decode import _prepare_batch
 from .encode import BadSampleError, _collect, _default_num_workers, _launched_ahead
 from .store import (
@@ -61,8 +62,6 @@ from .store import (
     FeatureCacheError,
     _checked_records,
     _differences,
-    _file_record,
-    _fsync,
     _inside,
     _reuse_or_clear,
     _shard_file,
@@ -266,7 +265,7 @@ def _shard_problem(partial: str, record: dict) -> str | None:
     path = os.path.join(partial, record["file"])
     if not os.path.isfile(path):
         return f"{record['file']} is missing"
-    found = _file_record(path)
+    found = file_record(path)
     if found["size"] != record["size"]:
         return f"{record['file']} is {found['size']} bytes, {record['size']} were written"
     if found["sha256"] != record["sha256"]:
@@ -360,15 +359,15 @@ class _ShardWriter:
             self.writer.finalize()
         finally:
             self.writer.close()
-        _fsync(f"{self.path}.tmp")
+        fsync_path(f"{self.path}.tmp")
         os.replace(f"{self.path}.tmp", self.path)
-        _fsync(os.path.dirname(self.path))
+        fsync_path(os.path.dirname(self.path))
         record = {
             "file": self.file,
             "source_shard": self.index,
             "num_rows": self.rows,
             "num_source_rows": self.source_rows,
-            **_file_record(self.path),
+            **file_record(self.path),
             "skipped": self.skipped,
         }
         _write_json_atomic(os.path.join(self.partial, _PROGRESS, f"{SHARD_PREFIX}{self.index:05d}.json"), record)
@@ -399,7 +398,7 @@ def _finish(partial: str, target: str, parts: dict, n_shards: int) -> None:
 
 def _rename(partial: str, target: str) -> None:
     os.replace(partial, target)
-    _fsync(os.path.dirname(target))
+    fsync_path(os.path.dirname(target))
 
 
 def _clear(partial: str) -> None:
