@@ -747,9 +747,11 @@ class AlignerModel(PreTrainedModel):
             raise
         check_loading_info(pretrained_model_name_or_path, info)
         model.logit_scale.requires_grad_(model.config.learnable_temperature)
-        if not load_encoders:
-            return (model, info) if return_info else model
         config = model.config
+        # An aligner built with `from_feature_dims` records no encoders: it loads as what it was saved as.
+        aligner_only = config.vision_encoder is None and config.text_encoder is None and not config.bundled_encoders
+        if not load_encoders or (aligner_only and vision_model is None and text_model is None):
+            return (model, info) if return_info else model
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         revision = kwargs.get("revision")
         encoders = {}
@@ -764,6 +766,11 @@ class AlignerModel(PreTrainedModel):
                 )
             else:
                 name, encoder_revision = getattr(config, f"{modality}_encoder"), getattr(config, f"{modality}_revision")
+                if name is None:
+                    raise ValueError(
+                        f"the aligner at {pretrained_model_name_or_path!r} records no {modality}_encoder: pass "
+                        f"{modality}_model=, or load_encoders=False for the aligner alone"
+                    )
                 encoders[modality] = load_encoder(modality, name, encoder_revision, dtype, source=source)
         model.attach_encoders(encoders["vision"].to(model.device), encoders["text"].to(model.device))
         lora.load_encoder_lora(model, pretrained_model_name_or_path, revision=revision)

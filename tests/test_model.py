@@ -157,6 +157,24 @@ def test_learnable_temperature_is_clamped_and_saved(tmp_path):
     assert reloaded.logit_scale.item() == 10.0 and reloaded.logit_scale.requires_grad
 
 
+def test_an_aligner_only_model_reloads_without_load_encoders_false(tmp_path):
+    torch.manual_seed(0)
+    model = AlignerModel.from_feature_dims(6, 5, projection_dim=4)
+    model.save_pretrained(tmp_path)
+    for reloaded in (AlignerModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert not reloaded.has_encoders
+        features = torch.randn(3, 6)
+        torch.testing.assert_close(reloaded.aligner.embed_image(features), model.aligner.embed_image(features))
+
+
+def test_an_aligner_recording_one_encoder_only_names_the_missing_one(tmp_path, tiny_vit):
+    model = AlignerModel.from_feature_dims(6, 5, projection_dim=4)
+    model.config.vision_encoder = tiny_vit
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"records no text_encoder: pass text_model=, or load_encoders=False"):
+        AlignerModel.from_pretrained(tmp_path)
+
+
 def test_each_configuration_check_runs_once_per_model(tiny_vit, tiny_bert, tmp_path, monkeypatch):
     calls = collections.Counter()
 
