@@ -10,7 +10,7 @@ settings for the preprocessing families the library's encoders use:
 * ViT: resize to 224 x 224 (bilinear), mean/std 0.5 (`google/vit-*`);
 * DINOv2: shorter side to 256 (bicubic), center crop 224, ImageNet mean/std (`BitImageProcessor`, `facebook/dinov2-*`);
 * CLIP: shorter side to 224 (bicubic), center crop 224, CLIP mean/std (`openai/clip-*`; timm models too, through
-  `hf_align.processing.timm_image_processor`);
+  `hf_align.model.processing.timm_image_processor`);
 * ConvNeXt: shorter side to 256 = 224 / 0.875 (bicubic), center crop 224, ImageNet mean/std (`facebook/convnext-*`);
 * EfficientNet: resize to 224 x 224 (bicubic), mean/std 0.5, no crop (the library's EfficientNet-Lite0).
 

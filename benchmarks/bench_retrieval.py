@@ -19,7 +19,12 @@ import torch.nn.functional as F
 from _common import PeakMemory, machine, pick_device, print_table, synchronize, timed, write_results
 
 from hf_align.evaluation import retrieval_metrics
-from hf_align.retrieval import DEFAULT_CHUNK_SIZE, DEFAULT_QUERY_CHUNK_SIZE, chunked_retrieval_metrics, topk_similarity
+from hf_align.functional.retrieval import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_QUERY_CHUNK_SIZE,
+    chunked_retrieval_metrics,
+    topk_similarity,
+)
 
 
 def unit(n: int, dim: int, seed: int, device, dtype) -> torch.Tensor:

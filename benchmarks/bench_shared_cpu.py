@@ -1,6 +1,6 @@
 """A shared CPU: `train()` step times and `extract_features` images/s, quiet and beside a busy neighbour, under torch's
-own thread count (``HF_ALIGN_NUM_THREADS=torch``, the behaviour before `hf_align.cpu_threads`) and under hf_align's
-``auto`` policy.
+own thread count (``HF_ALIGN_NUM_THREADS=torch``, the behaviour before `hf_align.utils.cpu_threads`) and under
+hf_align's ``auto`` policy.
 
     python benchmarks/bench_shared_cpu.py                       # linear, linear + STRUCTURE, token_relative, extraction
     python benchmarks/bench_shared_cpu.py --neighbour torch     # beside a two-thread torch job instead of a busy loop
@@ -31,9 +31,9 @@ from _common import machine, print_table, write_results
 from bench_training import step_time
 
 from hf_align import AlignerModel
-from hf_align.cpu_threads import ENV_VAR
 from hf_align.features import extract_features, features_from_tensors
 from hf_align.testing import make_paired_task
+from hf_align.utils.cpu_threads import ENV_VAR
 
 POLICIES = ("torch", "auto")
 NEIGHBOURS = {

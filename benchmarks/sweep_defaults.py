@@ -35,10 +35,11 @@ import torch
 from _common import machine, print_table, write_results
 
 from hf_align import AlignerModel, AlignmentArguments, train
-from hf_align.evaluation import embed_feature_cache, zero_shot_metrics
+from hf_align.evaluation import zero_shot_metrics
+from hf_align.evaluation.zero_shot_retrieval import embed_feature_cache
 from hf_align.experiments.quickstart import CAPTION_TEMPLATES
 from hf_align.features import extract_features, open_feature_cache
-from hf_align.retrieval import chunked_retrieval_metrics
+from hf_align.functional.retrieval import chunked_retrieval_metrics
 from hf_align.testing import DIGIT_NAMES, digits_dataset, efficientnet_lite0_path, make_paired_task, minilm_path
 
 # name -> (registry method, from_feature_dims kwargs: STRUCTURE with the library's own settings); the recipe's own

@@ -1,4 +1,4 @@
-"""hf_align.analysis: modality gap, Gaussian / sample W2 (checked against POT), alignment and uniformity."""
+"""hf_align.functional.geometry: modality gap, Gaussian / sample W2 (checked against POT), alignment and uniformity."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_align.analysis import alignment_uniformity, gaussian_w2, modality_gap, sample_w2
+from hf_align.functional.geometry import alignment_uniformity, gaussian_w2, modality_gap, sample_w2
 
 
 def _rng(seed=0):
@@ -144,7 +144,7 @@ def test_alignment_uniformity_needs_matched_pairs():
 
 # ---------------------------------------------------------------------------------------------- report and CLI
 def test_geometry_report_and_pair_similarities():
-    from hf_align.analysis import geometry_report, pair_similarities
+    from hf_align.functional.geometry import geometry_report, pair_similarities
 
     x = _rng(10).normal(size=(60, 4))
     matched, shuffled = pair_similarities(x, x)
@@ -163,7 +163,7 @@ def test_analyze_command_before_and_after(tmp_path):
     import json
 
     from hf_align import AlignerModel
-    from hf_align.cli import main
+    from hf_align.commands.cli import main
     from hf_align.features import features_from_tensors
     from hf_align.testing import make_paired_task
 

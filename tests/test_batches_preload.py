@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from hf_align import AlignerModel, batches
-from hf_align.batches import BatchSource
+from hf_align import AlignerModel
 from hf_align.features import features_for, features_from_tensors
 from hf_align.testing import make_paired_task
+from hf_align.training import batches
+from hf_align.training.batches import BatchSource
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`hf-align benchmark` / `hf_align.benchmark`: suites of zero-shot and retrieval datasets from local folders, class
+"""`hf-align benchmark` / `hf_align.evaluation.benchmark`: suites of zero-shot and retrieval datasets from local folders, class
 names and templates from clip_benchmark's tables, the results on the card, the table and the plot."""
 
 import csv
@@ -16,7 +16,8 @@ from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 
 from hf_align import AlignerModel, evaluate_retrieval, evaluate_zero_shot
-from hf_align.benchmark import (
+from hf_align.commands.cli import main
+from hf_align.evaluation.benchmark import (
     BenchmarkDataset,
     class_names_and_templates,
     clip_benchmark_table,
@@ -26,9 +27,8 @@ from hf_align.benchmark import (
     standard_class_names,
     standard_templates,
 )
-from hf_align.cli import main
-from hf_align.configuration import TASK_RETRIEVAL, TASK_ZERO_SHOT
-from hf_align.templates import DEFAULT_TEMPLATES
+from hf_align.model.configuration import TASK_RETRIEVAL, TASK_ZERO_SHOT
+from hf_align.model.templates import DEFAULT_TEMPLATES
 from hf_align.testing import DIGIT_NAMES, digits_dataset
 
 FILES = (("csv", "csv"), ("json", "json"), ("plot", "png"))

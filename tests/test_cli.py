@@ -5,9 +5,9 @@ import json
 import pytest
 
 from hf_align import AlignerModel
-from hf_align.arguments import DataArguments, ModelArguments, parse_layer
-from hf_align.cli import main, parse_command_args
 from hf_align.commands import COMMANDS
+from hf_align.commands.arguments import DataArguments, ModelArguments, parse_layer
+from hf_align.commands.cli import main, parse_command_args
 from hf_align.evaluation import evaluate_zero_shot
 from hf_align.experiments.quickstart import CAPTION_TEMPLATES, QuickstartArguments, run_quickstart
 from hf_align.testing import DIGIT_NAMES, digits_dataset, save_tiny_vision_encoder

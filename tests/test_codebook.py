@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 import hf_align
 from hf_align import METHODS, AlignerModel
 from hf_align.evaluation import retrieval_metrics
+from hf_align.functional.ot import sinkhorn
 from hf_align.methods.codebook import CodebookAligner, auto_queue_length, kmeans, swapped_prediction_loss
-from hf_align.ot import sinkhorn
 from hf_align.testing import make_paired_task
 from hf_align.training import AlignmentArguments
 
@@ -289,7 +289,7 @@ def test_no_reseeding_when_disabled(task):
 
 def test_trainer_callback_runs_the_ema(task):
     # transformers.Trainer users get after_optimizer_step from the library's callback.
-    from hf_align.trainer_callback import CardDataCallback
+    from hf_align.integrations.trainer import CardDataCallback
 
     model = codebook_model(momentum=0.5)
     model(vision_features=batch(task)[0], text_features=batch(task)[1], return_loss=True)

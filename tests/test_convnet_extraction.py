@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_align import AlignerModel
-from hf_align.encoders import read_tap
+from hf_align.encoders.loading import read_tap
 from hf_align.features import extract_features, features_for
 from hf_align.features.encode import channels_last_convnet
 from hf_align.testing import digits_dataset, efficientnet_lite0_path, minilm_path

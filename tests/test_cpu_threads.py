@@ -1,4 +1,4 @@
-"""The CPU thread policy of `hf_align.cpu_threads`: the count follows the other processes' load, is restored after
+"""The CPU thread policy of `hf_align.utils.cpu_threads`: the count follows the other processes' load, is restored after
 the call, and can be fixed or switched off through HF_ALIGN_NUM_THREADS."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_align import cpu_threads as policy
-from hf_align.cpu_threads import ENV_VAR, cpu_threads, threads_for
+from hf_align.utils import cpu_threads as policy
+from hf_align.utils.cpu_threads import ENV_VAR, cpu_threads, threads_for
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_threads_for(busy, ceiling, cores, expected):
 
 def test_busy_neighbour_lowers_the_count_and_the_call_restores_it(two_torch_threads, monkeypatch, caplog):
     fake_load(monkeypatch, 1.0, 0.0)
-    with caplog.at_level(logging.INFO, logger="hf_align.cpu_threads"):
+    with caplog.at_level(logging.INFO, logger="hf_align.utils.cpu_threads"):
         with cpu_threads() as governor:
             assert torch.get_num_threads() == 1
             governor._next_check = 0.0  # the neighbour leaves; the next step looks again

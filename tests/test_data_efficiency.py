@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_align
-from hf_align.cli import main
+from hf_align.commands.cli import main
 from hf_align.experiments import data_efficiency
 from hf_align.experiments.data_efficiency import DataEfficiencyResult, Variant, default_variants, run_data_efficiency
 from hf_align.features import features_from_tensors

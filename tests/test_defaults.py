@@ -11,14 +11,14 @@ import torch
 
 import hf_align
 from hf_align import AlignerModel, AlignmentArguments, train
-from hf_align.arguments import DataArguments, ModelArguments
-from hf_align.cli import parse_command_args
+from hf_align.commands.arguments import DataArguments, ModelArguments
+from hf_align.commands.cli import parse_command_args
 from hf_align.features import extract_features, features_for, features_from_tensors
-from hf_align.layer_selection import resolve_auto_layers
 from hf_align.methods.asif import MAX_AUTO_ANCHORS
 from hf_align.regularizers.structure import FALLBACK_WARMUP_STEPS, StructureConfig, StructureRegularizer
 from hf_align.testing import digits_dataset, make_paired_task, save_tiny_vision_encoder
-from hf_align.training_args import auto_batch_size, plan_training
+from hf_align.training.arguments import auto_batch_size, plan_training
+from hf_align.training.layer_selection import resolve_auto_layers
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -94,11 +94,11 @@ def small_cache():
 
 def test_a_default_run_logs_its_plan_and_sums_itself_up(small_cache, caplog):
     model = AlignerModel.from_feature_dims(64, 48, projection_dim=16)
-    with caplog.at_level(logging.WARNING, logger="hf_align.training"):
+    with caplog.at_level(logging.WARNING, logger="hf_align.training.loop"):
         result = train(model, small_cache, AlignmentArguments(mixed_precision="no"))
     # 200 pairs: 20 validation images, 180 training rows -> 180 / 4 = 45 -> batch 32, ⌈180/32⌉ = 6 steps an epoch,
     # 100 epochs = 600 steps, evaluated every 600 / 20 = 30 steps
-    lines = [r.getMessage() for r in caplog.records if r.name == "hf_align.training"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "hf_align.training.loop"]
     assert lines[0] == (
         "training 600 steps (100 epochs of 6 steps) at batch 32 on 180 rows (automatic: batch, length, early "
         "stopping); best weights by eval_rsum on 20 validation rows, evaluated every 30 steps, early stopping on "
@@ -301,7 +301,7 @@ def test_defaults_on_a_small_real_cache_reach_the_swept_floor(tmp_path):
 def test_aligner_trainer_announces_the_run_length_to_structure(tmp_path):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from hf_align.trainer_callback import CardDataCallback
+    from hf_align.integrations.trainer import CardDataCallback
 
     model = AlignerModel.from_feature_dims(64, 48, structure_weight=10.0)
     state = TrainerState(max_steps=300, global_step=0)
@@ -313,7 +313,7 @@ def test_aligner_trainer_announces_the_run_length_to_structure(tmp_path):
 
 
 def test_the_cli_names_the_pooled_embedding_among_candidate_layers():
-    from hf_align.arguments import parse_layer_list
+    from hf_align.commands.arguments import parse_layer_list
 
     assert parse_layer_list("vision_layers", "13, pooler_output") == [13, "pooler_output"]
     with pytest.raises(ValueError, match=r"vision_layers must be 'all' or comma-separated ints and pooled embeddings"):

@@ -47,9 +47,9 @@ def _run(workdir: str) -> None:
     from safetensors.torch import save_file
 
     from hf_align import AlignerModel, AlignmentArguments, train
-    from hf_align.distributed import process_state
     from hf_align.features import BadSampleError, FeatureCacheError, extract_features
     from hf_align.testing import make_paired_task
+    from hf_align.utils.distributed import process_state
 
     state = process_state()
     world, rank = state.num_processes, state.process_index

@@ -10,8 +10,9 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from transformers import AutoImageProcessor
 
-from hf_align.encoders import load_encoder, probe_vision, vision_taps
-from hf_align.taps import Tap, resolve_tap
+from hf_align.encoders import load_encoder, probe_vision
+from hf_align.encoders.loading import vision_taps
+from hf_align.encoders.taps import Tap, resolve_tap
 from hf_align.testing import EFFICIENTNET_LITE0_FILES, efficientnet_lite0_path, efficientnet_lite0_state_dict
 
 DAISY, PALACE, BELL_COTE = 985, 698, 442  # ImageNet class indices

@@ -11,18 +11,11 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel, Qwen2Config, SiglipTextModel, T5Model
 
-from hf_align.encoders import (
-    EncoderLoadError,
-    load_encoder,
-    probe_text,
-    probe_vision,
-    run_text_encoder,
-    text_taps,
-    vision_taps,
-)
-from hf_align.poolings import as_token_sequence
-from hf_align.processing import prepare_tokenizer
-from hf_align.taps import Tap, resolve_tap, tap_width
+from hf_align.encoders import EncoderLoadError, load_encoder, probe_text, probe_vision
+from hf_align.encoders.loading import run_text_encoder, text_taps, vision_taps
+from hf_align.encoders.poolings import as_token_sequence
+from hf_align.encoders.taps import Tap, resolve_tap, tap_width
+from hf_align.model.processing import prepare_tokenizer
 from hf_align.testing import save_tiny_text_encoder, save_tiny_vision_encoder
 
 OWN_POOLER = Tap(-1, "pooler_output", "none")

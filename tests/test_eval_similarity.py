@@ -16,18 +16,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import hf_align.metrics
-from hf_align import AlignerModel, evaluate_retrieval, evaluate_segmentation, evaluate_zero_shot, zero_shot_metrics
-from hf_align.cli import main
+import hf_align.evaluation.metrics
+from hf_align import AlignerModel, evaluate_retrieval, evaluate_segmentation, evaluate_zero_shot
+from hf_align.commands.cli import main
+from hf_align.evaluation import zero_shot_metrics
+from hf_align.evaluation.segmentation import class_profiles, confusion_matrix, segment_tokens, segmentation_metrics
 from hf_align.experiments.compare import evaluate_run
 from hf_align.features import features_from_tensors
-from hf_align.open_clip_compat import AlignerImageTransform
-from hf_align.processing import ImageSizeError
-from hf_align.relative_representations import relative_representation
-from hf_align.retrieval import chunked_retrieval_metrics, topk_similarity
-from hf_align.segmentation import class_profiles, confusion_matrix, segment_tokens, segmentation_metrics
+from hf_align.functional.relative_representations import relative_representation
+from hf_align.functional.retrieval import chunked_retrieval_metrics, topk_similarity
+from hf_align.integrations.open_clip import AlignerImageTransform
+from hf_align.model.processing import ImageSizeError
+from hf_align.model.templates import class_prototypes
 from hf_align.similarity import SIMILARITIES
-from hf_align.templates import class_prototypes
 from hf_align.testing import DIGIT_NAMES, digits_dataset
 
 HEADS = [name for name in sorted(SIMILARITIES) if name != "cosine"]
@@ -105,7 +106,7 @@ def test_zero_shot_on_a_feature_cache_equals_the_models_logits_and_the_metric_mo
     logits = prompt_logits(model, {"vision_features": vision})
     assert result["top1"] == pytest.approx(top1(logits, labels))
     # the `evaluate` module fed the model's logits gives the evaluation's figures
-    module = hf_align.metrics.load("zero_shot_accuracy").compute(
+    module = hf_align.evaluation.metrics.load("zero_shot_accuracy").compute(
         predictions=logits.tolist(), references=labels.tolist(), ks=[1, 5]
     )
     assert module == pytest.approx(dict(result))
@@ -165,7 +166,7 @@ def test_retrieval_in_memory_and_chunked_equals_the_models_logits(head):
     assert (result["image_to_text_R@1"], result["text_to_image_R@1"]) == pytest.approx((i2t, t2i))
     # the `evaluate` module on the model's logits gives the same figures
     references = [torch.nonzero(owner == i).flatten().tolist() for i in range(48)]
-    module = hf_align.metrics.load("retrieval_recall").compute(
+    module = hf_align.evaluation.metrics.load("retrieval_recall").compute(
         predictions=output.logits_per_image.tolist(), references=references, ks=[1, 5, 10]
     )
     assert module == pytest.approx(dict(result))

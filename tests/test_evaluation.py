@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-import hf_align.evaluation
-from hf_align import AlignerModel, evaluate_retrieval, evaluate_zero_shot, retrieval_metrics, zero_shot_metrics
-from hf_align.configuration import TASK_RETRIEVAL, TASK_ZERO_SHOT
-from hf_align.evaluation import EvaluationResult
+from hf_align import AlignerModel, evaluate_retrieval, evaluate_zero_shot
+from hf_align.evaluation import EvaluationResult, retrieval_metrics, zero_shot_metrics
 from hf_align.features import features_from_tensors
-from hf_align.templates import class_prototypes, embed_texts
+from hf_align.model.configuration import TASK_RETRIEVAL, TASK_ZERO_SHOT
+from hf_align.model.templates import class_prototypes, embed_texts
 from hf_align.testing import DIGIT_NAMES, digits_dataset
 
 
@@ -93,7 +92,6 @@ def test_zero_shot_on_raw_images_and_class_name_checks(tiny_vit, minilm):
     expected = torch.nn.functional.normalize(prompts.view(3, 2, -1).mean(1), dim=-1)
     torch.testing.assert_close(prototypes, expected)
     torch.testing.assert_close(prototypes.norm(dim=-1), torch.ones(3))
-    assert hf_align.evaluation.class_prototypes is class_prototypes  # still importable from its old module
     with pytest.raises(ValueError, match="class_names is empty"):
         class_prototypes(model, model.processor, [], None)
     with pytest.raises(ValueError, match=r"class_names has duplicates \['one'\]"):

@@ -18,7 +18,7 @@ from PIL import Image
 
 import hf_align
 from hf_align import AlignerModel
-from hf_align.cli import main as cli_main
+from hf_align.commands.cli import main as cli_main
 from hf_align.features import (
     DATA_FILE,
     META_FILE,

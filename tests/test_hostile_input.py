@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from hf_align import AlignerModel
-from hf_align.evaluation import class_prototypes, retrieval_metrics, zero_shot_metrics
+from hf_align.evaluation import retrieval_metrics, zero_shot_metrics
 from hf_align.features import BadSampleError, extract_features, skipped_samples
+from hf_align.model.templates import class_prototypes
 
 IMAGE_FEATURES = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
 GRAY = (128, 128, 128)

@@ -8,9 +8,9 @@ import os
 import pytest
 
 import hf_align
-from hf_align.arguments import parse_layer
-from hf_align.cli import parse_command_args
 from hf_align.commands import COMMANDS
+from hf_align.commands.arguments import parse_layer
+from hf_align.commands.cli import parse_command_args
 
 HERE = os.path.dirname(__file__)
 RECIPES = sorted(glob.glob(os.path.join(HERE, os.pardir, "hub_configs", "*.yaml")))

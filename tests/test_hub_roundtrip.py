@@ -30,8 +30,8 @@ from huggingface_hub import ModelCard, snapshot_download
 from safetensors.torch import load as load_safetensors
 
 import hf_align
-from hf_align.cli import main as cli_main
-from hf_align.hub import upload_aligner, uploaded_files
+from hf_align.commands.cli import main as cli_main
+from hf_align.model.hub import upload_aligner, uploaded_files
 from hf_align.testing import digits_dataset, save_tiny_text_encoder, save_tiny_vision_encoder
 
 PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.json"}  # transformers 5 layout

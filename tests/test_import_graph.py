@@ -29,10 +29,30 @@ PACKAGE = "hf_align"
 MAX_LINES = 600
 # Modules allowed past MAX_LINES, each with the reason it cannot be split.
 LINE_LIMIT_EXCEPTIONS: dict[str, str] = {
-    # One job: the AlignerModel class (construction checks live in aligner_parts, loading safety in safe_loading,
-    # the card in modelcard, upload in hub); what remains are its transformers-facing methods.
-    "hf_align.modeling": "a single class, the PreTrainedModel itself",
+    # One job: the AlignerModel class (construction checks live in aligner_parts, loading safety in
+    # utils.safe_loading, the card in card, upload in hub); what remains are its transformers-facing methods.
+    "hf_align.model.modeling": "a single class, the PreTrainedModel itself",
 }
+# The layers, bottom to top: a module may import from its own folder and from the folders before it, never after.
+# Top-level modules count as layers of their own: `version` below everything, `testing` (the fixtures, imported only
+# by experiments) above; the package `__init__` (the public API) sits above them all.
+LAYERS: tuple[str, ...] = (
+    "version",
+    "utils",
+    "functional",
+    "regularizers",
+    "similarity",
+    "methods",
+    "encoders",
+    "model",
+    "features",
+    "training",
+    "evaluation",
+    "integrations",
+    "experiments",
+    "commands",
+    "testing",
+)
 # Who may import the test fixtures (`hf_align.testing`): the fixtures themselves and the experiments, which run on
 # the synthetic task and the bundled digits. The library proper never does.
 TESTING = f"{PACKAGE}.testing"
@@ -376,6 +396,103 @@ def test_library_never_imports_the_test_fixtures(graph):
         if e.target == TESTING and not any(e.source == m or e.source.startswith(m + ".") for m in MAY_IMPORT_TESTING)
     ]
     assert not offending, f"only {MAY_IMPORT_TESTING} may import {TESTING}:\n" + "\n".join(offending)
+
+
+def layer_of(module: str) -> int:
+    """The index in `LAYERS` of the folder (or top-level module) `module` lives in; the package itself is above all."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return len(LAYERS)
+    if parts[1] not in LAYERS:
+        raise AssertionError(f"{module} lies in {parts[1]!r}, which is no layer of LAYERS: add it where it belongs")
+    return LAYERS.index(parts[1])
+
+
+def _may_import_testing(edge: Edge) -> bool:
+    # the one exception to the order, checked on its own by test_library_never_imports_the_test_fixtures
+    return edge.target == TESTING and any(edge.source.startswith(m) for m in MAY_IMPORT_TESTING)
+
+
+def test_imports_run_down_the_folders(graph):
+    modules, edges, _ = graph
+    upward = [
+        f"{e.describe()}: {LAYERS[layer_of(e.source)]} may not import {LAYERS[layer_of(e.target)]}"
+        for e in edges
+        if e.source != PACKAGE and layer_of(e.target) > layer_of(e.source) and not _may_import_testing(e)
+    ]
+    assert not upward, (
+        "imports up the layers (folders, bottom to top: " + " < ".join(LAYERS) + "):\n" + "\n".join(upward)
+    )
+    assert {layer_of(m) for m in modules}  # every module is in a layer (layer_of raises otherwise)
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path):
+    modules = _write_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "utils/__init__.py": "",
+            "utils/checks.py": "from ..model import card\n",
+            "model/__init__.py": "",
+            "model/card.py": "from ..utils.checks import x\n",
+        },
+    )
+    edges, _ = import_edges(modules)
+    assert [(e.source, e.target) for e in edges if layer_of(e.target) > layer_of(e.source)] == [
+        ("hf_align.utils.checks", "hf_align.model.card")
+    ]
+
+
+def private_imports(module: str, path: Path, modules: dict[str, Path]) -> list[str]:
+    """`from <another module of the package> import _name` statements in `module`: an underscore name stays in
+    the module that defines it; what is shared gets a public name there."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        target = _resolve_relative(module, node.level, node.module, modules) if node.level else node.module or ""
+        if not _internal(target) or target == module:
+            continue
+        for alias in node.names:
+            if alias.name.startswith("_") and not alias.name.startswith("__"):
+                found.append(f"{module} line {node.lineno}: imports {alias.name} from {target}")
+    return found
+
+
+def test_no_private_name_crosses_a_module_boundary(graph):
+    modules, _, _ = graph
+    crossing = [line for name, path in modules.items() for line in private_imports(name, path, modules)]
+    assert not crossing, "underscore names imported from another module (give them a public name):\n" + "\n".join(
+        crossing
+    )
+
+
+def test_the_private_import_check_catches_one(tmp_path):
+    modules = _write_package(
+        tmp_path,
+        {"__init__.py": "", "a.py": "_x = 1\n", "b.py": "from .a import _x\nfrom .a import __doc__\n"},
+    )
+    assert private_imports("hf_align.b", modules["hf_align.b"], modules) == [
+        "hf_align.b line 1: imports _x from hf_align.a"
+    ]
+
+
+def test_library_code_never_names_a_deprecated_path(graph):
+    from hf_align.utils.deprecation import MOVED_MODULES, MOVED_NAMES
+
+    modules, _, _ = graph
+    offending = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                target = _resolve_relative(module, node.level, node.module, modules) if node.level else node.module
+                names = [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            offending += [f"{module} line {node.lineno}: {n}" for n in names if n in MOVED_MODULES or n in MOVED_NAMES]
+    assert not offending, "library code using deprecated paths:\n" + "\n".join(offending)
 
 
 def test_no_module_is_longer_than_the_limit(graph):

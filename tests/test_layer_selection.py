@@ -8,10 +8,10 @@ import torch
 
 import hf_align
 from hf_align import AlignerModel
-from hf_align.cli import main
+from hf_align.commands.cli import main
 from hf_align.features import features_from_tensors
-from hf_align.layer_selection import LayerSelectionReport, resolve_auto_layers
 from hf_align.testing import make_paired_task
+from hf_align.training.layer_selection import LayerSelectionReport, resolve_auto_layers
 
 PLANTED = (2, 0)  # a non-last pair: vision hidden state 2 of 0..3, text hidden state 0 of 0..2
 
@@ -46,7 +46,7 @@ def test_scores_equal_the_pairwise_functions(cache):
     table = cache.select(rows).with_format("torch")[:]
     for i, v in enumerate([1, 2]):
         assert report.scores[i][0] == pytest.approx(
-            hf_align.cka(table[f"vision_layer_{v}"], table["text_layer_0"], normalize=True), rel=1e-9
+            hf_align.functional.cka(table[f"vision_layer_{v}"], table["text_layer_0"], normalize=True), rel=1e-9
         )
 
 
@@ -73,7 +73,7 @@ def test_cka_scores_row_normalised_features(metric):
     assert raw.normalize is False
     assert raw.scores[0][0] < 0.2  # measured 0.07 (cka) and 0.11 (unbiased): a few huge rows dominate
     assert raw.best_pair == (0, 1)  # raw rows let the noisy layer win
-    score = getattr(hf_align, metric)
+    score = getattr(hf_align.functional, metric)
     assert score(a, a * scales, normalize=True) == pytest.approx(1.0, abs=1e-9)
     assert score(a, a * scales) < 0.9
 
@@ -211,4 +211,4 @@ def test_other_bad_arguments(cache):
     with pytest.raises(ValueError, match="normalize must be True or False, got 'yes'"):
         hf_align.select_layers(cache, normalize="yes")
     with pytest.raises(ValueError, match="normalize must be True or False, got 1"):
-        hf_align.cka(torch.randn(5, 2), torch.randn(5, 3), normalize=1)
+        hf_align.functional.cka(torch.randn(5, 2), torch.randn(5, 3), normalize=1)

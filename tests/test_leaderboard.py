@@ -105,16 +105,16 @@ def test_zero_shot_is_skipped_without_a_label_column():
 
 
 def test_a_failing_run_is_recorded_and_the_others_go_on(small_cache, monkeypatch):
-    import hf_align.training
+    import hf_align.training.loop
 
-    real_train = hf_align.training.train
+    real_train = hf_align.training.loop.train
 
     def flaky_train(model, features, args):
         if model.config.similarity == "euclidean":
             raise FloatingPointError("non-finite training loss nan at step 3")
         return real_train(model, features, args)
 
-    monkeypatch.setattr(hf_align.training, "train", flaky_train)
+    monkeypatch.setattr(hf_align.training.loop, "train", flaky_train)
     result = compare(
         small_cache,
         methods=["linear"],
@@ -150,7 +150,7 @@ def test_split_keeps_the_captions_of_an_image_together():
 
 
 def test_compare_cli_on_the_synthetic_task(tmp_path, capsys):
-    from hf_align.cli import main
+    from hf_align.commands.cli import main
 
     code = main(
         [

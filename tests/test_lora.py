@@ -13,9 +13,14 @@ from sentence_transformers import SentenceTransformer, models
 from transformers import AutoModel, Trainer, TrainingArguments, pipeline
 
 from hf_align import AlignerModel
-from hf_align.lora import ImageTextCollator, base_encoder_state_dict, encoder_lora_parameters, resolve_lora_config
-from hf_align.sentence_pipeline import SentenceEncoder
-from hf_align.taps import Tap
+from hf_align.encoders.lora import (
+    ImageTextCollator,
+    base_encoder_state_dict,
+    encoder_lora_parameters,
+    resolve_lora_config,
+)
+from hf_align.encoders.sentence_pipeline import SentenceEncoder
+from hf_align.encoders.taps import Tap
 from hf_align.testing import digits_dataset
 
 BOTH = ["q_proj", "v_proj", "query", "value"]  # attention projections of the ViT and of BERT

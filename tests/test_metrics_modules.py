@@ -7,9 +7,10 @@ import torch
 from evaluate.loading import get_imports
 
 import hf_align
-import hf_align.metrics
-from hf_align.evaluation import embed_feature_cache, evaluate_retrieval, retrieval_metrics
-from hf_align.metrics.retrieval_recall.retrieval_recall import text_owners
+import hf_align.evaluation.metrics
+from hf_align.evaluation import evaluate_retrieval, retrieval_metrics
+from hf_align.evaluation.metrics.retrieval_recall.retrieval_recall import text_owners
+from hf_align.evaluation.zero_shot_retrieval import embed_feature_cache
 from hf_align.testing import make_paired_task
 
 # 3 images x 4 texts; image 0 has texts 0 and 3, image 1 text 1, image 2 text 2.
@@ -23,12 +24,12 @@ CAPTIONS_OF = [[0, 3], [1], [2]]
 
 @pytest.fixture(scope="module")
 def recall():
-    return hf_align.metrics.load("retrieval_recall")
+    return hf_align.evaluation.metrics.load("retrieval_recall")
 
 
 @pytest.fixture(scope="module")
 def accuracy():
-    return hf_align.metrics.load("zero_shot_accuracy")
+    return hf_align.evaluation.metrics.load("zero_shot_accuracy")
 
 
 def test_retrieval_recall_hand_checked(recall):
@@ -60,7 +61,7 @@ def test_zero_shot_accuracy_hand_checked(accuracy):
 
 
 def test_segmentation_miou_hand_checked():
-    miou = hf_align.metrics.load("segmentation_miou")
+    miou = hf_align.evaluation.metrics.load("segmentation_miou")
     # classes sky, road, car + a "background" prompt (3) that is predicted but never a reference class
     predictions = [[[0, 1, 1], [2, 3, 1]], [[1, 1]]]
     references = [[[0, 0, 1], [2, 2, 255]], [[1, 1]]]
@@ -79,7 +80,7 @@ def test_segmentation_miou_hand_checked():
 
 
 def test_segmentation_shapes_and_labels_checked():
-    miou = hf_align.metrics.load("segmentation_miou")
+    miou = hf_align.evaluation.metrics.load("segmentation_miou")
     with pytest.raises(
         ValueError, match=r"image 0: prediction of shape \(1, 2\) and reference of shape \(2, 1\) differ"
     ):
@@ -107,21 +108,21 @@ def test_module_numbers_equal_the_recorded_evaluation(recall):
 
 
 def test_shipped_modules_load_by_path_with_evaluate(tmp_path):
-    module = evaluate.load(hf_align.metrics.module_path("zero_shot_accuracy"), cache_dir=str(tmp_path))
+    module = evaluate.load(hf_align.evaluation.metrics.module_path("zero_shot_accuracy"), cache_dir=str(tmp_path))
     assert module.compute(predictions=[[0.2, 0.8]], references=[1], ks=[1])["top1"] == 100.0
 
 
-@pytest.mark.parametrize("name", hf_align.metrics.METRIC_NAMES)
+@pytest.mark.parametrize("name", hf_align.evaluation.metrics.METRIC_NAMES)
 def test_import_scanner_sees_one_library_per_import(name):
     # `import datasets, evaluate` on one line would be read as a single library "datasets," by evaluate's scanner.
-    imports = {(kind, library) for kind, library, _, _ in get_imports(hf_align.metrics.module_path(name))}
+    imports = {(kind, library) for kind, library, _, _ in get_imports(hf_align.evaluation.metrics.module_path(name))}
     assert {("library", "datasets"), ("library", "evaluate"), ("library", "hf_align")} <= imports
     assert all("," not in library for _, library in imports)
 
 
 def test_unknown_metric_name():
     with pytest.raises(ValueError, match=r"unknown hf_align metric 'accuracy'; shipped metrics: \['retrieval_recall'"):
-        hf_align.metrics.load("accuracy")
+        hf_align.evaluation.metrics.load("accuracy")
 
 
 @pytest.mark.parametrize(

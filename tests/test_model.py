@@ -13,12 +13,12 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForZeroShotImageClassification
 
 import hf_align
-import hf_align.aligner_parts
-import hf_align.registry
+import hf_align.model.aligner_parts
+import hf_align.utils.registry
 from hf_align import AlignerConfig, AlignerModel
 from hf_align.encoders import EncoderLoadError
-from hf_align.sentence_pipeline import NormalizeStep, SentenceEncoder
-from hf_align.taps import Tap
+from hf_align.encoders.sentence_pipeline import NormalizeStep, SentenceEncoder
+from hf_align.encoders.taps import Tap
 from hf_align.testing import digits_dataset, save_tiny_vision_encoder
 
 
@@ -75,7 +75,7 @@ def test_forward_matches_clip_conventions(tiny_vit, minilm):
     torch.testing.assert_close(images.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(out.logits_per_image, images @ texts.t() / 0.05)
     torch.testing.assert_close(out.logits_per_text, out.logits_per_image.t())
-    expected = hf_align.symmetric_infonce(out.logits_per_image)
+    expected = hf_align.functional.symmetric_infonce(out.logits_per_image)
     torch.testing.assert_close(out.loss, expected)
     assert model(**inputs).loss is None  # loss only when asked, as CLIPModel
 
@@ -139,9 +139,9 @@ def test_infonce_matches_hand_computed_value():
     cols = (
         -torch.log(torch.tensor(7.389056 / (7.389056 + 2.718282))) - torch.log(torch.tensor(20.085537 / 21.085537))
     ) / 2
-    torch.testing.assert_close(hf_align.symmetric_infonce(logits), (rows + cols) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hf_align.functional.symmetric_infonce(logits), (rows + cols) / 2, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"square \(B, B\)"):
-        hf_align.symmetric_infonce(torch.zeros(2, 3))
+        hf_align.functional.symmetric_infonce(torch.zeros(2, 3))
 
 
 def test_learnable_temperature_is_clamped_and_saved(tmp_path):
@@ -187,10 +187,10 @@ def test_each_configuration_check_runs_once_per_model(tiny_vit, tiny_bert, tmp_p
 
         monkeypatch.setattr(module, name, wrapper)
 
-    counted(hf_align.aligner_parts, "get_method")
-    counted(hf_align.aligner_parts, "check_similarity")
-    counted(hf_align.aligner_parts, "build_regularizers")
-    counted(hf_align.registry, "check_settings")  # the type check of every settings dataclass (`from_kwargs`)
+    counted(hf_align.model.aligner_parts, "get_method")
+    counted(hf_align.model.aligner_parts, "check_similarity")
+    counted(hf_align.model.aligner_parts, "build_regularizers")
+    counted(hf_align.utils.registry, "check_settings")  # the type check of every settings dataclass (`from_kwargs`)
     once = {"get_method": 1, "check_similarity": 1, "build_regularizers": 1, "check_settings": 2}  # 2: method + reg.
     model = AlignerModel.from_encoders(tiny_vit, tiny_bert, projection_dim=4, structure_weight=1.0)
     assert calls == once

@@ -12,8 +12,8 @@ import torch
 from sentence_transformers import SentenceTransformer, models
 
 from hf_align import AlignerModel, FeatureCollator, extract_features, features_for
+from hf_align.encoders.taps import Tap
 from hf_align.features import tap_column
-from hf_align.taps import Tap
 from hf_align.testing import TEXT_KINDS, VISION_KINDS, digits_dataset, save_tiny_text_encoder, save_tiny_vision_encoder
 
 # Each vision family with a text family (the text families cycle): every family of both lists runs under both methods.

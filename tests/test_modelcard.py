@@ -11,9 +11,9 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 import hf_align
-import hf_align.hub
+import hf_align.model.hub
 from hf_align.methods.citations import ASIF, CLIP, PAL, bibtex_entries, join, merge_citations
-from hf_align.modelcard import (
+from hf_align.model.card import (
     TASK_RETRIEVAL,
     TASK_ZERO_SHOT,
     AlignerModelCardData,
@@ -280,4 +280,4 @@ def test_bad_records_rejected(evaluated):
 
 
 def test_upload_is_reexported_from_the_hub_module():
-    assert hf_align.modelcard.upload_aligner is hf_align.hub.upload_aligner
+    assert hf_align.model.card.upload_aligner is hf_align.model.hub.upload_aligner

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from hf_align import AlignerModel, symmetric_infonce
-from hf_align.batches import CaptionSampler
+from hf_align import AlignerModel
 from hf_align.features import features_from_tensors
-from hf_align.ot import log_sinkhorn, sinkhorn
-from hf_align.regularizers.structure import structure_regularizer
+from hf_align.functional import symmetric_infonce
+from hf_align.functional.ot import log_sinkhorn, sinkhorn
+from hf_align.functional.structure import structure_regularizer
 from hf_align.testing import make_paired_task
 from hf_align.training import AlignmentArguments, train
+from hf_align.training.batches import CaptionSampler
 
 EXTREME = (1e-4, 1e4)
 

@@ -13,8 +13,8 @@ from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 from torch.utils.data import DataLoader
 
 from hf_align import AlignerModel, evaluate_retrieval, evaluate_zero_shot
-from hf_align.evaluation import embed_images
-from hf_align.open_clip_compat import (
+from hf_align.evaluation.zero_shot_retrieval import embed_images
+from hf_align.integrations.open_clip import (
     AlignerTokenizer,
     ClassificationDataset,
     RetrievalDataset,
@@ -22,7 +22,7 @@ from hf_align.open_clip_compat import (
     create_model_and_transforms,
     get_tokenizer,
 )
-from hf_align.templates import class_prototypes
+from hf_align.model.templates import class_prototypes
 from hf_align.testing import DIGIT_NAMES, digits_dataset
 
 TEMPLATES = ["a handwritten digit {}.", "a photo of the number {}."]

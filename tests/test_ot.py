@@ -1,4 +1,4 @@
-"""hf_align.ot: equal-partition Sinkhorn (SwAV) and the general log-domain transport plan, against POT and a
+"""hf_align.functional.ot: equal-partition Sinkhorn (SwAV) and the general log-domain transport plan, against POT and a
 plain probability-space implementation."""
 
 import os
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import hf_align
-from hf_align.ot import log_sinkhorn, sinkhorn
+from hf_align.functional.ot import log_sinkhorn, sinkhorn
 
 
 def cosine_scores(n, k, dim=16, seed=0):
@@ -35,7 +35,7 @@ def swav_reference(scores, epsilon, n_iters):
 
 
 def test_public_name_is_ot_sinkhorn():
-    assert hf_align.sinkhorn is sinkhorn
+    assert hf_align.functional.sinkhorn is sinkhorn
 
 
 @pytest.mark.parametrize("n,k", [(64, 10), (8, 32)])
@@ -160,7 +160,7 @@ def test_sinkhorn_distributed_equals_single_process_on_the_whole_batch(tmp_path)
     scores = cosine_scores(24, 6, seed=6)
     scores_path = str(tmp_path / "scores.pt")
     torch.save(scores, scores_path)
-    ot_path = os.path.join(os.path.dirname(hf_align.__file__), "ot.py")
+    ot_path = os.path.join(os.path.dirname(hf_align.__file__), "functional", "ot.py")
     ranks = [
         subprocess.Popen([sys.executable, "-c", WORKER, str(r), "2", str(tmp_path / "init"), scores_path, ot_path])
         for r in range(2)

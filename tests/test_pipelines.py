@@ -6,14 +6,14 @@ import torch
 from transformers import pipeline
 
 from hf_align import AlignerModel
-from hf_align.methods import METHODS
-from hf_align.pipelines import (
+from hf_align.integrations.pipelines import (
     RETRIEVAL_TASK,
     ZERO_SHOT_TASK,
     AlignerImageTextRetrievalPipeline,
     AlignerZeroShotImageClassificationPipeline,
     register_pipelines,
 )
+from hf_align.methods import METHODS
 
 # Small settings so every method builds in milliseconds; a method missing here runs with its defaults.
 SMALL_SETTINGS = {

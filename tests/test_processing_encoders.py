@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokenizerFast
 
-from hf_align.processing import AlignerProcessor, prepare_tokenizer, timm_image_processor
+from hf_align.model.processing import AlignerProcessor, prepare_tokenizer, timm_image_processor
 from hf_align.testing import minilm_path, save_tiny_text_encoder, save_tiny_vision_encoder
 
 

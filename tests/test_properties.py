@@ -11,8 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_align import AlignerConfig, AlignerModel, symmetric_infonce
+from hf_align import AlignerConfig, AlignerModel
 from hf_align.evaluation import retrieval_metrics, zero_shot_metrics
+from hf_align.functional import symmetric_infonce
 from hf_align.methods import METHODS
 from hf_align.regularizers import REGULARIZERS
 from hf_align.training import AlignmentArguments

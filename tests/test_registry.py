@@ -10,10 +10,10 @@ import hf_align
 from hf_align.commands import COMMANDS, CommandSpec
 from hf_align.methods import METHODS, MethodConfig, build_method_config, get_method, register_method
 from hf_align.methods.linear import LinearAligner, LinearConfig
-from hf_align.registry import ComponentConfig, Registry
 from hf_align.regularizers import REGULARIZERS, RegularizerConfig, register_regularizer
 from hf_align.regularizers.structure import StructureConfig, StructureRegularizer
 from hf_align.similarity import SIMILARITIES
+from hf_align.utils.registry import ComponentConfig, Registry
 
 
 class Base:

@@ -5,9 +5,7 @@ Hand-computed values for the relative vectors and ASIF's sparsification, retriev
 save/load round trips, and the errors on bad input. CPU, offline.
 """
 
-import importlib
 import math
-import sys
 
 import pytest
 import torch
@@ -15,8 +13,8 @@ import torch
 import hf_align
 from hf_align import AlignerModel
 from hf_align.evaluation import evaluate_retrieval, retrieval_metrics
+from hf_align.functional.relative_representations import relative_representation
 from hf_align.methods.asif import ASIFConfig, auto_topk
-from hf_align.relative_representations import relative_representation
 from hf_align.testing import make_paired_task
 from hf_align.training import AlignmentArguments, train
 
@@ -45,7 +43,7 @@ def test_relative_representation_against_hand_computed_values():
     torch.testing.assert_close(relative_representation(x, anchors), expected_cos)
     torch.testing.assert_close(relative_representation(x, anchors, normalize=False), expected_dot)
     # the public name, and token sequences (..., d): each token is represented on its own
-    assert hf_align.relative_representation is relative_representation
+    assert hf_align.functional.relative_representation is relative_representation
     tokens = torch.stack([x, x.flip(0)])  # (2, 2, 2)
     out = relative_representation(tokens, anchors)
     assert out.shape == (2, 2, 3)
@@ -59,17 +57,6 @@ def test_relative_representation_bad_input():
         relative_representation(torch.ones(4, 3), torch.ones(5, 2))
     with pytest.raises(ValueError, match=r"anchors must be a \(K, d\) matrix"):
         relative_representation(torch.ones(4, 2), torch.ones(2, 5, 2))
-
-
-def test_old_module_path_warns_and_forwards_to_the_new_one(monkeypatch):
-    import hf_align.relative_representations as new
-
-    monkeypatch.delitem(sys.modules, "hf_align.relative", raising=False)  # the warning is at import
-    with pytest.warns(
-        FutureWarning, match=r"hf_align\.relative is deprecated.*import hf_align\.relative_representations"
-    ):
-        old = importlib.import_module("hf_align.relative")
-    assert old is new and old.pick_anchor_pairs is new.pick_anchor_pairs
 
 
 # ---------------------------------------------------------------------------------------------- asif

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from hf_align import AlignerModel
-from hf_align.checkpoints import latest_checkpoint
 from hf_align.features import features_from_tensors
 from hf_align.testing import make_paired_task
 from hf_align.training import AlignmentArguments, train
+from hf_align.training.checkpoints import latest_checkpoint
 
 MAX_STEPS = 24
 
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     import datasets
-    from hf_align import batches, training
+    from hf_align.training import batches, loop
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from run_args import build
 
@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
         return fetch(self, indices, **kwargs)
     batches.BatchSource.fetch = slow_fetch
     model, args = build(out)
-    training.train(model, datasets.load_from_disk(cache), args)
+    loop.train(model, datasets.load_from_disk(cache), args)
     """
 )
 

@@ -1,11 +1,11 @@
-"""Blocked retrieval (hf_align.retrieval): the same answers as the dense score matrix, never a block over the bound."""
+"""Blocked retrieval (hf_align.functional.retrieval): the same answers as the dense score matrix, never a block over the bound."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hf_align.evaluation import retrieval_metrics
-from hf_align.retrieval import chunked_retrieval_metrics, topk_similarity
+from hf_align.functional.retrieval import chunked_retrieval_metrics, topk_similarity
 from hf_align.similarity import build_similarity
 
 

@@ -15,11 +15,11 @@ from transformers import AutoModel
 
 import hf_align
 from hf_align import AlignerModel
-from hf_align.checkpoints import CheckpointError
 from hf_align.encoders import EncoderLoadError
-from hf_align.safe_loading import ArtefactError
 from hf_align.testing import make_paired_task, save_tiny_vision_encoder
 from hf_align.training import AlignmentArguments, train
+from hf_align.training.checkpoints import CheckpointError
+from hf_align.utils.safe_loading import ArtefactError
 
 
 class _Payload:
@@ -175,7 +175,7 @@ def test_config_records_version_and_names_fields_from_a_newer_version(saved, cap
     with open(os.path.join(folder, "config.json")) as handle:
         assert json.load(handle)["hf_align_version"] == hf_align.__version__
     edit_config(folder, hf_align_version="9.0.0", gizmo_size=3, future_mode="warp")
-    with caplog.at_level(logging.WARNING, logger="hf_align.configuration"):
+    with caplog.at_level(logging.WARNING, logger="hf_align.model.configuration"):
         reloaded = AlignerModel.from_pretrained(folder)
     assert (
         f"AlignerConfig got fields that hf_align {hf_align.__version__} does not know: ['future_mode', 'gizmo_size'] "

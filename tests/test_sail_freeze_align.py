@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 import hf_align
 from hf_align import AlignerConfig, AlignerModel
+from hf_align.functional.structure import structure_regularizer
 from hf_align.methods.citations import bibtex_entries
-from hf_align.regularizers.structure import structure_regularizer
 from hf_align.testing import make_paired_task
 from hf_align.training import train
-from hf_align.training_args import AlignmentArguments
+from hf_align.training.arguments import AlignmentArguments
 
 VISION_DIM, TEXT_DIM = 4, 3
 LAYER = 2  # the synthetic task's last (shared) layer, what the aligners read by default

@@ -10,10 +10,9 @@ from PIL import Image
 from test_token_relative import fit
 
 import hf_align
-import hf_align.segmentation
+import hf_align.evaluation.segmentation
 from hf_align import AlignerModel
-from hf_align.configuration import TASK_SEGMENTATION
-from hf_align.segmentation import (
+from hf_align.evaluation.segmentation import (
     ADE150_CLASSES,
     CONTEXT59_CLASSES,
     VOC_CLASSES,
@@ -22,7 +21,8 @@ from hf_align.segmentation import (
     segmentation_metrics,
     segmentation_preset,
 )
-from hf_align.segmentation_inference import (
+from hf_align.model.configuration import TASK_SEGMENTATION
+from hf_align.model.segmentation import (
     class_profiles,
     overlay_segmentation,
     palette,
@@ -171,11 +171,13 @@ def test_preset_errors():
 
 
 def test_inference_names_stay_importable_from_segmentation():
-    import hf_align.segmentation_inference as inference
+    import hf_align.model.segmentation as inference
 
     for name in ("segment_tokens", "segment_images", "overlay_segmentation", "class_profiles", "segmentation_logits"):
-        assert getattr(hf_align.segmentation, name) is getattr(inference, name)
-    assert hf_align.segment_tokens is segment_tokens and hf_align.overlay_segmentation is overlay_segmentation
+        assert getattr(hf_align.evaluation.segmentation, name) is getattr(inference, name)
+    assert (
+        hf_align.model.segment_tokens is segment_tokens and hf_align.model.overlay_segmentation is overlay_segmentation
+    )
 
 
 def test_patch_grid():
@@ -225,7 +227,9 @@ def test_scores_are_patch_anchor_cosines_times_class_profiles(planted):
     tokens = held_out.vision_tokens[LAYER][:3]
     with torch.no_grad():
         logits = segmentation_logits(model, tokens, profiles, num_prefix_tokens=0)  # (3, C, 4, 4)
-        s_pa = hf_align.relative_representation(tokens, model.aligner.vision_anchors)  # (3, 16, K), not renormalised
+        s_pa = hf_align.functional.relative_representation(
+            tokens, model.aligner.vision_anchors
+        )  # (3, 16, K), not renormalised
     expected = (s_pa @ profiles.t()).transpose(1, 2).reshape(3, 10, 4, 4)
     torch.testing.assert_close(logits, expected)
     # a leading CLS token is dropped by default (the config says the encoder has one)

@@ -9,10 +9,11 @@ from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer, models
 from transformers import AutoModel, AutoTokenizer
 
-from hf_align.encoders import EncoderLoadError, load_encoder, probe_text, text_taps
-from hf_align.processing import AlignerProcessor, prepare_tokenizer
-from hf_align.sentence_pipeline import SentenceEncoder, read_sentence_pipeline
-from hf_align.taps import Tap, resolve_tap
+from hf_align.encoders import EncoderLoadError, load_encoder, probe_text
+from hf_align.encoders.loading import text_taps
+from hf_align.encoders.sentence_pipeline import SentenceEncoder, read_sentence_pipeline
+from hf_align.encoders.taps import Tap, resolve_tap
+from hf_align.model.processing import AlignerProcessor, prepare_tokenizer
 from hf_align.testing import minilm_path, save_tiny_text_encoder, save_tiny_vision_encoder
 
 TEXTS = ["a cat", "a photo of a big brown dog on the grass", "two birds on a wire"]

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from hf_align import AlignerModel
-from hf_align.configuration import TASK_ZERO_SHOT
-from hf_align.segmentation_inference import overlay_segmentation
+from hf_align.model.configuration import TASK_ZERO_SHOT
+from hf_align.model.segmentation import overlay_segmentation
 from hf_align.testing import DIGIT_NAMES
 
 gr = pytest.importorskip("gradio")

@@ -1,4 +1,4 @@
-"""Training batches streamed from a sharded feature cache (`hf_align.streamed_batches`): an epoch is exactly its
+"""Training batches streamed from a sharded feature cache (`hf_align.training.streamed_batches`): an epoch is exactly its
 training rows, in an order that is a function of (seed, epoch); training streamed reaches what training in memory
 does and resumes exactly; the automatic choice follows the memory budget and says so. CPU."""
 
@@ -15,12 +15,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from hf_align import AlignerModel, AlignmentArguments, batches, evaluate_retrieval, streamed_batches, train
-from hf_align.batches import BatchSource, CaptionSampler
-from hf_align.checkpoints import latest_checkpoint
+from hf_align import AlignerModel, AlignmentArguments, evaluate_retrieval, train
 from hf_align.features import features_for, features_from_tensors, split_by_image
-from hf_align.streamed_batches import StreamedBatches, training_batches
 from hf_align.testing import make_paired_task
+from hf_align.training import batches, streamed_batches
+from hf_align.training.batches import BatchSource, CaptionSampler
+from hf_align.training.checkpoints import latest_checkpoint
+from hf_align.training.streamed_batches import StreamedBatches, training_batches
 
 
 def sharded(features: datasets.Dataset, path) -> datasets.Dataset:
@@ -261,13 +262,13 @@ def test_automatic_choice_streams_when_memory_is_short_and_says_so(task_cache, m
     view = features_for(linear_model(), task_cache)
     needed = 1500 * (64 + 48) * 4  # 672,000 bytes of float32 features
     monkeypatch.setattr(batches, "_available_memory", lambda: 4 * needed)
-    with caplog.at_level(logging.INFO, logger="hf_align.streamed_batches"):
+    with caplog.at_level(logging.INFO, logger="hf_align.training.streamed_batches"):
         source = training_batches(view)
     assert isinstance(source, BatchSource) and source.preloaded
     assert "training batches: held in memory: their pooled features take 0.000626 GiB as float32" in caplog.text
     caplog.clear()
     monkeypatch.setattr(batches, "_available_memory", lambda: 4 * needed - 4)
-    with caplog.at_level(logging.INFO, logger="hf_align.streamed_batches"):
+    with caplog.at_level(logging.INFO, logger="hf_align.training.streamed_batches"):
         stream = training_batches(view, shuffle_buffer_size=256)
     assert isinstance(stream, StreamedBatches) and stream.shuffle_buffer_size == 256
     assert (
@@ -277,7 +278,7 @@ def test_automatic_choice_streams_when_memory_is_short_and_says_so(task_cache, m
     ) in caplog.text
     # train() makes the same choice: a short run with little memory streams its batches
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hf_align.streamed_batches"):
+    with caplog.at_level(logging.INFO, logger="hf_align.training.streamed_batches"):
         result = train(linear_model(), task_cache, AlignmentArguments(max_steps=3, per_device_train_batch_size=64))
     assert result.global_step == 3 and "training batches: streamed from 4 Arrow file part(s)" in caplog.text
     # stream_features=False holds them in memory whatever the budget
@@ -285,7 +286,7 @@ def test_automatic_choice_streams_when_memory_is_short_and_says_so(task_cache, m
     # too large, but a cache built in memory has no files to stream from: held in memory, with a warning
     in_memory = features_for(linear_model(), make_paired_task(1500, seed=0).to_features())
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hf_align.streamed_batches"):
+    with caplog.at_level(logging.INFO, logger="hf_align.training.streamed_batches"):
         assert isinstance(training_batches(in_memory), BatchSource)
     assert [record.levelname for record in caplog.records] == ["WARNING"]
     assert (
@@ -342,7 +343,7 @@ def _run_in_every_process(workdir: str) -> None:
     from accelerate.utils import set_seed
     from safetensors.torch import save_file
 
-    from hf_align.distributed import process_state
+    from hf_align.utils.distributed import process_state
 
     state = process_state()
     world = state.num_processes

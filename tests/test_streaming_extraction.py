@@ -236,7 +236,7 @@ def test_a_stream_split_by_node_or_missing_columns_is_refused(model, sources, tm
 
 
 def test_cli_extract_streaming(tiny_vit, tiny_bert, sources, tmp_path, capsys):
-    from hf_align.cli import main
+    from hf_align.commands.cli import main
 
     folder = os.path.dirname(sources["parquet"][0])
     common = ["extract", "--vision_model", tiny_vit, "--text_model", tiny_bert, "--dataset", folder, "--streaming"]
@@ -388,7 +388,7 @@ def test_a_finished_shard_damaged_while_stopped_is_redone(model, sources, tmp_pa
 # ------------------------------------------------------------------------------------------ slow: SIGKILL, 2 processes
 def _script(workdir: str, mode: str) -> None:
     """The subprocess of the slow tests: extract the webdataset stream of `workdir` with the encoders it names."""
-    from hf_align.distributed import process_state
+    from hf_align.utils.distributed import process_state
 
     config = json.loads(open(os.path.join(workdir, "config.json"), encoding="utf-8").read())
     model = AlignerModel.from_encoders(config["vision"], config["text"], projection_dim=8)

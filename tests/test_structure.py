@@ -72,7 +72,7 @@ def hand_structure(levels, tau, divergence, weighting="none", margin=0.0, image_
 @pytest.mark.parametrize("weighting", ["none", "inverse"])
 def test_matches_hand_computation(levels, divergence, tau, weighting):
     expected = hand_structure(levels, tau, divergence, weighting)
-    got = hf_align.structure_regularizer(
+    got = hf_align.functional.structure_regularizer(
         torch.tensor(FROZEN), torch.tensor(ALIGNED), levels=levels, tau=tau, divergence=divergence, weighting=weighting
     )
     assert got.dim() == 0
@@ -82,7 +82,7 @@ def test_matches_hand_computation(levels, divergence, tau, weighting):
 
 def test_defaults_are_the_authors_divergence_and_inverse_weighting():
     frozen, aligned = torch.tensor(FROZEN), torch.tensor(ALIGNED)
-    default = hf_align.structure_regularizer(frozen, aligned, levels=2, tau=0.5)
+    default = hf_align.functional.structure_regularizer(frozen, aligned, levels=2, tau=0.5)
     assert default.item() == pytest.approx(hand_structure(2, 0.5, "authors_rkl", "inverse"), rel=1e-4)
     assert default.item() != pytest.approx(hand_structure(2, 0.5, "js", "inverse"), rel=1e-2)
     assert default.item() != pytest.approx(hand_structure(2, 0.5, "authors_rkl", "none"), rel=1e-2)
@@ -90,7 +90,10 @@ def test_defaults_are_the_authors_divergence_and_inverse_weighting():
     assert (config.divergence, config.weighting, config.levels, config.weight) == ("authors_rkl", "inverse", 1, "auto")
     assert StructureRegularizer(config).weight == 10.0  # "auto" unbound to a method: the authors' λ
     # at L = 1 the two weightings agree (w_1 = 1)
-    one = [hf_align.structure_regularizer(frozen, aligned, tau=0.5, weighting=w).item() for w in ("none", "inverse")]
+    one = [
+        hf_align.functional.structure_regularizer(frozen, aligned, tau=0.5, weighting=w).item()
+        for w in ("none", "inverse")
+    ]
     assert one[0] == one[1]
 
 
@@ -100,14 +103,16 @@ def test_same_image_rows_get_zero_transition_probability(divergence, levels):
     # rows 0 and 1 are two captions of image 5: neither is the other's neighbour, in either space
     frozen, aligned, ids = torch.tensor(FROZEN), torch.tensor(ALIGNED), torch.tensor([5, 5, 8, 9])
     expected = hand_structure(levels, 0.2, divergence, "inverse", image_ids=[5, 5, 8, 9])
-    got = hf_align.structure_regularizer(frozen, aligned, levels=levels, tau=0.2, divergence=divergence, image_ids=ids)
+    got = hf_align.functional.structure_regularizer(
+        frozen, aligned, levels=levels, tau=0.2, divergence=divergence, image_ids=ids
+    )
     assert got.item() == pytest.approx(expected, rel=1e-4)
     assert expected != pytest.approx(hand_structure(levels, 0.2, divergence, "inverse"), rel=0.2)  # the mask matters
     # distinct ids mask nothing
-    distinct = hf_align.structure_regularizer(
+    distinct = hf_align.functional.structure_regularizer(
         frozen, aligned, levels=levels, tau=0.2, divergence=divergence, image_ids=torch.tensor([3, 1, 2, 0])
     )
-    unmasked = hf_align.structure_regularizer(frozen, aligned, levels=levels, tau=0.2, divergence=divergence)
+    unmasked = hf_align.functional.structure_regularizer(frozen, aligned, levels=levels, tau=0.2, divergence=divergence)
     assert distinct.item() == unmasked.item()
 
 
@@ -116,15 +121,19 @@ def test_masked_gradients_are_finite_even_when_a_row_has_no_other_image():
     ids = torch.tensor([0, 0, 0, 0, 0, 1])  # rows 0-4: one image, so each of them can only step to itself or row 5
     frozen = torch.randn(6, 4)
     for divergence in ("js", "authors_rkl"):
-        value = hf_align.structure_regularizer(frozen, aligned, levels=3, divergence=divergence, image_ids=ids)
+        value = hf_align.functional.structure_regularizer(
+            frozen, aligned, levels=3, divergence=divergence, image_ids=ids
+        )
         value.backward()
         assert torch.isfinite(value) and torch.isfinite(aligned.grad).all() and aligned.grad.abs().sum() > 0
         aligned.grad = None
 
 
 def test_js_is_bounded_and_the_authors_variant_is_not_js():
-    js = hf_align.structure_regularizer(torch.tensor(FROZEN), torch.tensor(ALIGNED), tau=0.05, divergence="js")
-    rkl = hf_align.structure_regularizer(
+    js = hf_align.functional.structure_regularizer(
+        torch.tensor(FROZEN), torch.tensor(ALIGNED), tau=0.05, divergence="js"
+    )
+    rkl = hf_align.functional.structure_regularizer(
         torch.tensor(FROZEN), torch.tensor(ALIGNED), tau=0.05, divergence="authors_rkl"
     )
     assert 0 < js.item() <= math.log(2)
@@ -136,15 +145,17 @@ def test_weighting_margin_and_explicit_levels():
     js = dict(tau=0.5, divergence="js")
     d1 = hand_structure(1, 0.5, "js")
     d2 = 2 * hand_structure(2, 0.5, "js") - d1  # level-2 divergence alone
-    inverse = hf_align.structure_regularizer(frozen, aligned, levels=2, weighting="inverse", **js)
+    inverse = hf_align.functional.structure_regularizer(frozen, aligned, levels=2, weighting="inverse", **js)
     assert inverse.item() == pytest.approx((d1 + d2 / 2) / 2, rel=1e-4)
-    only_second = hf_align.structure_regularizer(frozen, aligned, levels=[2], weighting="none", **js)
+    only_second = hf_align.functional.structure_regularizer(frozen, aligned, levels=[2], weighting="none", **js)
     assert only_second.item() == pytest.approx(d2, rel=1e-4)
     margin = 0.5 * (d1 + d2)
     expected = max(d1 - margin, 0) + max(d2 - margin, 0)
-    with_margin = hf_align.structure_regularizer(frozen, aligned, levels=2, weighting="none", margin=margin, **js)
+    with_margin = hf_align.functional.structure_regularizer(
+        frozen, aligned, levels=2, weighting="none", margin=margin, **js
+    )
     assert with_margin.item() == pytest.approx(expected / 2, rel=1e-4)
-    assert hf_align.structure_regularizer(frozen, aligned, levels=2, margin=1.0, **js).item() == 0.0
+    assert hf_align.functional.structure_regularizer(frozen, aligned, levels=2, margin=1.0, **js).item() == 0.0
 
 
 def test_zero_when_aligned_is_a_rotation_and_scaling_of_frozen():
@@ -155,8 +166,8 @@ def test_zero_when_aligned_is_a_rotation_and_scaling_of_frozen():
     aligned = 4.0 * torch.cat([frozen, torch.zeros(32, 4)], 1) @ q.float()
     for divergence in ("js", "authors_rkl"):
         for levels in (1, 2, 3):
-            same = hf_align.structure_regularizer(frozen, aligned, levels=levels, divergence=divergence)
-            other = hf_align.structure_regularizer(
+            same = hf_align.functional.structure_regularizer(frozen, aligned, levels=levels, divergence=divergence)
+            other = hf_align.functional.structure_regularizer(
                 frozen, torch.randn(32, 12, generator=g), levels=levels, divergence=divergence
             )
             assert same.item() == pytest.approx(0.0, abs=1e-6)
@@ -166,7 +177,7 @@ def test_zero_when_aligned_is_a_rotation_and_scaling_of_frozen():
 def test_without_centering_matches_hand_computation():
     p_frozen, p_aligned = hand_transition(FROZEN, 0.5, centering=False), hand_transition(ALIGNED, 0.5, centering=False)
     expected = hand_divergence(p_frozen, p_aligned, "js")
-    got = hf_align.structure_regularizer(
+    got = hf_align.functional.structure_regularizer(
         torch.tensor(FROZEN), torch.tensor(ALIGNED), tau=0.5, centering=False, divergence="js"
     )
     assert got.item() == pytest.approx(expected, rel=1e-4)
@@ -176,7 +187,7 @@ def test_without_centering_matches_hand_computation():
 def test_gradient_reaches_aligned_only_and_is_finite():
     frozen = torch.randn(8, 5, requires_grad=True)
     aligned = torch.randn(8, 3, requires_grad=True)
-    value = hf_align.structure_regularizer(frozen, aligned, levels=3, divergence="authors_rkl")
+    value = hf_align.functional.structure_regularizer(frozen, aligned, levels=3, divergence="authors_rkl")
     value.backward()
     assert frozen.grad is None
     assert torch.isfinite(aligned.grad).all() and aligned.grad.abs().sum() > 0
@@ -244,8 +255,8 @@ def test_term_is_half_the_sum_over_modalities_with_linear_warmup():
     for k, (vision, text) in enumerate(batches, start=1):
         out = model(vision_features=vision, text_features=text, return_loss=True)
         raw = 0.5 * (
-            hf_align.structure_regularizer(vision, out.image_embeds, levels=2)
-            + hf_align.structure_regularizer(text, out.text_embeds, levels=2)
+            hf_align.functional.structure_regularizer(vision, out.image_embeds, levels=2)
+            + hf_align.functional.structure_regularizer(text, out.text_embeds, levels=2)
         )
         # batch k uses λ·(k−1)/W, as the authors' loss steps its schedule before the forward pass: batch 1 has none
         expected = 10.0 * min(1.0, (k - 1) / 4) * raw.item()
@@ -271,7 +282,8 @@ def test_evaluation_uses_the_full_weight_at_any_point_of_the_warmup():
         evals.append(out.loss_terms["structure"].item())
         assert int(reg.steps_done) == clock
     raw = 0.5 * (
-        hf_align.structure_regularizer(vision, out.image_embeds) + hf_align.structure_regularizer(text, out.text_embeds)
+        hf_align.functional.structure_regularizer(vision, out.image_embeds)
+        + hf_align.functional.structure_regularizer(text, out.text_embeds)
     )
     assert evals == [pytest.approx(3.0 * raw.item(), rel=1e-6)] * 3
     # training at clock 900 (batch 901) uses the weight of the clock before the batch: 900/1000
@@ -289,14 +301,14 @@ def test_image_ids_reach_the_regulariser_through_forward():
     model = model_with_structure(structure_weight=2.0, structure_warmup_steps=0).eval()
     out = model(vision_features=vision, text_features=text, return_loss=True, image_ids=ids)
     expected = 0.5 * (
-        hf_align.structure_regularizer(vision, out.image_embeds, image_ids=ids)
-        + hf_align.structure_regularizer(text, out.text_embeds, image_ids=ids)
+        hf_align.functional.structure_regularizer(vision, out.image_embeds, image_ids=ids)
+        + hf_align.functional.structure_regularizer(text, out.text_embeds, image_ids=ids)
     )
     assert out.loss_terms["structure"].item() == pytest.approx(2.0 * expected.item(), rel=1e-6)
     unmasked = model(vision_features=vision, text_features=text, return_loss=True)
     assert unmasked.loss_terms["structure"].item() != pytest.approx(out.loss_terms["structure"].item(), rel=1e-3)
     assert out.loss_terms["infonce"].item() == pytest.approx(
-        hf_align.symmetric_infonce(out.logits_per_image, ids).item(), rel=1e-6
+        hf_align.functional.symmetric_infonce(out.logits_per_image, ids).item(), rel=1e-6
     )
 
 
@@ -338,21 +350,21 @@ def test_token_features_are_rejected():
     with pytest.raises(ValueError, match=r"needs pooled features.*vision_features is token features \(B, T, d\)"):
         reg(tokens, torch.randn(4, 5), torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"needs pooled features.*frozen is token features"):
-        hf_align.structure_regularizer(tokens, torch.randn(4, 3))
+        hf_align.functional.structure_regularizer(tokens, torch.randn(4, 3))
 
 
 def test_bad_functional_arguments():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="frozen and aligned must hold the same samples: got 4 and 5 rows"):
-        hf_align.structure_regularizer(x, torch.randn(5, 3))
+        hf_align.functional.structure_regularizer(x, torch.randn(5, 3))
     with pytest.raises(ValueError, match="tau must be a finite float > 0, got 0"):
-        hf_align.structure_regularizer(x, x, tau=0)
+        hf_align.functional.structure_regularizer(x, x, tau=0)
     with pytest.raises(ValueError, match=r"weighting must be one of \('none', 'inverse'\), got 'log'"):
-        hf_align.structure_regularizer(x, x, weighting="log")
+        hf_align.functional.structure_regularizer(x, x, weighting="log")
     with pytest.raises(ValueError, match=r"levels must be .* distinct positive ints, got \[1, 1\]"):
-        hf_align.structure_regularizer(x, x, levels=[1, 1])
+        hf_align.functional.structure_regularizer(x, x, levels=[1, 1])
     with pytest.raises(ValueError, match="STRUCTURE needs a batch of at least 2 samples, got 1"):
-        hf_align.structure_regularizer(x[:1], x[:1])
+        hf_align.functional.structure_regularizer(x[:1], x[:1])
 
 
 def test_structure_with_a_token_method_is_refused_when_the_model_is_built():

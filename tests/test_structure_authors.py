@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_align.regularizers.structure import structure_regularizer
+from hf_align.functional.structure import structure_regularizer
 
 
 def authors_structure(original, aligned, levels, tau, eps=1e-12, inverse=True):

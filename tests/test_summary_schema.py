@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from hf_align import AlignerModel
-from hf_align.modelcard import generate_model_card
-from hf_align.summary_schema import check_training_summary
+from hf_align.model.card import generate_model_card
+from hf_align.model.summary_schema import check_training_summary
 
 GOOD_RUN = {"task": "zero-shot-image-classification", "metrics": {"top1": 0.5}, "dataset": {"name": "digits"}}
 

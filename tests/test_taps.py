@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from hf_align.configuration import AlignerConfig
-from hf_align.encoder_outputs import EncoderOutputs, read_tap
 from hf_align.encoders import EncoderInfo
-from hf_align.poolings import pool_tokens, right_align
-from hf_align.taps import Tap, check_tap, describe_tap_in_words, legacy_tap, resolve_tap, tap_width
+from hf_align.encoders.outputs import EncoderOutputs, read_tap
+from hf_align.encoders.poolings import pool_tokens, right_align
+from hf_align.encoders.taps import Tap, check_tap, describe_tap_in_words, legacy_tap, resolve_tap, tap_width
+from hf_align.model.configuration import AlignerConfig
 
 # One text of three real tokens (values 1, 2, 3 / 10, 20, 30 / -1, -2, -3 per channel) and one pad (99).
 TOKENS = torch.tensor([[[1.0, 10.0, -1.0], [2.0, 20.0, -2.0], [3.0, 30.0, -3.0], [99.0, 99.0, 99.0]]])

@@ -12,8 +12,8 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from hf_align import AlignerModel, AlignmentArguments, train
-from hf_align.layer_selection import resolve_auto_layers
 from hf_align.testing import make_paired_task
+from hf_align.training.layer_selection import resolve_auto_layers
 
 
 def read_events(output_dir):

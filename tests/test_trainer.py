@@ -14,9 +14,9 @@ from safetensors.torch import load as load_safetensors
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 import hf_align
-from hf_align.configuration import TASK_RETRIEVAL
+from hf_align.integrations.trainer import AlignerTrainer, CardDataCallback, non_default_training_args
+from hf_align.model.configuration import TASK_RETRIEVAL
 from hf_align.testing import make_paired_task
-from hf_align.trainer_callback import AlignerTrainer, CardDataCallback, non_default_training_args
 
 # Hub encoders as from_encoders records them (id + resolved commit): the card's base_model and revisions.
 VISION_ID, TEXT_ID = "facebook/dinov2-small", "sentence-transformers/all-MiniLM-L6-v2"

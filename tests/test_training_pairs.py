@@ -11,14 +11,14 @@ import torch
 
 import hf_align
 from hf_align import AlignerModel, AlignmentArguments, train
-from hf_align import training as training_module
-from hf_align.batches import BatchSource, CaptionSampler
-from hf_align.cli import parse_command_args
 from hf_align.commands import COMMANDS
+from hf_align.commands.cli import parse_command_args
 from hf_align.features import features_for, features_from_tensors
-from hf_align.losses import same_image_mask
+from hf_align.functional.losses import same_image_mask
 from hf_align.testing import make_paired_task
-from hf_align.training import build_optimizer, evaluate_on_rows
+from hf_align.training import loop as training_module
+from hf_align.training.batches import BatchSource, CaptionSampler
+from hf_align.training.loop import build_optimizer, evaluate_on_rows
 
 
 def multi_caption_cache(n_images=60, captions=(3, 5), seed=0):
@@ -40,9 +40,11 @@ def test_masked_infonce_matches_hand_computation():
     masked = (2 * math.log(1 + math.exp(-2)) + math.log(1 + 2 * math.exp(-2))) / 3
     unmasked = (2 * math.log(1 + math.exp(-1) + math.exp(-2)) + math.log(1 + 2 * math.exp(-2))) / 3
     assert masked == pytest.approx(0.164467, abs=1e-6) and unmasked == pytest.approx(0.351586, abs=1e-6)
-    assert hf_align.symmetric_infonce(logits, ids).item() == pytest.approx(masked, rel=1e-6)
-    assert hf_align.symmetric_infonce(logits).item() == pytest.approx(unmasked, rel=1e-6)
-    assert hf_align.symmetric_infonce(logits, torch.tensor([1, 2, 3])).item() == pytest.approx(unmasked, rel=1e-6)
+    assert hf_align.functional.symmetric_infonce(logits, ids).item() == pytest.approx(masked, rel=1e-6)
+    assert hf_align.functional.symmetric_infonce(logits).item() == pytest.approx(unmasked, rel=1e-6)
+    assert hf_align.functional.symmetric_infonce(logits, torch.tensor([1, 2, 3])).item() == pytest.approx(
+        unmasked, rel=1e-6
+    )
 
 
 def test_masking_applies_to_both_directions_of_an_asymmetric_matrix():
@@ -51,9 +53,9 @@ def test_masking_applies_to_both_directions_of_an_asymmetric_matrix():
     rows = [math.log(1 + math.exp(-3)), math.log(2), math.log(1 + 2 * math.exp(2)) - 2]  # S[0, 1], S[1, 0] masked
     columns = [math.log(1 + math.exp(-3)), math.log(1 + math.e), math.log(1 + math.exp(-2) + math.exp(-1))]
     expected = 0.5 * (sum(rows) / 3 + sum(columns) / 3)
-    assert hf_align.symmetric_infonce(logits, ids).item() == pytest.approx(expected, rel=1e-6)
+    assert hf_align.functional.symmetric_infonce(logits, ids).item() == pytest.approx(expected, rel=1e-6)
     grad_logits = logits.clone().requires_grad_()
-    hf_align.symmetric_infonce(grad_logits, ids).backward()
+    hf_align.functional.symmetric_infonce(grad_logits, ids).backward()
     assert grad_logits.grad[0, 1] == 0 and grad_logits.grad[1, 0] == 0 and torch.isfinite(grad_logits.grad).all()
 
 
@@ -63,10 +65,12 @@ def test_model_forward_masks_with_image_ids():
     vision, text, ids = torch.randn(5, 6), torch.randn(5, 5), torch.tensor([3, 3, 1, 3, 2])
     out = model(vision_features=vision, text_features=text, return_loss=True, image_ids=ids)
     assert out.loss_terms["infonce"].item() == pytest.approx(
-        hf_align.symmetric_infonce(out.logits_per_image, ids).item(), rel=1e-6
+        hf_align.functional.symmetric_infonce(out.logits_per_image, ids).item(), rel=1e-6
     )
     plain = model(vision_features=vision, text_features=text, return_loss=True)
-    assert plain.loss.item() == pytest.approx(hf_align.symmetric_infonce(out.logits_per_image).item(), rel=1e-6)
+    assert plain.loss.item() == pytest.approx(
+        hf_align.functional.symmetric_infonce(out.logits_per_image).item(), rel=1e-6
+    )
     assert plain.loss.item() > out.loss.item()
 
 
@@ -216,7 +220,7 @@ def test_a_bad_validation_row_is_named_by_its_cache_row(tmp_path, monkeypatch, w
     vision = task.vision[0][:, None, :].repeat(1, 3, 1) if tokens else task.vision[0].clone()
     if tokens:
         model = AlignerModel.from_feature_dims(6, 5, method="token_relative", num_anchors=2)
-        monkeypatch.setattr(hf_align.batches, "_available_memory", lambda: 0)  # not preloaded: read per batch
+        monkeypatch.setattr(hf_align.training.batches, "_available_memory", lambda: 0)  # not preloaded: read per batch
     else:
         model = AlignerModel.from_feature_dims(6, 5, projection_dim=4)
     # The features trained on are a selection of the cache (here its rows in reverse), as a split or subset is.
@@ -304,10 +308,10 @@ def test_validation_reports_every_term_at_full_weight_with_masking():
         part = slice(start, start + 40)
         out = model.eval()(vision_features=vision[part], text_features=text[part])
         n = len(out.image_embeds)
-        sums["infonce"] += n * hf_align.symmetric_infonce(out.logits_per_image, ids[part]).item()
+        sums["infonce"] += n * hf_align.functional.symmetric_infonce(out.logits_per_image, ids[part]).item()
         raw = 0.5 * (
-            hf_align.structure_regularizer(vision[part], out.image_embeds, image_ids=ids[part])
-            + hf_align.structure_regularizer(text[part], out.text_embeds, image_ids=ids[part])
+            hf_align.functional.structure_regularizer(vision[part], out.image_embeds, image_ids=ids[part])
+            + hf_align.functional.structure_regularizer(text[part], out.text_embeds, image_ids=ids[part])
         )
         sums["structure"] += n * 4.0 * raw.item()
     assert m["eval_infonce"] == pytest.approx(sums["infonce"] / len(rows), rel=1e-5)

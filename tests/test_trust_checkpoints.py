@@ -20,14 +20,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from hf_align import AlignerModel
-from hf_align.checkpoints import (
-    CheckpointError,
-    latest_checkpoint,
-    resume_dir,
-    save_checkpoint,
-)
 from hf_align.testing import make_paired_task
 from hf_align.training import AlignmentArguments, train
+from hf_align.training.checkpoints import CheckpointError, latest_checkpoint, resume_dir, save_checkpoint
 
 FEATURES = make_paired_task(n=64, vision_dim=4, text_dim=4, n_vision_layers=1, n_text_layers=1).to_features()
 
@@ -175,12 +170,12 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
     reference = run(out, max_steps=6, save_steps=2, limit=3)
     shutil.rmtree(out / "checkpoint-6")  # as if killed after step 4
     damage(str(out / "checkpoint-4" / name))
-    with caplog.at_level(logging.WARNING, logger="hf_align.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="hf_align.training.checkpoints"):
         assert latest_checkpoint(str(out)) == str(out / "checkpoint-2")
     assert str(out / "checkpoint-4") in caplog.text
     assert any(re.search(why, record.getMessage()) for record in caplog.records)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hf_align.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="hf_align.training.checkpoints"):
         resumed = run(out, max_steps=6, save_steps=2, resume="latest")
     assert (
         f"resuming from {out / 'checkpoint-2'}, skipping damaged checkpoint files: {out / 'checkpoint-4'}"

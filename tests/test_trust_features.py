@@ -109,7 +109,7 @@ def hostile_cache(tmp_path, secret, how: str, layout: str) -> str:
     return str(folder)
 
 
-# how hf_align.safe_loading.resolve_inside says it: a `..` or absolute entry, or a link whose target is outside
+# how hf_align.utils.safe_loading.resolve_inside says it: a `..` or absolute entry, or a link whose target is outside
 OUTSIDE = r"(points outside|resolves to '[^']*secret[^']*', outside)"
 HOSTILE = [("single", "link"), *[("sharded", how) for how in ("dotdot", "absolute", "link", "folder-link")]]
 

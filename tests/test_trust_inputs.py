@@ -19,23 +19,21 @@ from transformers.image_utils import SizeDict
 
 from hf_align import AlignerModel, AlignmentArguments, evaluate_zero_shot, train
 from hf_align.features import BadSampleError, extract_features, skipped_samples
-from hf_align.hub import uploaded_files
-from hf_align.pipelines import RETRIEVAL_TASK, ZERO_SHOT_TASK, register_pipelines
-from hf_align.processing import (
+from hf_align.integrations.pipelines import RETRIEVAL_TASK, ZERO_SHOT_TASK, register_pipelines
+from hf_align.model.hub import uploaded_files
+from hf_align.model.processing import (
     MAX_ASPECT_RATIO,
     MAX_RESIZED_PIXELS,
     ImageSizeError,
     check_image_size,
     resized_image_size,
 )
-from hf_align.templates import check_template
+from hf_align.model.templates import check_template
 from hf_align.testing import digits_dataset, save_tiny_vision_encoder
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IMAGE_FEATURES = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
-STRIP = (
-    r"a 4096x1 px image has an aspect ratio of 4096:1, over the 20:1 that hf_align.processing.MAX_ASPECT_RATIO allows"
-)
+STRIP = r"a 4096x1 px image has an aspect ratio of 4096:1, over the 20:1 that hf_align.model.processing.MAX_ASPECT_RATIO allows"
 
 
 def png(image: Image.Image) -> bytes:
@@ -94,7 +92,7 @@ def test_a_94_byte_4096x1_png_would_become_917504x224_and_is_refused():
     with pytest.raises(
         ImageSizeError,
         match=r"^the image processor would resize a 10x10 px image to 8192x8192 px, 67,108,864 pixels, over "
-        r"hf_align.processing.MAX_RESIZED_PIXELS=16,777,216$",
+        r"hf_align.model.processing.MAX_RESIZED_PIXELS=16,777,216$",
     ):
         check_image_size(huge, Image.new("RGB", (10, 10)))
     with pytest.raises(ImageSizeError, match=r"^empty image \(0x5 px\)$"):
@@ -296,8 +294,8 @@ def test_uploaded_files_are_the_allow_list_of_the_aligners_own_files(tmp_path):
 def test_push_after_training_uploads_exactly_the_aligners_files(model, tmp_path, monkeypatch):
     from hub_server import serving
 
-    from hf_align.cli import main as cli_main
-    from hf_align.hub import upload_aligner
+    from hf_align.commands.cli import main as cli_main
+    from hf_align.model.hub import upload_aligner
 
     output_dir = tmp_path / "run"
     features = extract_features(model, model.processor, digits_dataset(24), cache_dir=tmp_path / "cache")

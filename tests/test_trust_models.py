@@ -25,13 +25,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_align import AlignerConfig, AlignerModel
-from hf_align.configuration import MAX_WIDTH, SETTING_BOUNDS
 from hf_align.encoders import EncoderLoadError, load_encoder
+from hf_align.encoders.sentence_pipeline import SentenceEncoder, SentencePipelineError, read_sentence_pipeline
 from hf_align.methods import METHODS
 from hf_align.regularizers import REGULARIZERS
-from hf_align.safe_loading import ArtefactError, resolve_inside
-from hf_align.sentence_pipeline import SentenceEncoder, SentencePipelineError, read_sentence_pipeline
 from hf_align.similarity import SIMILARITIES
+from hf_align.utils.checks import MAX_WIDTH, SETTING_BOUNDS
+from hf_align.utils.safe_loading import ArtefactError, resolve_inside
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DENSE = {"in_features": 32, "out_features": 16, "bias": True, "activation_function": "torch.nn.modules.activation.Tanh"}

@@ -16,10 +16,10 @@ three", ...) with the ten digit names as labels; `--gallery DIR` uses the images
 labelled by their file names ("red_car.jpg" -> "red car").
 
 What a visitor sends is bounded before any model runs: at most `MAX_LABELS` labels of `MAX_LABEL_CHARS` characters,
-a template of at most `MAX_TEMPLATE_CHARS` with exactly one bare `{}` (`hf_align.templates.check_template`), a text
-query of at most `MAX_QUERY_CHARS`, and images the image processor would not blow up
-(`hf_align.processing.check_image_size`). The header reads the aligner's `training_summary` defensively: a malformed
-one is reported there, and the app still starts.
+a template of at most `MAX_TEMPLATE_CHARS` with exactly one bare `{}` (`hf_align.model.templates.check_template`), a
+text query of at most `MAX_QUERY_CHARS`, and images the image processor would not blow up
+(`hf_align.model.processing.check_image_size`). The header reads the aligner's `training_summary` defensively: a
+malformed one is reported there, and the app still starts.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from PIL import Image
 from transformers import pipeline
 
 from hf_align.experiments.quickstart import QuickstartArguments
-from hf_align.modelcard import TASK_NAMES, metric_display_name, ordered_metrics
-from hf_align.pipelines import RETRIEVAL_TASK, ZERO_SHOT_TASK, register_pipelines
-from hf_align.processing import ImageSizeError, check_image_size
-from hf_align.segmentation_inference import overlay_segmentation
-from hf_align.templates import check_template
+from hf_align.integrations.pipelines import RETRIEVAL_TASK, ZERO_SHOT_TASK, register_pipelines
+from hf_align.model.card import TASK_NAMES, metric_display_name, ordered_metrics
+from hf_align.model.processing import ImageSizeError, check_image_size
+from hf_align.model.segmentation import overlay_segmentation
+from hf_align.model.templates import check_template
 
 logger = logging.getLogger(__name__)
 

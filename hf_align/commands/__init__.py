@@ -4,7 +4,7 @@ name so that the import graph is static)."""
 
 from __future__ import annotations
 
-from ..registry import Registry
+from ..utils.registry import Registry
 from . import (
     analyze,
     benchmark,

@@ -40,7 +40,7 @@ def run(args: AnalyzeArguments) -> int:
     from ..experiments.compare import synthetic_features
     from ..experiments.geometry import analyze
     from ..features import open_feature_cache
-    from ..modeling import AlignerModel
+    from ..model.modeling import AlignerModel
 
     model = AlignerModel.from_pretrained(args.model, load_encoders=False) if args.model else None
     features = synthetic_features() if args.features == "synthetic" else open_feature_cache(args.features)

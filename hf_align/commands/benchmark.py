@@ -1,7 +1,8 @@
 """`hf-align benchmark`: zero-shot classification and retrieval suites on a saved aligner, clip_benchmark style.
 
 Datasets are image-folders, caption folders, `save_to_disk` folders, Hub ids or clip_benchmark's standard names (see
-`hf_align.benchmark`). Writes `benchmark.csv`, `benchmark.json` and `benchmark.png` to `--output_dir`, prints the
+`hf_align.evaluation.benchmark`). Writes `benchmark.csv`, `benchmark.json` and `benchmark.png` to `--output_dir`,
+prints the
 table, and records every result on the model's card data; a local aligner folder gets its `README.md` rewritten
 with them (the card's model-index).
 """
@@ -30,9 +31,9 @@ class BenchmarkArguments:
 
 
 def run(args: BenchmarkArguments) -> int:
-    from ..benchmark import BenchmarkDataset, run_benchmark
-    from ..modelcard import write_model_card
-    from ..modeling import AlignerModel
+    from ..evaluation.benchmark import BenchmarkDataset, run_benchmark
+    from ..model.card import write_model_card
+    from ..model.modeling import AlignerModel
 
     suite = [BenchmarkDataset.parse(s, args.split, args.dataset_config) for s in args.datasets.split(",") if s.strip()]
     model = AlignerModel.from_pretrained(args.model)

@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from ..training import AlignmentArguments
+from ..training.loop import AlignmentArguments
 from .base import CommandSpec
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..arguments import parse_layer_list
+from .arguments import parse_layer_list
 from .base import CommandSpec
 
 
@@ -62,7 +62,7 @@ def _ints(name: str, text: str) -> list[int]:
 
 def run(args: DataEfficiencyArguments) -> int:
     from ..experiments.data_efficiency import default_variants, run_data_efficiency
-    from ..training import AlignmentArguments
+    from ..training.loop import AlignmentArguments
 
     if args.synthetic == (args.features is not None):
         raise ValueError("give exactly one of --features <cache folder> or --synthetic")

@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from ..arguments import load_dataset_split
+from .arguments import load_dataset_split
 from .base import CommandSpec
 
 
@@ -31,9 +31,9 @@ class EvaluateArguments:
 
 
 def run(args: EvaluateArguments) -> int:
-    from ..evaluation import evaluate_retrieval, evaluate_zero_shot
-    from ..modelcard import write_model_card
-    from ..modeling import AlignerModel
+    from ..evaluation.zero_shot_retrieval import evaluate_retrieval, evaluate_zero_shot
+    from ..model.card import write_model_card
+    from ..model.modeling import AlignerModel
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = sorted(set(tasks) - {"zero_shot", "retrieval"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..arguments import DataArguments, ModelArguments
+from .arguments import DataArguments, ModelArguments
 from .base import CommandSpec
 
 

@@ -1,6 +1,6 @@
 """`hf-align push`: upload a saved aligner folder (config, weights, processor files, model card) to the Hub.
 
-Only the aligner's own files go up (`hf_align.hub.uploaded_files`, an allow-list): a training run's tracker logs,
+Only the aligner's own files go up (`hf_align.model.hub.uploaded_files`, an allow-list): a training run's tracker logs,
 checkpoints and caches in the same folder stay local."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ class PushArguments:
 
 
 def run(args: PushArguments) -> int:
-    from ..hub import upload_aligner
-    from ..modeling import AlignerModel
+    from ..model.hub import upload_aligner
+    from ..model.modeling import AlignerModel
 
     if not os.path.isdir(args.model_dir):
         raise ValueError(f"model_dir={args.model_dir!r} is not a folder; give the output_dir of a saved aligner")

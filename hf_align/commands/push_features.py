@@ -23,7 +23,7 @@ class PushFeaturesArguments:
 
 
 def run(args: PushFeaturesArguments) -> int:
-    from ..feature_hub import push_features
+    from ..features.hub import push_features
 
     info = push_features(
         args.cache,

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from ..arguments import parse_layer_list
+from .arguments import parse_layer_list
 from .base import CommandSpec
 
 REPORT_FILE = "layer_selection.json"
@@ -41,7 +41,7 @@ class SelectLayersArguments:
 
 def run(args: SelectLayersArguments) -> int:
     from ..features import open_feature_cache
-    from ..layer_selection import select_layers
+    from ..training.layer_selection import select_layers
 
     report = select_layers(
         open_feature_cache(args.features, args.split),

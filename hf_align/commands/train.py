@@ -1,20 +1,21 @@
 """`hf-align train`: extract (or reuse) the feature cache, train an aligner on it and save it.
 
 Unset training arguments take `hf_align.train`'s defaults, which fit the batch and the run to the data
-(`hf_align.training_args.plan_training`); the run's summary (steps, best step and score, early stopping) is printed.
+(`hf_align.training.arguments.plan_training`); the run's summary (steps, best step and score, early stopping) is
+printed.
 """
 
 from __future__ import annotations
 
 import json
 
-from ..arguments import DataArguments, ModelArguments
-from ..training import AlignmentArguments
+from ..training.loop import AlignmentArguments
+from .arguments import DataArguments, ModelArguments
 from .base import CommandSpec
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: AlignmentArguments) -> int:
-    from ..training import train
+    from ..training.loop import train
 
     if training_args.output_dir is None:
         raise ValueError("hf-align train needs --output_dir (where the trained aligner is saved)")

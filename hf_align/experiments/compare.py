@@ -11,7 +11,7 @@ runs:
   scored against the prototypes with the model's own similarity head (so a learned head is evaluated as trained),
   top-1 / top-5 / mean per-class recall (`zero_shot_metrics`). Without a label column zero-shot is skipped (the
   leaderboard says so in its notes) rather than invented from captions;
-* the modality gap of the aligned test embeddings (`hf_align.analysis.modality_gap`);
+* the modality gap of the aligned test embeddings (`hf_align.functional.geometry.modality_gap`);
 * wall-clock training time and parameter counts (trainable, and everything the checkpoint stores).
 
 Combinations the library rejects at configuration time (a learned head with a training-free method, a token method
@@ -222,7 +222,7 @@ def _build_model(
 ):
     from ..features import cached_layers, layer_column
     from ..methods import get_method
-    from ..modeling import AlignerModel
+    from ..model.modeling import AlignerModel
 
     tokens = get_method(method).input_kind == "tokens"
     dims = {}
@@ -251,12 +251,17 @@ def _build_model(
 @torch.no_grad()
 def evaluate_run(model, train_features, test_features, label_column: str | None = "label") -> dict[str, float]:
     """Retrieval (and zero-shot, when labelled) metrics of a trained model on the test part of a cache."""
-    from ..analysis import modality_gap
-    from ..evaluation import _first_row_per_image, embed_feature_cache, evaluate_retrieval, zero_shot_metrics
+    from ..evaluation.zero_shot_retrieval import (
+        embed_feature_cache,
+        evaluate_retrieval,
+        first_row_per_image,
+        zero_shot_metrics,
+    )
+    from ..functional.geometry import modality_gap
 
     model.eval()
     metrics = dict(evaluate_retrieval(model, None, test_features))
-    first = _first_row_per_image(test_features)
+    first = first_row_per_image(test_features)
     test_rows = test_features.select(first)
     images, texts = embed_feature_cache(model, test_rows)
     metrics["modality_gap"] = modality_gap(images, texts)
@@ -330,8 +335,9 @@ def compare(
     from transformers import set_seed
 
     from ..methods import METHODS
-    from ..similarity import SIMILARITIES
-    from ..training import AlignmentArguments, train
+    from ..similarity.heads import SIMILARITIES
+    from ..training.arguments import AlignmentArguments
+    from ..training.loop import train
 
     methods = list(methods or sorted(METHODS))
     similarities = list(similarities or sorted(SIMILARITIES))

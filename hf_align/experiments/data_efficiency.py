@@ -35,7 +35,7 @@ import torch
 from transformers.utils import logging
 
 from ..features import cached_layers, column_array, layer_column, split_by_image
-from ..training import AlignmentArguments, train
+from ..training.loop import AlignmentArguments, train
 
 logger = logging.get_logger(__name__)
 
@@ -290,8 +290,8 @@ def run_data_efficiency(
 
 
 def _one_run(variant, subset, test, n, seed, template, widths, layers, selection_kwargs) -> dict:
-    from ..evaluation import evaluate_retrieval
-    from ..modeling import AlignerModel
+    from ..evaluation.zero_shot_retrieval import evaluate_retrieval
+    from ..model.modeling import AlignerModel
 
     torch.manual_seed(seed)
     model = AlignerModel.from_feature_dims(
@@ -300,7 +300,7 @@ def _one_run(variant, subset, test, n, seed, template, widths, layers, selection
     if variant.layers == "last":
         model.config.vision_layer, model.config.text_layer = layers["vision"][-1], layers["text"][-1]
     else:
-        from ..layer_selection import resolve_auto_layers
+        from ..training.layer_selection import resolve_auto_layers
 
         model.config.vision_layer = model.config.text_layer = "auto"
         resolve_auto_layers(model, subset, **{"seed": seed, **(selection_kwargs or {})})

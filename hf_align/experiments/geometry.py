@@ -16,9 +16,9 @@ import datasets
 import numpy as np
 import torch
 
-from ..analysis import geometry_report, pair_similarities
-from ..evaluation import embed_feature_cache
+from ..evaluation.zero_shot_retrieval import embed_feature_cache
 from ..features import cached_layers, layer_column
+from ..functional.geometry import geometry_report, pair_similarities
 
 __all__ = ["analyze"]
 

@@ -46,7 +46,7 @@ def plot_similarity_histogram(matched, shuffled, stage: str, similarity: str, ou
     """Histograms (densities, shared bins) of the similarities of matched pairs and of random pairs.
 
     Args:
-        matched / shuffled: (n,) similarity scores, e.g. from `hf_align.analysis.pair_similarities`.
+        matched / shuffled: (n,) similarity scores, e.g. from `hf_align.functional.geometry.pair_similarities`.
         similarity: the head's name, for the x axis.
     """
     figure = Figure(figsize=(5.5, 4))

@@ -48,7 +48,7 @@ class QuickstartArguments:
     image_size: int = field(default=32, metadata={"help": "Side the 8×8 digits are upscaled to (nearest) first."})
     max_samples: int | None = None
     test_fraction: float = 0.2
-    # No recipe of its own: the library's defaults fit the run to the data (hf_align.training_args.plan_training).
+    # No recipe of its own: the library's defaults fit the run to the data (hf_align.training.arguments.plan_training).
     num_train_epochs: float | None = field(default=None, metadata={"help": "Epochs (default: the library's choice)."})
     batch_size: int | None = field(default=None, metadata={"help": "Batch (default: the library's choice)."})
     learning_rate: float | None = field(default=None, metadata={"help": "Learning rate (default: the library's)."})
@@ -76,11 +76,11 @@ def run_quickstart(args: QuickstartArguments) -> dict:
     import datasets
     from transformers import set_seed
 
-    from ..evaluation import evaluate_zero_shot
+    from ..evaluation.zero_shot_retrieval import evaluate_zero_shot
     from ..features import extract_features
-    from ..modeling import AlignerModel
+    from ..model.modeling import AlignerModel
     from ..testing import DIGIT_NAMES, digits_dataset, efficientnet_lite0_path, minilm_path
-    from ..training import AlignmentArguments, train
+    from ..training.loop import AlignmentArguments, train
 
     start = time.perf_counter()
 
@@ -98,7 +98,7 @@ def run_quickstart(args: QuickstartArguments) -> dict:
         class_names, dataset_name = DIGIT_NAMES, DIGITS_NAME
         say(f"data: scikit-learn handwritten digits, {len(data)} images, 10 classes")
     else:
-        from ..arguments import load_dataset_split
+        from ..features.decode import load_dataset_split
 
         data = load_dataset_split(args.dataset, None, args.split, args.max_samples, args.seed)
         label = data.features[args.label_column]

@@ -14,7 +14,7 @@
 * `decode`: the source side: loading a dataset split, decoding images and captions, preprocessing batches.
 """
 
-from ..distributed import cpu_process_group, process_state
+from ..utils.distributed import cpu_process_group, process_state
 from .decode import MAX_IMAGE_SIDE, load_dataset_split
 from .encode import BAD_SAMPLE_POLICIES, SHARD_IMAGE_ID_STRIDE, BadSampleError
 from .extract import extract_features

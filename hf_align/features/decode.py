@@ -4,7 +4,7 @@ batches of them (the CPU work `extract_features` runs in DataLoader workers whil
 Images are decoded one by one and converted to RGB: grayscale, palette, CMYK, 16-bit and float images are rescaled;
 transparency is composited on white as CLIP's processor does; sides over `MAX_IMAGE_SIDE` are box-downsampled first.
 Captions over the text encoder's length limit are truncated with a warning. What cannot be encoded (an undecodable or
-empty image, one the image processor would blow up (`hf_align.processing.check_image_size`: a 4096×1 strip), a
+empty image, one the image processor would blow up (`hf_align.model.processing.check_image_size`: a 4096×1 strip), a
 missing / empty / non-text / non-UTF-8 caption, or one that UTF-8 cannot encode (a lone surrogate such as "\ud800",
 which a Python-level stream or transform can yield)) is reported with its row and reason, for `extract_features`'
 bad-sample policy to raise or skip.
@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..processing import check_image_size
-from ..templates import text_token_limit as _text_length_limit  # noqa: F401  (encode.py imports it from here)
+from ..model.processing import check_image_size
 
 if TYPE_CHECKING:
-    from .encode import _Plan
+    from .encode import ExtractionPlan
 
 logger = logging.get_logger(__name__)
 
@@ -55,7 +54,7 @@ def load_dataset_split(
     return data
 
 
-class _SourceBatches(torch.utils.data.Dataset):
+class SourceBatches(torch.utils.data.Dataset):
     """Item i: `(start, dataset[start : start + batch_size])` for the i-th batch index of `batches`."""
 
     def __init__(self, dataset: datasets.Dataset, batch_size: int, batches: range):
@@ -69,18 +68,18 @@ class _SourceBatches(torch.utils.data.Dataset):
         return start, self.dataset[start : start + self.batch_size]
 
 
-class _Preprocessor:
-    """The DataLoader's collate function: `_prepare_batch` with this extraction's processor and plan."""
+class Preprocessor:
+    """The DataLoader's collate function: `prepare_batch` with this extraction's processor and plan."""
 
-    def __init__(self, processor, plan: _Plan):
+    def __init__(self, processor, plan: ExtractionPlan):
         self.processor, self.plan = processor, plan
 
     def __call__(self, item) -> dict:
         start, batch = item
-        return _prepare_batch(self.processor, self.plan, start, batch)
+        return prepare_batch(self.processor, self.plan, start, batch)
 
 
-def _prepare_batch(processor, plan: _Plan, start: int, batch: dict, shard: int | None = None) -> dict:
+def prepare_batch(processor, plan: ExtractionPlan, start: int, batch: dict, shard: int | None = None) -> dict:
     """Decode, check and preprocess the source rows `start, start + 1, ...` in `batch` (CPU work, run in a worker);
     `shard`: the source shard they come from in a streamed extraction (rows then count within it), else `None`.
 
@@ -259,7 +258,7 @@ def _truncated_captions(tokenizer, captions: list[str], rows: list[int], limit: 
     return [(rows[i], n) for i, n in zip(long, lengths) if n > limit]
 
 
-def _log_truncated(cut: list[tuple[int, int]], limit: int) -> None:
+def log_truncated(cut: list[tuple[int, int]], limit: int) -> None:
     # Logged by the main process: a worker's log records would not reach the caller's handlers.
     if cut:
         logger.warning(

@@ -1,6 +1,6 @@
-"""Encoding batches for a feature cache: what an extraction reads from each encoder (`_reads`, `_Plan`), how a
-prepared batch goes through the encoders (`_launch`) and how its rows are checked and written (`_collect`,
-`_encode_prepared`). Shared by `extract_features` over a map-style dataset (`hf_align.features.extract`) and over a
+"""Encoding batches for a feature cache: what an extraction reads from each encoder (`column_reads`, `ExtractionPlan`),
+how a prepared batch goes through the encoders (`_launch`) and how its rows are checked and written (`collect`,
+`encode_prepared`). Shared by `extract_features` over a map-style dataset (`hf_align.features.extract`) and over a
 streamed one.
 
 Bad samples (`on_bad_sample`): what cannot be encoded (an undecodable or empty image, a missing / empty / non-text /
@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from datasets.arrow_writer import ArrowWriter
 
-from ..configuration import resolve_layer_index
-from ..cpu_threads import follow_load
-from ..encoders import blank_pixel_values, non_finite_rows, read_tap, text_fixed_length
-from ..taps import Tap, default_pooling, default_source, tap_width
-from .decode import _log_truncated, _text_length_limit
-from .schema import _features_schema, layer_column, source_column, tap_column
+from ..encoders.loading import blank_pixel_values, non_finite_rows, read_tap, text_fixed_length
+from ..encoders.taps import Tap, default_pooling, default_source, tap_width
+from ..model.configuration import resolve_layer_index
+from ..model.templates import text_token_limit
+from ..utils.cpu_threads import follow_load
+from .decode import log_truncated
+from .schema import features_schema, layer_column, source_column, tap_column
 from .store import estimate_cache_bytes
 
 __all__ = ["BAD_SAMPLE_POLICIES", "SHARD_IMAGE_ID_STRIDE", "BadSampleError"]
@@ -42,7 +43,7 @@ class BadSampleError(ValueError):
     """A dataset sample `extract_features` cannot encode; the message names its row (and caption) and the problem."""
 
 
-def _requested_layers(modality: str, requested, config) -> list[int]:
+def requested_layers(modality: str, requested, config) -> list[int]:
     num = getattr(config, f"{modality}_num_layers")
     if requested is None:
         requested = "all" if getattr(config, f"{modality}_layer") == "auto" else [config.absolute_layer(modality)]
@@ -54,7 +55,7 @@ def _requested_layers(modality: str, requested, config) -> list[int]:
 
 
 @dataclass(frozen=True)
-class _Read:
+class ColumnRead:
     """One cache column: the tap it reads, the prefix tokens that tap leaves out, its width and, for messages, where
     in the encoder it comes from."""
 
@@ -74,7 +75,7 @@ class _Read:
         return self.tap.describe() + (f", {prefix} prefix token{'s' if prefix > 1 else ''}" if prefix else "")
 
 
-def _reads(model, modality: str, layers: list[int]) -> dict[str, _Read]:
+def column_reads(model, modality: str, layers: list[int]) -> dict[str, ColumnRead]:
     """The columns an extraction stores for `modality`, by name: the pooled hidden-state `layers`, and what the
     model's tap reads when that is not among them (token sequences, or a source after the last layer).
 
@@ -91,7 +92,7 @@ def _reads(model, modality: str, layers: list[int]) -> dict[str, _Read]:
         hidden_pooling = default_pooling(info, modality, "hidden_states")
         hidden_prefix = info.num_prefix_tokens.get("hidden_states", 0) if modality == "vision" else 0
     reads = {
-        layer_column(modality, layer): _Read(
+        layer_column(modality, layer): ColumnRead(
             Tap(layer, "hidden_states", hidden_pooling), hidden_prefix, info.hidden_sizes[layer], f"layer {layer}"
         )
         for layer in layers
@@ -101,7 +102,7 @@ def _reads(model, modality: str, layers: list[int]) -> dict[str, _Read]:
         # (`pooler_output` of the families whose authors use it, e.g. EfficientNet): stored beside the layers.
         own = default_source(info, modality)
         if pooling != "tokens" and own == "pooler_output":
-            reads[source_column(modality, own)] = _Read(Tap(-1, own, "none"), 0, info.output_sizes[own], own)
+            reads[source_column(modality, own)] = ColumnRead(Tap(-1, own, "none"), 0, info.output_sizes[own], own)
         return reads
     tap = config.tap(modality)
     name = tap_column(config, modality)
@@ -111,25 +112,25 @@ def _reads(model, modality: str, layers: list[int]) -> dict[str, _Read]:
             tap, where = Tap(absolute, "hidden_states", tap.pooling), f"layer {absolute}"
         else:
             where = tap.source
-        reads[name] = _Read(tap, prefix, tap_width(info, tap), where)
+        reads[name] = ColumnRead(tap, prefix, tap_width(info, tap), where)
     return reads
 
 
 @dataclass(frozen=True)
-class _Plan:
+class ExtractionPlan:
     """What an extraction reads and stores; shared by the preprocessing workers and the encoding loop."""
 
     image_column: str
     text_column: str
     keep_columns: tuple[str, ...]
-    reads: dict  # modality -> column name -> _Read
+    reads: dict  # modality -> column name -> ColumnRead
     text_passes: dict  # fixed text length (None: as tokenized) -> the text columns read from that pass
     batch_size: int
     text_limit: int
     on_bad_sample: str
 
 
-def _build_plan(
+def build_plan(
     model,
     processor,
     reads,
@@ -139,10 +140,10 @@ def _build_plan(
     batch_size,
     max_text_length,
     on_bad_sample,
-) -> tuple[_Plan, datasets.Features, int]:
+) -> tuple[ExtractionPlan, datasets.Features, int]:
     """The plan of an extraction, the Arrow schema of its rows and their estimated size in bytes per row (token
     columns counted at the vision encoder's token count and 32 text tokens)."""
-    text_limit = _text_length_limit(model, processor.tokenizer, max_text_length)
+    text_limit = text_token_limit(model, processor.tokenizer, max_text_length)
     pooled = {m: {name: r.width for name, r in reads[m].items() if not r.tokens} for m in reads}
     vision_tokens = {name: (_vision_token_count(model, r), r.width) for name, r in reads["vision"].items() if r.tokens}
     text_tokens = {name: r.width for name, r in reads["text"].items() if r.tokens}
@@ -153,17 +154,17 @@ def _build_plan(
         next(iter(vision_tokens.values()), None),
         (32, next(iter(text_tokens.values()))) if text_tokens else None,
     )
-    schema = _features_schema({**pooled["vision"], **pooled["text"]}, vision_tokens, text_tokens, keep_features)
+    schema = features_schema({**pooled["vision"], **pooled["text"]}, vision_tokens, text_tokens, keep_features)
     text_passes: dict[int | None, list[str]] = {}  # a SigLIP text tower's pooled taps need their own pass
     for name, read in reads["text"].items():
         text_passes.setdefault(text_fixed_length(model.text_model, read.tap), []).append(name)
-    plan = _Plan(
+    plan = ExtractionPlan(
         image_column, text_column, tuple(keep_features), reads, text_passes, batch_size, text_limit, on_bad_sample
     )
     return plan, schema, row_bytes
 
 
-def _default_num_workers(model, num_workers: int | None) -> int:
+def default_num_workers(model, num_workers: int | None) -> int:
     if num_workers is not None:
         return num_workers
     # On a GPU the workers keep decoding off the device's critical path; on CPU they would take cores from the
@@ -172,8 +173,8 @@ def _default_num_workers(model, num_workers: int | None) -> int:
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
-def _encode_prepared(model, prepared_batches: Iterable[dict], plan: _Plan, path: str, schema, progress):
-    """Encode prepared batches (`hf_align.features.decode._prepare_batch` dicts) into an Arrow file at `path`.
+def encode_prepared(model, prepared_batches: Iterable[dict], plan: ExtractionPlan, path: str, schema, progress):
+    """Encode prepared batches (`hf_align.features.decode.prepare_batch` dicts) into an Arrow file at `path`.
 
     Returns the number of rows written and the samples skipped. The device starts on batch i + 1 before batch i's
     outputs are waited for and written.
@@ -181,8 +182,8 @@ def _encode_prepared(model, prepared_batches: Iterable[dict], plan: _Plan, path:
     writer = ArrowWriter(path=path, features=schema)
     n_rows, skipped = 0, []
     try:
-        for launched in _launched_ahead(model, prepared_batches, plan):
-            n_rows += _collect(launched, plan, writer, skipped)
+        for launched in launched_ahead(model, prepared_batches, plan):
+            n_rows += collect(launched, plan, writer, skipped)
             progress.update(launched["prepared"]["n_source"])
         writer.finalize()
     finally:
@@ -190,8 +191,8 @@ def _encode_prepared(model, prepared_batches: Iterable[dict], plan: _Plan, path:
     return n_rows, skipped
 
 
-def _launched_ahead(model, prepared_batches: Iterable[dict], plan: _Plan):
-    """`_launch` each prepared batch; yield batch i (for `_collect`) once batch i + 1 is launched, so the device
+def launched_ahead(model, prepared_batches: Iterable[dict], plan: ExtractionPlan):
+    """`_launch` each prepared batch; yield batch i (for `collect`) once batch i + 1 is launched, so the device
     works on the next batch while this one's outputs are waited for and written."""
     device = next(model.vision_model.parameters()).device
     with channels_last_convnet(model.vision_model, device) as memory_format:
@@ -231,7 +232,7 @@ def channels_last_convnet(encoder: torch.nn.Module, device: torch.device) -> Ite
         encoder.to(memory_format=torch.contiguous_format)
 
 
-def _vision_token_count(model, read: _Read) -> int:
+def _vision_token_count(model, read: ColumnRead) -> int:
     """Tokens per image of a vision token column (one blank image through the encoder)."""
     outputs = model.vision_outputs(blank_pixel_values(model.vision_model))
     return read_tap(outputs, read.tap, read.num_prefix_tokens)[0].shape[1]
@@ -242,7 +243,7 @@ def _vision_token_count(model, read: _Read) -> int:
 def _launch(
     model,
     prepared: dict,
-    plan: _Plan,
+    plan: ExtractionPlan,
     device: torch.device,
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict:
@@ -300,7 +301,7 @@ def _to_host(value):
     return value.to("cpu", non_blocking=True)
 
 
-def _collect(launched: dict, plan: _Plan, writer: ArrowWriter, skipped: list[dict]) -> int:
+def collect(launched: dict, plan: ExtractionPlan, writer: ArrowWriter, skipped: list[dict]) -> int:
     """Wait for a launched batch, apply the bad-sample policy, write its rows; returns the number of rows written.
 
     Under `on_bad_sample="raise"` the first bad sample raises `BadSampleError` naming its row (and source shard, in a
@@ -322,7 +323,7 @@ def _collect(launched: dict, plan: _Plan, writer: ArrowWriter, skipped: list[dic
         reject(position, reason, caption)
     if launched["outputs"] is None:
         return 0
-    _log_truncated(prepared["truncated"], plan.text_limit)
+    log_truncated(prepared["truncated"], plan.text_limit)
     if launched["event"] is not None:
         launched["event"].synchronize()
     outputs, positions, owner = launched["outputs"], prepared["positions"], prepared["owner"]

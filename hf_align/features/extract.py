@@ -24,30 +24,30 @@ import datasets
 import torch
 from transformers.utils import logging
 
-from ..cpu_threads import scoped_cpu_threads
-from ..distributed import broadcast, on_every_process, on_main, process_state
-from .decode import _Preprocessor, _SourceBatches
+from ..utils.cpu_threads import scoped_cpu_threads
+from ..utils.distributed import broadcast, on_every_process, on_main, process_state
+from .decode import Preprocessor, SourceBatches
 from .encode import (
     BAD_SAMPLE_POLICIES,
     BadSampleError,
-    _build_plan,
-    _default_num_workers,
-    _encode_prepared,
-    _reads,
-    _requested_layers,
+    build_plan,
+    column_reads,
+    default_num_workers,
+    encode_prepared,
+    requested_layers,
 )
 from .store import (
     CACHE_FORMAT_VERSION,
     DATA_FILE,
     SHARD_PREFIX,
-    _fingerprint,
-    _finish_cache,
-    _local_signature,
-    _new_partial_folder,
-    _processor_signature,
-    _reuse_or_clear,
     default_cache_dir,
+    fingerprint,
+    finish_cache,
     load_cache,
+    local_signature,
+    new_partial_folder,
+    processor_signature,
+    reuse_or_clear,
 )
 from .streaming import check_stream, extract_stream, stream_identity
 
@@ -125,21 +125,20 @@ def extract_features(
         raise ValueError(f"num_workers must be None or an int >= 0, got {num_workers!r}")
     config = model.config
     layers = {
-        m: _requested_layers(m, requested, config)
-        for m, requested in (("vision", vision_layers), ("text", text_layers))
+        m: requested_layers(m, requested, config) for m, requested in (("vision", vision_layers), ("text", text_layers))
     }
-    reads = {m: _reads(model, m, layers[m]) for m in layers}
+    reads = {m: column_reads(model, m, layers[m]) for m in layers}
     pipeline = getattr(model.text_model, "pipeline", None)  # a sentence-transformers pipeline (through LoRA too)
     parts = {
         "format": CACHE_FORMAT_VERSION,
-        "vision_encoder": [config.vision_encoder, config.vision_revision, _local_signature(config.vision_encoder)],
-        "text_encoder": [config.text_encoder, config.text_revision, _local_signature(config.text_encoder)],
+        "vision_encoder": [config.vision_encoder, config.vision_revision, local_signature(config.vision_encoder)],
+        "text_encoder": [config.text_encoder, config.text_revision, local_signature(config.text_encoder)],
         "layers": layers,
         # Every stored column with the tap it reads (source, layer, pooling) and the prefix tokens it leaves out:
         # a cache extracted through one tap is never reused for another.
         "taps": {m: {name: read.signature() for name, read in reads[m].items()} for m in reads},
         "text_pipeline": pipeline.describe() if hasattr(pipeline, "describe") else None,
-        "processor": _processor_signature(processor, max_text_length),
+        "processor": processor_signature(processor, max_text_length),
         "columns": [image_column, text_column, sorted(keep_columns)],
         "dataset": stream_identity(dataset) if streamed else dataset._fingerprint,
         "on_bad_sample": on_bad_sample,
@@ -150,7 +149,7 @@ def extract_features(
             "datasets (e.g. IterableDataset.from_generator), so no cache fingerprint can be derived from it; give "
             "cache_path=<folder> to name its cache (a rerun with that folder reuses or resumes it)"
         )
-    folder = cache_path or os.path.join(cache_dir or default_cache_dir(), _fingerprint(parts))
+    folder = cache_path or os.path.join(cache_dir or default_cache_dir(), fingerprint(parts))
     target = os.path.abspath(os.fspath(folder))
     state = process_state()
     if state.num_processes > 1:
@@ -161,7 +160,7 @@ def extract_features(
             model.to(state.device)
     if streamed:
         keep_features = datasets.Features({c: stream.features[c] for c in keep_columns})
-        plan, schema, _ = _build_plan(
+        plan, schema, _ = build_plan(
             model,
             processor,
             reads,
@@ -173,10 +172,10 @@ def extract_features(
             on_bad_sample,
         )
         return extract_stream(model, processor, stream, plan, schema, parts, target, cache_path, num_workers, state)
-    if on_main(state, lambda: _reuse_or_clear(target, parts, cache_path)):
+    if on_main(state, lambda: reuse_or_clear(target, parts, cache_path)):
         logger.info(f"reusing feature cache {target}")
-        return load_cache(target, parts, verify_checksum=False)  # verified by _reuse_or_clear just now
-    tmp = on_main(state, lambda: _new_partial_folder(target))
+        return load_cache(target, parts, verify_checksum=False)  # verified by reuse_or_clear just now
+    tmp = on_main(state, lambda: new_partial_folder(target))
     try:
         n_rows, skipped = _write_features(
             model,
@@ -193,7 +192,7 @@ def extract_features(
             num_workers,
             state,
         )
-        on_main(state, lambda: _finish_cache(tmp, target, parts, n_rows, skipped))
+        on_main(state, lambda: finish_cache(tmp, target, parts, n_rows, skipped))
     except BaseException:
         if state.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -245,7 +244,7 @@ def _write_features(
     """Encode the rows into Arrow files in `folder`; returns the number of cache rows and the skipped samples.
 
     One process writes `folder/features.arrow`. Under several processes, process r encodes a contiguous run of the
-    batches into `folder/shard-<r>.arrow`, which `_finish_cache` concatenates in rank order: the batches are those of
+    batches into `folder/shard-<r>.arrow`, which `finish_cache` concatenates in rank order: the batches are those of
     a one-process run, so are the rows, their order and their values.
     """
     from transformers.utils.logging import tqdm
@@ -258,7 +257,7 @@ def _write_features(
     first_caption = dataset[0][text_column]
     captions_per_image = len(first_caption) if isinstance(first_caption, list) else 1
     keep_features = datasets.Features({c: dataset.features[c] for c in keep_columns})
-    plan, schema, row_bytes = _build_plan(
+    plan, schema, row_bytes = build_plan(
         model, processor, reads, image_column, text_column, keep_features, batch_size, max_text_length, on_bad_sample
     )
     estimate = n_images * captions_per_image * row_bytes
@@ -278,15 +277,15 @@ def _write_features(
     def encode() -> tuple[int, list[dict]]:
         device = next(model.vision_model.parameters()).device
         loader = torch.utils.data.DataLoader(
-            _SourceBatches(dataset, plan.batch_size, batches),
+            SourceBatches(dataset, plan.batch_size, batches),
             batch_size=None,  # an item is already a batch
-            collate_fn=_Preprocessor(processor, plan),
+            collate_fn=Preprocessor(processor, plan),
             # a single batch has nothing to overlap with
-            num_workers=_default_num_workers(model, num_workers) if len(batches) > 1 else 0,
+            num_workers=default_num_workers(model, num_workers) if len(batches) > 1 else 0,
             pin_memory=device.type == "cuda",
         )
         try:
-            return _encode_prepared(model, loader, plan, path, schema, progress)
+            return encode_prepared(model, loader, plan, path, schema, progress)
         finally:
             progress.close()
 

@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 import torch
 
-from ..configuration import resolve_layer_index
+from ..model.configuration import resolve_layer_index
 
 __all__ = [
     "FeatureCollator",
@@ -75,7 +75,7 @@ def column_array(dataset: datasets.Dataset, name: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- building a cache
-def _features_schema(
+def features_schema(
     pooled: dict[str, int],
     vision_tokens: dict[str, tuple[int, int]],
     text_tokens: dict[str, int],
@@ -135,7 +135,7 @@ def features_from_tensors(
         columns[name] = values.tolist() if isinstance(values, (torch.Tensor, np.ndarray)) else list(values)
     pooled = {layer_column("vision", k): v.shape[-1] for k, v in vision.items()}
     pooled.update({layer_column("text", k): v.shape[-1] for k, v in text.items()})
-    schema = _features_schema(
+    schema = features_schema(
         pooled,
         {layer_column("vision", k, tokens=True): tuple(v.shape[1:]) for k, v in vision_tokens.items()},
         {layer_column("text", k, tokens=True): v.shape[-1] for k, v in text_tokens.items()},
@@ -205,7 +205,7 @@ def features_for(model, features: datasets.Dataset) -> datasets.Dataset:
             columns[name] = f"{modality}_features"
             continue
         tokens = getattr(config, f"resolved_{modality}_pooling") == "tokens"
-        layer = _cache_layer(config, features, modality, tokens)
+        layer = cache_layer(config, features, modality, tokens)
         name = layer_column(modality, layer, tokens)
         if name not in features.column_names:
             have = cached_layers(features, modality, tokens)
@@ -221,7 +221,7 @@ def features_for(model, features: datasets.Dataset) -> datasets.Dataset:
     return features.select_columns(keep).rename_columns(columns)
 
 
-def _cache_layer(config, features: datasets.Dataset, modality: str, tokens: bool) -> int:
+def cache_layer(config, features: datasets.Dataset, modality: str, tokens: bool) -> int:
     layer = getattr(config, f"{modality}_layer")
     if getattr(config, f"{modality}_num_layers") is not None or (isinstance(layer, int) and layer >= 0):
         return config.absolute_layer(modality)

@@ -18,7 +18,8 @@ order, one memory-mapped Dataset.
 `open_feature_cache` opens any folder a command is given: a finished cache, or a dataset saved with `save_to_disk`.
 
 What a folder says is not trusted: every file its metadata (or a dataset folder's `state.json`, `dataset_dict.json`,
-card `configs`) names must lie inside it after `realpath` (`hf_align.safe_loading.resolve_inside`), and metadata that
+card `configs`) names must lie inside it after `realpath` (`hf_align.utils.safe_loading.resolve_inside`), and metadata
+that
 is valid JSON but not what an extraction writes (a missing key, a wrong type) is damage, named by file and field. Under
 `cache_dir` (hf_align's own) damage is rebuilt; a `cache_path` the user named is never deleted.
 """
@@ -35,9 +36,9 @@ import datasets
 from datasets.arrow_writer import ArrowWriter
 from transformers.utils import logging
 
-from ..file_integrity import file_record, fsync_path
-from ..safe_loading import ArtefactError
-from ..safe_loading import resolve_inside as _resolve_inside
+from ..utils.file_integrity import file_record, fsync_path
+from ..utils.safe_loading import ArtefactError
+from ..utils.safe_loading import resolve_inside as _resolve_inside
 from ..version import __version__
 from .decode import load_dataset_split
 
@@ -81,12 +82,12 @@ def default_cache_dir() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- fingerprint
-def _fingerprint(parts: dict) -> str:
+def fingerprint(parts: dict) -> str:
     """The folder name of the cache of `parts` (every input the features depend on): a hash of their JSON."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _local_signature(path: str | None) -> str | None:
+def local_signature(path: str | None) -> str | None:
     """A digest of the sizes and mtimes of a local encoder's weight and config files, subfolders included (a
     sentence-transformers folder keeps its pooling config and Dense weights in `1_Pooling/`, `2_Dense/`), so re-saving
     other weights or another pipeline there invalidates caches. `None` for a Hub id."""
@@ -104,7 +105,7 @@ def _local_signature(path: str | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def _processor_signature(processor, max_text_length) -> dict:
+def processor_signature(processor, max_text_length) -> dict:
     image_processor = processor.image_processor
     image = image_processor.to_dict()
     image.pop("processor_class", None)
@@ -128,7 +129,7 @@ def estimate_cache_bytes(n_rows: int, vision_dims, text_dims, vision_token_shape
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _reuse_or_clear(target: str, parts: dict, cache_path) -> bool:
+def reuse_or_clear(target: str, parts: dict, cache_path) -> bool:
     """True when `target` holds a finished cache of exactly `parts` (size and checksum verified); otherwise clears the
     way for a new one (a damaged or unfinished cache under `cache_dir` is removed, one at `cache_path` is refused)."""
     _remove_stale_partial_caches(target)
@@ -154,7 +155,7 @@ def _reuse_or_clear(target: str, parts: dict, cache_path) -> bool:
     return False
 
 
-def _new_partial_folder(target: str) -> str:
+def new_partial_folder(target: str) -> str:
     # Host and pid in the name: a later run can tell a dead extraction's leftovers from a live one's.
     tmp = f"{target}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -162,7 +163,7 @@ def _new_partial_folder(target: str) -> str:
     return tmp
 
 
-def _finish_cache(tmp: str, target: str, parts: dict, n_rows: int, skipped: list[dict]) -> None:
+def finish_cache(tmp: str, target: str, parts: dict, n_rows: int, skipped: list[dict]) -> None:
     """Concatenate the processes' shards (if any) in rank order, write the metadata last, rename `tmp` to `target`."""
     shards = sorted(name for name in os.listdir(tmp) if name.startswith(SHARD_PREFIX))
     if shards:
@@ -209,12 +210,12 @@ def _concatenate_arrow(paths: list[str], path: str) -> None:
         writer.close()
 
 
-def _shard_file(index: int) -> str:
+def shard_file(index: int) -> str:
     """Where source shard `index` lives in a sharded cache, relative to its folder."""
     return f"{SHARD_FOLDER}/{SHARD_PREFIX}{index:05d}.arrow"
 
 
-def _write_json_atomic(path: str, value) -> None:
+def write_json_atomic(path: str, value) -> None:
     """Write `value` as JSON under a temporary name, fsync it, rename it to `path` and fsync the folder: a reader
     finds the old file, or the whole new one."""
     tmp = f"{path}.tmp"
@@ -226,7 +227,7 @@ def _write_json_atomic(path: str, value) -> None:
     fsync_path(os.path.dirname(path))
 
 
-def _write_sharded_meta(folder: str, parts: dict, shards: list[dict]) -> None:
+def write_sharded_meta(folder: str, parts: dict, shards: list[dict]) -> None:
     """Write the metadata of a sharded cache into `folder` (atomically, fsynced): `shards` are the per-shard
     records (`file`, `source_shard`, `num_rows`, `num_source_rows`, `size`, `sha256`, `skipped`), in shard order."""
     skipped = [sample for record in shards for sample in record["skipped"]]
@@ -237,7 +238,7 @@ def _write_sharded_meta(folder: str, parts: dict, shards: list[dict]) -> None:
             f"{META_FILE}); first: {skipped[0]['reason']}"
         )
     meta = {
-        "fingerprint": _fingerprint(parts),  # the folder name under cache_dir, for a copy that lives elsewhere
+        "fingerprint": fingerprint(parts),  # the folder name under cache_dir, for a copy that lives elsewhere
         "parts": parts,
         "layout": SHARDED_LAYOUT,
         "num_rows": sum(record["num_rows"] for record in shards),
@@ -246,13 +247,13 @@ def _write_sharded_meta(folder: str, parts: dict, shards: list[dict]) -> None:
         "skipped": skipped,
         "hf_align_version": __version__,
     }
-    _write_json_atomic(os.path.join(folder, META_FILE), meta)
+    write_json_atomic(os.path.join(folder, META_FILE), meta)
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _inside(folder, entry, what: str) -> str:
-    """`hf_align.safe_loading.resolve_inside`, the one check of every loader that a path read from an artefact (here a
-    metadata field, or a data file a dataset folder lists) stays inside the artefact's folder after `realpath`
+def cache_path_inside(folder, entry, what: str) -> str:
+    """`hf_align.utils.safe_loading.resolve_inside`, the one check of every loader that a path read from an artefact
+    (here a metadata field, or a data file a dataset folder lists) stays inside the artefact's folder after `realpath`
     (a Hub snapshot's files may link into that repo's blob store), raising `FeatureCacheError` like every cache
     loader; the message names `what`, the entry and the folder."""
     try:
@@ -266,24 +267,24 @@ def load_cache(path: str, parts: dict | None = None, verify_checksum: bool | Non
 
     Raises `FeatureCacheError` when `parts` (when given) differ from what the cache was built for (naming each
     differing part with both values), when the metadata does not hold what an extraction writes (naming the field),
-    when a file it names lies outside the folder (`hf_align.safe_loading.resolve_inside`), or when a data file is not
-    the one written: its size is checked on every load, its SHA-256 when `verify_checksum=True`, or by default
+    when a file it names lies outside the folder (`hf_align.utils.safe_loading.resolve_inside`), or when a data file is
+    not the one written: its size is checked on every load, its SHA-256 when `verify_checksum=True`, or by default
     (`None`) when the data is at most `CHECKSUM_AUTO_BYTES`; an unreadable Arrow file is named.
     """
     meta = read_cache_meta(path)
     if meta is None:
         return None
     sharded = isinstance(meta, dict) and meta.get("layout") == SHARDED_LAYOUT
-    records = _checked_records(path, meta, sharded)
+    records = checked_records(path, meta, sharded)
     if parts is not None:
         expected = json.loads(json.dumps(parts, default=str))
-        differences = _differences("", meta["parts"], expected)
+        differences = metadata_differences("", meta["parts"], expected)
         if differences:
             raise FeatureCacheError(
                 f"feature cache {path!r} was built for other inputs: " + "; ".join(differences) + ". Use the "
                 "inputs it was built for, or another cache folder"
             )
-    files = [_inside(path, record["file"], "feature cache file") for record in records]
+    files = [cache_path_inside(path, record["file"], "feature cache file") for record in records]
     total = sum(_checked_size(path, record["file"], file, record["size"]) for record, file in zip(records, files))
     if verify_checksum or (verify_checksum is None and total <= CHECKSUM_AUTO_BYTES):
         for record, file in zip(records, files):
@@ -305,7 +306,7 @@ def load_cache(path: str, parts: dict | None = None, verify_checksum: bool | Non
     return dataset
 
 
-def _checked_records(path: str, meta, sharded: bool) -> list[dict]:
+def checked_records(path: str, meta, sharded: bool) -> list[dict]:
     """The data file records of the metadata `meta` (`file`, `size`, `sha256`, and `num_rows` for a shard), after
     checking that it holds what an extraction writes; `FeatureCacheError` naming the file and field otherwise."""
 
@@ -397,8 +398,8 @@ def open_feature_cache(path: str | os.PathLike, split: str = "train") -> dataset
     """Open a feature cache folder: a finished `extract_features` cache (`hf_align_cache.json`; checked as by
     `load_cache`), or a dataset saved with `save_to_disk` (a `DatasetDict` gives its `split`); any other local folder
     is read by `datasets.load_dataset` (its `split`), e.g. Parquet files of feature columns. Only the folder's own
-    files are read (`hf_align.safe_loading.resolve_inside`): the data files a `state.json`, a `dataset_dict.json` or
-    the dataset card's `configs` list must lie in it.
+    files are read (`hf_align.utils.safe_loading.resolve_inside`): the data files a `state.json`, a `dataset_dict.json`
+    or the dataset card's `configs` list must lie in it.
 
     Raises:
         FileNotFoundError: `path` is not a folder.
@@ -430,23 +431,23 @@ def _check_dataset_files(folder: str) -> None:
     if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
         splits = _json_field(folder, "dataset_dict.json", "splits")
         for split in splits if isinstance(splits, list) else [splits]:
-            _check_dataset_files(_inside(folder, split, "dataset_dict.json split folder"))
+            _check_dataset_files(cache_path_inside(folder, split, "dataset_dict.json split folder"))
     elif os.path.isfile(os.path.join(folder, "state.json")):
         files = _json_field(folder, "state.json", "_data_files")
         for record in files if isinstance(files, list) else [files]:
             entry = record.get("filename") if isinstance(record, dict) else record
-            _inside(folder, entry, "state.json data file")
+            cache_path_inside(folder, entry, "state.json data file")
     else:
         builder = datasets.load_dataset_builder(folder)
         for files in (builder.config.data_files or {}).values():
             for file in files:
-                _inside(folder, os.path.relpath(file, folder), "data file of the dataset card's configs")
+                cache_path_inside(folder, os.path.relpath(file, folder), "data file of the dataset card's configs")
 
 
 def _json_field(folder: str, name: str, field: str):
     """Field `field` of the JSON file `name` of a `save_to_disk` folder; `FeatureCacheError` naming what is wrong."""
     try:
-        with open(_inside(folder, name, name), encoding="utf-8") as handle:
+        with open(cache_path_inside(folder, name, name), encoding="utf-8") as handle:
             value = json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise FeatureCacheError(f"{folder!r}: {name} is unreadable ({err})") from err
@@ -467,12 +468,12 @@ def skipped_samples(features: datasets.Dataset) -> list[dict]:
 
 def read_cache_meta(folder: str) -> dict | None:
     """The metadata (`hf_align_cache.json`) of the cache in `folder`, `None` when it has none; `FeatureCacheError`
-    when it cannot be read or is a link to a file outside the folder (`hf_align.safe_loading.resolve_inside`)."""
+    when it cannot be read or is a link to a file outside the folder (`hf_align.utils.safe_loading.resolve_inside`)."""
     path = os.path.join(folder, META_FILE)
     if not os.path.isfile(path):
         return None
     try:
-        with open(_inside(folder, META_FILE, META_FILE), encoding="utf-8") as handle:
+        with open(cache_path_inside(folder, META_FILE, META_FILE), encoding="utf-8") as handle:
             return json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise FeatureCacheError(f"feature cache {folder!r}: {META_FILE} is unreadable ({err}); re-extract it") from err
@@ -488,13 +489,15 @@ def cache_folder_of(dataset: datasets.Dataset) -> str | None:
     return next((f for f in candidates if os.path.isfile(os.path.join(f, META_FILE))), None)
 
 
-def _differences(prefix: str, recorded, expected) -> list[str]:
+def metadata_differences(prefix: str, recorded, expected) -> list[str]:
     """`part: recorded X, now Y` for each leaf where two JSON-like values differ (dicts are compared key by key)."""
     if isinstance(recorded, dict) and isinstance(expected, dict):
         out = []
         for key in sorted(set(recorded) | set(expected), key=str):
             if recorded.get(key) != expected.get(key):
-                out += _differences(f"{prefix}.{key}" if prefix else str(key), recorded.get(key), expected.get(key))
+                out += metadata_differences(
+                    f"{prefix}.{key}" if prefix else str(key), recorded.get(key), expected.get(key)
+                )
         return out
     return [f"{prefix or 'parts'}: recorded {_short(recorded)}, now {_short(expected)}"]
 

@@ -21,7 +21,7 @@ source shard, starting at the r-th: on a fresh run, shards i ≡ r (mod world), 
 `split_dataset_by_node`, whose stream runs a process's shards together: a shard must end in its own file, named by
 its global index, for a rerun to know what is done. The main process writes the metadata once every process is done.
 
-The cache's fingerprint needs the stream's identity, which an `IterableDataset` does not carry (`_fingerprint` is
+The cache's fingerprint needs the stream's identity, which an `IterableDataset` does not carry (`fingerprint` is
 map-style only): `stream_identity` derives it from the stream's sources (data files with their sizes and modification
 times, or the fingerprints of the map-style shards of `Dataset.to_iterable_dataset`), the builder configuration, the
 transforms applied to the stream (hashed as `datasets` hashes `map` functions) and its features. A stream whose rows
@@ -50,24 +50,24 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from transformers.utils import logging
 
-from ..distributed import on_every_process, on_main
-from ..file_integrity import file_record, fsync_path
-from .decode import _prepare_batch
-from .encode import BadSampleError, _collect, _default_num_workers, _launched_ahead
+from ..utils.distributed import on_every_process, on_main
+from ..utils.file_integrity import file_record, fsync_path
+from .decode import prepare_batch
+from .encode import BadSampleError, collect, default_num_workers, launched_ahead
 from .store import (
     META_FILE,
     SHARD_FOLDER,
     SHARD_PREFIX,
     SHARDED_LAYOUT,
     FeatureCacheError,
-    _checked_records,
-    _differences,
-    _inside,
-    _reuse_or_clear,
-    _shard_file,
-    _write_json_atomic,
-    _write_sharded_meta,
+    cache_path_inside,
+    checked_records,
     load_cache,
+    metadata_differences,
+    reuse_or_clear,
+    shard_file,
+    write_json_atomic,
+    write_sharded_meta,
 )
 
 logger = logging.get_logger(__name__)
@@ -172,11 +172,11 @@ def _file_identity(path: str):
 def extract_stream(model, processor, dataset, plan, schema, parts, target, cache_path, num_workers, state):
     """Encode `dataset` (from `check_stream`) into the sharded cache `target`, or reuse it; returns the cache.
 
-    `plan`, `schema`: the extraction's (`hf_align.features.encode._build_plan`); `parts`: its fingerprint's parts.
+    `plan`, `schema`: the extraction's (`hf_align.features.encode.build_plan`); `parts`: its fingerprint's parts.
     """
-    if on_main(state, lambda: _reuse_or_clear(target, parts, cache_path)):
+    if on_main(state, lambda: reuse_or_clear(target, parts, cache_path)):
         logger.info(f"reusing feature cache {target}")
-        return load_cache(target, parts, verify_checksum=False)  # verified by _reuse_or_clear just now
+        return load_cache(target, parts, verify_checksum=False)  # verified by reuse_or_clear just now
     partial = target + PARTIAL_SUFFIX
     n_shards = dataset.num_shards
     lock: list = []  # the main process's lock file, held until the cache is finished
@@ -227,7 +227,7 @@ def _open_partial(partial: str, target: str, parts: dict, cache_path, n_shards: 
     parts_path = os.path.join(progress, "parts.json")
     recorded = _read_json(parts_path)
     if recorded is not None and recorded != expected:
-        differences = "; ".join(_differences("", recorded, expected))
+        differences = "; ".join(metadata_differences("", recorded, expected))
         if cache_path is not None:  # what the user named is never deleted for them
             raise FeatureCacheError(
                 f"{partial!r} holds an unfinished extraction of other inputs ({differences}); rerun with the inputs "
@@ -237,7 +237,7 @@ def _open_partial(partial: str, target: str, parts: dict, cache_path, n_shards: 
         _clear(partial)
         recorded = None
     if recorded is None:
-        _write_json_atomic(parts_path, expected)
+        write_json_atomic(parts_path, expected)
     done = []
     for index in range(n_shards):
         record_path = os.path.join(progress, f"{SHARD_PREFIX}{index:05d}.json")
@@ -285,20 +285,20 @@ def _encode_shards(model, processor, dataset, plan, schema, partial, shards, num
         _ShardBatches(dataset, shards, processor, plan),
         batch_size=None,  # an item is already a batch
         collate_fn=_as_prepared,
-        num_workers=min(_default_num_workers(model, num_workers), len(shards)),
+        num_workers=min(default_num_workers(model, num_workers), len(shards)),
         pin_memory=device.type == "cuda",
     )
     progress = tqdm(desc="hf_align: extracting features (streaming)", unit="img", disable=not state.is_main_process)
     writers: dict[int, _ShardWriter] = {}
     records = []
     try:
-        for launched in _launched_ahead(model, loader, plan):
+        for launched in launched_ahead(model, loader, plan):
             prepared = launched["prepared"]
             shard = prepared["shard"]
             if shard not in writers:
                 writers[shard] = _ShardWriter(partial, shard, schema)
             writer = writers[shard]
-            writer.rows += _collect(launched, plan, writer.writer, writer.skipped)
+            writer.rows += collect(launched, plan, writer.writer, writer.skipped)
             writer.source_rows += prepared["n_source"]
             progress.update(prepared["n_source"])
             if prepared["last"]:
@@ -316,7 +316,7 @@ def _as_prepared(item: dict) -> dict:
 
 
 class _ShardBatches(torch.utils.data.IterableDataset):
-    """Prepared batches (`_prepare_batch` dicts, plus `"last"`: the shard's final batch) of the source `shards`;
+    """Prepared batches (`prepare_batch` dicts, plus `"last"`: the shard's final batch) of the source `shards`;
     a DataLoader worker takes every num_workers-th shard, so each shard is read once, by one worker, in order. An
     empty shard still gives one (empty) batch, so that it gets its file."""
 
@@ -339,7 +339,7 @@ class _ShardBatches(torch.utils.data.IterableDataset):
             yield self._prepare(index, start, previous, last=True)
 
     def _prepare(self, shard: int, start: int, batch: dict, last: bool) -> dict:
-        prepared = _prepare_batch(self.processor, self.plan, start, batch, shard=shard)
+        prepared = prepare_batch(self.processor, self.plan, start, batch, shard=shard)
         prepared["last"] = last
         return prepared
 
@@ -348,7 +348,7 @@ class _ShardWriter:
     """The Arrow file of one source shard, written under a temporary name until `finish` makes it count."""
 
     def __init__(self, partial: str, index: int, schema: datasets.Features):
-        self.partial, self.index, self.file = partial, index, _shard_file(index)
+        self.partial, self.index, self.file = partial, index, shard_file(index)
         self.path = os.path.join(partial, self.file)
         self.writer = ArrowWriter(path=f"{self.path}.tmp", features=schema)
         self.rows, self.source_rows, self.skipped = 0, 0, []
@@ -370,7 +370,7 @@ class _ShardWriter:
             **file_record(self.path),
             "skipped": self.skipped,
         }
-        _write_json_atomic(os.path.join(self.partial, _PROGRESS, f"{SHARD_PREFIX}{self.index:05d}.json"), record)
+        write_json_atomic(os.path.join(self.partial, _PROGRESS, f"{SHARD_PREFIX}{self.index:05d}.json"), record)
         return record
 
     def abandon(self) -> None:
@@ -391,7 +391,7 @@ def _finish(partial: str, target: str, parts: dict, n_shards: int) -> None:
     if sum(record["num_rows"] for record in records) == 0:
         first = next(sample for record in records for sample in record["skipped"])
         raise BadSampleError(f"every sample of the dataset was bad and skipped; first: {first}")
-    _write_sharded_meta(partial, parts, records)
+    write_sharded_meta(partial, parts, records)
     shutil.rmtree(progress)  # its lock file stays held (open) until the extraction returns
     _rename(partial, target)
 
@@ -446,13 +446,13 @@ def stream_cache(
     files in row order: from `folder`, or from `url` + their path (e.g. `hf://datasets/<repo>@<commit>/`, opened
     with fsspec and `storage_options`). Each file is checked like a downloaded one: its size before it is read, its
     SHA-256 as it is read; a truncated, altered or unreadable file raises `FeatureCacheError` naming it, when it is
-    reached. Its file names must lie inside the cache (`hf_align.safe_loading.resolve_inside`)."""
+    reached. Its file names must lie inside the cache (`hf_align.utils.safe_loading.resolve_inside`)."""
     from datasets.iterable_dataset import ArrowExamplesIterable
 
-    records = _checked_records(folder, meta, meta.get("layout") == SHARDED_LAYOUT)
+    records = checked_records(folder, meta, meta.get("layout") == SHARDED_LAYOUT)
     files = []
     for record in records:
-        path = _inside(folder, record["file"], "feature cache file")
+        path = cache_path_inside(folder, record["file"], "feature cache file")
         name = "/".join(os.path.relpath(path, os.path.abspath(folder)).split(os.sep))
         files.append([name, path if url is None else url + name, record["size"], record["sha256"]])
     options = storage_options or {}

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..relative_representations import pick_anchor_pairs, relative_representation
+from ..functional.relative_representations import pick_anchor_pairs, relative_representation
 from .base import AlignerMethod, MethodConfig
 from .citations import ASIF, RELATIVE_REPRESENTATIONS, join
 from .registry import register_method

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..configuration import check_number, check_positive_int
+from ..utils.checks import check_number, check_positive_int
 from .base import AlignerMethod, MethodConfig
 from .citations import CLIP, PAL, SET_TRANSFORMER, join
 from .registry import register_method

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..registry import ComponentConfig
+from ..utils.registry import ComponentConfig
 
 
 @dataclass

@@ -4,7 +4,8 @@ Both modalities are projected by linear heads into a joint D-dim space spanned b
 rows L2-normalised when used). For a batch of pairs:
 
 * student scores `s_v = ẑ_v Ĉᵀ`, `s_t = ẑ_t Ĉᵀ` (ẑ the normalised embeddings the model already computed);
-* targets `q_v`, `q_t` = SwAV's equal-partition Sinkhorn–Knopp (`hf_align.ot.sinkhorn`, ε = 0.05, 3 rounds) on the
+* targets `q_v`, `q_t` = SwAV's equal-partition Sinkhorn–Knopp (`hf_align.functional.ot.sinkhorn`, ε = 0.05, 3 rounds)
+on the
   *teacher's* scores, the teacher being an EMA (momentum 0.995) of the heads and the codebook;
 * swapped prediction `ℓ = −mean_i Σ_k q_t log softmax(s_v/τ) − mean_i Σ_k q_v log softmax(s_t/τ)` (τ = 0.1): the
   image must predict the code its caption was assigned to, and the other way round.
@@ -53,7 +54,7 @@ student and the teacher codebooks.
 
 `hf_align.train` calls `init_from_data` before the first step, `after_optimizer_step()` (the EMA update, the window
 bookkeeping) after each optimiser step and logs `diagnostics()`; `transformers.Trainer` users get the first two from
-`hf_align.trainer_callback.CardDataCallback`.
+`hf_align.integrations.trainer.CardDataCallback`.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configuration import check_number, check_positive_int
-from ..ot import _distributed, sinkhorn
+from ..functional.ot import in_distributed_group, sinkhorn
+from ..utils.checks import check_number, check_positive_int
 from .base import AlignerMethod, MethodConfig
 from .citations import CODIS, SWAV, join
 from .registry import register_method
@@ -445,7 +446,7 @@ class CodebookAligner(AlignerMethod):
             return
         usage = self._usage.float()
         agreed = self._agreed.to(usage)
-        if _distributed():
+        if in_distributed_group():
             torch.distributed.all_reduce(usage)
             torch.distributed.all_reduce(agreed)
         dead = (usage == 0).nonzero().flatten()
@@ -467,7 +468,7 @@ class CodebookAligner(AlignerMethod):
         dead = dead.to(self.codebook.device)
         scale = self.codebook.detach().norm(dim=-1).mean()  # keep the raw rows' scale (only directions matter)
         self.codebook[dead] = (new * scale).to(self.codebook.dtype)
-        if _distributed():  # every process must hold the same codebook: take rank 0's choice
+        if in_distributed_group():  # every process must hold the same codebook: take rank 0's choice
             torch.distributed.broadcast(self.codebook.data, src=0)
         teacher = self.teacher_state()
         teacher["codebook"][dead] = self.codebook.detach()[dead]

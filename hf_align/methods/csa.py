@@ -38,7 +38,7 @@ computed after it. `refine_weight=0` (the default) skips it; the authors' STRUCT
 `refine_weight=10, refine_cca_weight=0.01, refine_levels=1, refine_tau=0.2, refine_epochs=10, refine_lr=5e-4,
 refine_batch_size=4096`. The `structure` regulariser (`structure_weight=...`) adds a term to the training loss, and a
 training-free method runs no training step, so the model refuses any regulariser with a training-free method
-(`hf_align.aligner_parts.check_parts`), naming the `refine_*` settings.
+(`hf_align.model.aligner_parts.check_parts`), naming the `refine_*` settings.
 
 **Deviations.**
 - The CCA is closed form in `torch.linalg` (float64 eigendecompositions and one SVD), not scikit-learn's
@@ -75,8 +75,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..configuration import check_number, check_positive_int
-from ..regularizers.structure import StructureRegularizer, structure_regularizer
+from ..functional.structure import structure_regularizer
+from ..regularizers.structure import StructureRegularizer
+from ..utils.checks import check_number, check_positive_int
 from .base import AlignerMethod, MethodConfig
 from .citations import CSA, join
 from .registry import register_method

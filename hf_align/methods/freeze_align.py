@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..configuration import check_number, check_positive_int
+from ..utils.checks import check_number, check_positive_int
 from .base import AlignerMethod, MethodConfig, check_token_input
 from .citations import FREEZE_ALIGN
 from .registry import register_method

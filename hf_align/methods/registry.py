@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from ..registry import Registry
+from ..utils.registry import Registry
 from .base import AlignerMethod, MethodConfig
 
 METHODS: Registry[type[AlignerMethod]] = Registry("method", AlignerMethod, name_attribute="method_name")

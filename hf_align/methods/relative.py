@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..relative_representations import pick_anchor_pairs, relative_representation
+from ..functional.relative_representations import pick_anchor_pairs, relative_representation
 from .base import AlignerMethod, MethodConfig
 from .citations import PAL, RELATIVE_REPRESENTATIONS, join
 from .registry import register_method

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..configuration import check_positive_int
+from ..utils.checks import check_positive_int
 from .base import AlignerMethod, MethodConfig, check_token_input
 from .citations import CLIP, SAIL, join
 from .registry import register_method

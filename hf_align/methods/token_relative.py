@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..relative_representations import relative_representation
+from ..functional.relative_representations import relative_representation
 from .base import AlignerMethod, MethodConfig, check_token_input
 from .citations import PAL, RELATIVE_REPRESENTATIONS, join
 from .registry import register_method
@@ -260,7 +260,7 @@ def late_interaction_scores(
     """Late-interaction (n_images, n_texts) scores of a trained `token_relative` `AlignerModel` on token features.
 
     Same inputs as `model.get_image_features(vision_features=..., vision_mask=...)` / `get_text_features`; usable with
-    `hf_align.retrieval_metrics` in place of `model.similarity(image_embeds, text_embeds)`.
+    `hf_align.evaluation.retrieval_metrics` in place of `model.similarity(image_embeds, text_embeds)`.
     """
     aligner = model.aligner
     if not isinstance(aligner, TokenRelativeAligner):

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from ..registry import Registry
+from ..utils.registry import Registry
 from .base import Regularizer
 
 REGULARIZERS: Registry[type[Regularizer]] = Registry("regulariser", Regularizer, name_attribute="regularizer_name")
