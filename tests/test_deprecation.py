@@ -2,13 +2,15 @@
 one, with a `FutureWarning` that names the new path and the release that removes the old one."""
 
 import importlib
+import re
 import sys
 import warnings
 
 import pytest
+import torch
 
 import hf_align
-from hf_align.utils.deprecation import MOVED_MODULES, MOVED_NAMES
+from hf_align.utils.deprecation import MOVED_METHODS, MOVED_MODULES, MOVED_NAMES
 
 _WARNING = r"{} is deprecated and will be removed in hf_align {}; use {} instead"
 
@@ -43,6 +45,38 @@ def test_a_moved_name_is_served_from_its_old_module_with_a_warning(old):
     with pytest.warns(FutureWarning, match=pattern):
         value = getattr(owner, name)
     assert value is getattr(importlib.import_module(new), name)
+
+
+# Each deprecated method: (its call, its replacement's call), both on (model, processor inputs).
+_METHOD_CALLS = {
+    "hf_align.AlignerModel.text_hidden_states": (
+        lambda model, x: model.text_hidden_states(x["input_ids"], x["attention_mask"], x["token_type_ids"]),
+        lambda model, x: model.text_outputs(x["input_ids"], x["attention_mask"], x["token_type_ids"]).hidden_states,
+    ),
+    "hf_align.AlignerModel.vision_hidden_states": (
+        lambda model, x: model.vision_hidden_states(x["pixel_values"]),
+        lambda model, x: model.vision_outputs(x["pixel_values"]).hidden_states,
+    ),
+}
+
+
+@pytest.mark.parametrize("old", sorted(MOVED_METHODS))
+def test_a_deprecated_method_warns_and_returns_what_its_replacement_does(old, tiny_vit, tiny_bert, random_images):
+    assert set(_METHOD_CALLS) == set(MOVED_METHODS), "every deprecated method needs its calls in _METHOD_CALLS"
+    module, owner, name = old.rsplit(".", 2)
+    new, removed_in = MOVED_METHODS[old]
+    model = getattr(importlib.import_module(module), owner).from_encoders(tiny_vit, tiny_bert, projection_dim=8)
+    assert getattr(type(model), name).__name__ == name  # the wrapper keeps the method's own name (and docstring)
+    inputs = model.processor(images=random_images[:2], text=["a cat", "two dogs on a sofa"])
+    call, replacement = _METHOD_CALLS[old]
+    with pytest.warns(FutureWarning, match=re.escape(_WARNING.format(old, removed_in, new))) as caught:
+        result = call(model, inputs)
+    # one warning per call, pointing at the caller rather than at the wrapper
+    assert [w.filename for w in caught if old in str(w.message)] == [__file__]
+    expected = replacement(model, inputs)
+    assert len(result) == len(expected) > 1
+    for got, want in zip(result, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_every_new_path_in_the_table_exists_and_no_old_path_does():

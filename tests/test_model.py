@@ -191,7 +191,8 @@ def test_each_configuration_check_runs_once_per_model(tiny_vit, tiny_bert, tmp_p
     counted(hf_align.model.aligner_parts, "check_similarity")
     counted(hf_align.model.aligner_parts, "build_regularizers")
     counted(hf_align.utils.registry, "check_settings")  # the type check of every settings dataclass (`from_kwargs`)
-    once = {"get_method": 1, "check_similarity": 1, "build_regularizers": 1, "check_settings": 2}  # 2: method + reg.
+    # check_settings: the method, the similarity head and the regulariser
+    once = {"get_method": 1, "check_similarity": 1, "build_regularizers": 1, "check_settings": 3}
     model = AlignerModel.from_encoders(tiny_vit, tiny_bert, projection_dim=4, structure_weight=1.0)
     assert calls == once
     calls.clear()

@@ -27,7 +27,7 @@ def test_register_similarity_refuses_a_taken_name_and_a_non_module():
     class Cosine2(SimilarityHead):
         pass
 
-    taken = r"'cosine' is already registered to hf_align\.similarity\.heads\.CosineSimilarity; cannot register .*Cosine2 under"
+    taken = r"'cosine' is already registered to hf_align\.similarity\.inner_product\.CosineSimilarity; cannot register .*Cosine2 under"
     with pytest.raises(ValueError, match=taken):
         register_similarity("cosine")(Cosine2)
     with pytest.raises(ValueError, match=r"similarity 'plain' must be a subclass of Module, got <function"):

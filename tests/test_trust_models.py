@@ -3,7 +3,6 @@ bundled in an aligner), a LoRA adapter. Paths stay inside the folder, nothing is
 pickles are never opened, every setting has an upper bound, and a damaged file is named."""
 
 import dataclasses
-import inspect
 import json
 import os
 import re
@@ -365,16 +364,12 @@ def _int_settings():
     """(owner, how to build an aligner with the setting, field) for every int setting of every registered method,
     regulariser and similarity head (an `int | str` or `int | list[int]` field counts)."""
     found = []
-    for registry, kind in ((METHODS, "method"), (REGULARIZERS, "regularizer")):
+    for registry, kind in ((METHODS, "method"), (REGULARIZERS, "regularizer"), (SIMILARITIES, "similarity")):
         for name, cls in sorted(registry.items()):
             hints = typing.get_type_hints(cls.config_class)
             for field in dataclasses.fields(cls.config_class):
                 if int in (typing.get_args(hints[field.name]) or (hints[field.name],)):
                     found.append((kind, name, field.name))
-    for name, cls in sorted(SIMILARITIES.items()):
-        for parameter in inspect.signature(cls.__init__).parameters.values():
-            if type(parameter.default) is int:
-                found.append(("similarity", name, parameter.name))
     return found
 
 

@@ -53,7 +53,8 @@ class EncoderInfo:
     """What the aligner needs to know about a frozen encoder; read off one probe forward pass.
 
     Args:
-        name_or_path / revision: where it came from.
+        name_or_path: where it came from.
+        revision: the revision it came from.
         num_hidden_states (`int`): length of `hidden_states` (embeddings + one per block or stage).
         hidden_sizes (`list[int]`): width of each hidden state (ConvNeXt stages differ).
         has_cls (`bool`): the legacy rule of aligners saved before taps: token 0 of `hidden_states` is a CLS token.
@@ -98,13 +99,15 @@ def load_encoder(
     Args:
         modality (`str`): `"vision"` or `"text"`.
         name_or_path: Hub id, local folder, or an already loaded model.
-        revision / dtype: passed to `from_pretrained`.
+        revision: passed to `from_pretrained`.
+        dtype: passed to `from_pretrained`.
         source (`str`, *optional*): the tap source the caller will read, which decides what is kept with the tower:
             `"projected"` keeps a CLIP repo's projection (`CLIP*ModelWithProjection`); `"sentence_embedding"` wraps a
             text model in its repo's sentence-transformers pipeline (`SentenceEncoder`; the repo must have one);
             `"auto"` does the latter when the text repo has a pipeline. `None` (what aligners saved before taps
             reload with) and the other sources load the plain model.
-        subfolder / use_safetensors: passed to `from_pretrained` (an encoder bundled in an aligner's repo).
+        subfolder: passed to `from_pretrained` (an encoder bundled in an aligner's repo).
+        use_safetensors: passed to `from_pretrained`.
 
     Raises:
         EncoderLoadError: the id or path cannot be loaded, or it lacks what `source` needs.

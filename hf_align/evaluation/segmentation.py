@@ -286,8 +286,9 @@ def evaluate_segmentation(
         ignore_index: the mask value that never counts (without a preset; default 255).
         background: optional extra prompt (e.g. "background") scored as one more class, without a preset: pixels it
             wins are predicted "no class" (wrong for every labelled pixel); it gets no IoU and is not in the mean.
-        dataset_name / dataset_split: how the model card names the data when the result is recorded (default: what
-            a Hub-loaded `dataset` knows about itself).
+        dataset_name: how the model card names the data when the result is recorded (default: what a Hub-loaded
+            `dataset` knows about itself).
+        dataset_split: how the model card names the split, likewise.
         preset: `voc20`, `voc21`, `context59`, `context60` or `ade150`: the benchmark's prompts, mask labels,
             ignored value and background rule (see the module docstring); replaces `class_names`, `ignore_index` and
             `background`.

@@ -335,7 +335,7 @@ def compare(
     from transformers import set_seed
 
     from ..methods import METHODS
-    from ..similarity.heads import SIMILARITIES
+    from ..similarity import SIMILARITIES
     from ..training.arguments import AlignmentArguments
     from ..training.loop import train
 

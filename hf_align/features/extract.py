@@ -83,12 +83,13 @@ def extract_features(
             `datasets.IterableDataset` (`load_dataset(..., streaming=True)`), extracted source shard by source shard
             into a sharded cache, resumable after a kill (`hf_align.features.streaming`; its `image_id` is source
             shard * 2**32 + row within the shard).
-        vision_layers / text_layers: hidden states to store pooled (for layer selection): `None` = the layer the
+        vision_layers: hidden states to store pooled (for layer selection): `None` = the layer the
             model taps (the last one for taps after it; every layer when it is `"auto"`), `"all"`, or a list of
             hidden-state indices (negative allowed). They are pooled as the model's tap pools when it reads hidden
             states, else as `auto` pools them. What the model's tap reads is stored too (its token column for token
             methods, its own column for a source after the last layer: `hf_align.features.schema`). Everything
             comes from one forward pass per batch.
+        text_layers: the same for the text encoder.
         keep_columns: source columns to copy into the cache (e.g. `["label"]`).
         batch_size: images per encoder forward pass; captions are sorted by length and encoded `batch_size` at a time.
         cache_dir: where caches live (default `$HF_ALIGN_CACHE` or `~/.cache/hf_align/features`).

@@ -105,7 +105,8 @@ def features_from_tensors(
     """Build a feature cache (in memory) from tensors, e.g. a synthetic task or features computed elsewhere.
 
     Args:
-        vision / text: layer -> (n, d) pooled features.
+        vision: layer -> (n, d) pooled features.
+        text: layer -> (n, d) pooled features.
         vision_tokens: layer -> (n, T, d); text_tokens: layer -> (n, T, d) padded, with `text_mask` (n, T).
         image_id: (n,) source-image id per row (default: every row its own image).
         extra_columns: more columns (e.g. `{"label": labels}`), one value per row.
@@ -300,7 +301,8 @@ def split_by_image(
         held_out: the images to hold out: an int is a count, a float in [0, 1) a share of the images (rounded to the
             nearest count).
         seed: seed of the draw; the same seed and images give the same split.
-        min_held_out / min_kept: the fewest images the held-out / kept part may get; fewer raises `ValueError`.
+        min_held_out: the fewest images the held-out part may get; fewer raises `ValueError`.
+        min_kept: the fewest images the kept part may get; fewer raises `ValueError`.
         name: the caller's name for `held_out` (e.g. `"eval_fraction"`), so that its errors name what was set.
 
     Returns:

@@ -78,6 +78,7 @@ class FeatureCacheError(ValueError):
 
 
 def default_cache_dir() -> str:
+    """Where feature caches live by default: `$HF_ALIGN_CACHE`, else `~/.cache/hf_align/features`."""
     return os.environ.get("HF_ALIGN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf_align", "features"))
 
 

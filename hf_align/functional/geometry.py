@@ -94,7 +94,8 @@ def gaussian_w2(a: Any, b: Any, normalize: bool = False) -> float:
     Equal covariances reduce it to the centroid distance `‖μ_a − μ_b‖`.
 
     Args:
-        a, b: (n_a, d) and (n_b, d) sets; sizes may differ. Each needs at least 2 rows for a covariance.
+        a: (n_a, d) set. It needs at least 2 rows for a covariance.
+        b: (n_b, d) set; its size may differ from `a`'s. It needs at least 2 rows for a covariance.
         normalize: L2-normalise the rows first (compare directions only, like `modality_gap`).
     """
     a, b = _pair(a, b)
@@ -122,7 +123,8 @@ def sample_w2(a: Any, b: Any, normalize: bool = False, max_samples: int | None =
     `max_samples`.
 
     Args:
-        a, b: (n_a, d) and (n_b, d) sets of equal width.
+        a: (n_a, d) set.
+        b: (n_b, d) set of the same width.
         normalize: L2-normalise rows first.
         max_samples: random subset of at most this many rows per set (reproducible with `seed`); `None` uses all
             rows. Sets of equal size keep the same row indices (matched pairs stay matched). W2 on a subsample is a

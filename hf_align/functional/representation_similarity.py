@@ -139,7 +139,8 @@ def mutual_knn(a, b, k: int | str = "rice", chunk_size: int | None = None) -> fl
     """Mutual k-NN alignment of two feature sets of the same n samples, in [0, 1] (1 = identical neighbourhoods).
 
     Args:
-        a, b: (n, d_a) and (n, d_b) tensors / arrays; row i of each is sample i. Rows are L2-normalised here.
+        a: (n, d_a) tensor / array; row i is sample i. Rows are L2-normalised here.
+        b: (n, d_b) tensor / array; row i is sample i. Rows are L2-normalised here.
         k: number of neighbours, or a rule of n (`"rice"`, `"sqrt"`, `"sturges"`); must satisfy 1 <= k <= n - 1.
         chunk_size: query rows per similarity chunk (memory knob; the result does not depend on it).
     """

@@ -60,7 +60,8 @@ def topk_similarity(
         gallery: (n_g, D) embeddings, on the same device or in host memory (pinned host memory lets each block's copy
             overlap the previous block's work); blocks are moved to the queries' device one at a time.
         k: results per query, 1 ≤ k ≤ n_g.
-        chunk_size / query_chunk_size: gallery / query rows per block of scores.
+        chunk_size: gallery rows per block of scores.
+        query_chunk_size: query rows per block of scores.
         similarity: `f(query_rows, gallery_rows) -> (rows_q, rows_g)` scores, higher = better, called once per block;
             default the dot product (the cosine for L2-normalised embeddings). A model's head scores (images, texts):
             for image queries pass `model.similarity.score_unit_norm`, for text queries
@@ -122,7 +123,8 @@ def chunked_retrieval_metrics(
         text_image_index: (n_texts,) index of the image each text describes (several texts per image allowed).
         similarity: `f(image_rows, text_rows) -> (rows_i, rows_t)` scores, called once per block (an aligner's
             `model.similarity.score_unit_norm`: its logits' ranking); default the dot product.
-        chunk_size / query_chunk_size: text / image rows per block of scores.
+        chunk_size: text rows per block of scores.
+        query_chunk_size: image rows per block of scores.
 
     Same semantics as `retrieval_metrics`: rank = negatives scoring at least as high as the (best) positive (ties
     count against the query).

@@ -174,7 +174,8 @@ class AlignerTrainer(Trainer):
         """Write hf_align's card of the trained aligner to `output_dir/README.md` (on the main process only).
 
         Args:
-            language / license: added to the card's YAML header.
+            language: added to the card's YAML header.
+            license: added to the card's YAML header.
             tags: added to the card's tags (`Trainer.push_to_hub` passes the model's `model_tags` here).
             model_name: what the card's title and usage snippet name when the Trainer has no Hub repo
                 (`hub_model_id`, set by `push_to_hub`, wins; default: `output_dir`).

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from ..functional.relative_representations import pick_anchor_pairs, relative_representation
+from ..utils.checks import number, positive_int
 from .base import AlignerMethod, MethodConfig
 from .citations import ASIF, RELATIVE_REPRESENTATIONS, join
 from .registry import register_method
@@ -60,21 +61,16 @@ class ASIFConfig(MethodConfig):
     gets, up to `MAX_AUTO_ANCHORS`. topk: entries kept per relative vector, an int or `"auto"` = `min(800, ⌈√K⌉)`
     (the authors keep 800 of 1.6 M). power: exponent applied to the kept similarities (authors' default 8)."""
 
-    num_anchors: int | str = "auto"
-    topk: int | str = "auto"
-    power: float = 8.0
+    check_prefix = "asif: "
+
+    num_anchors: int | str = positive_int("auto", also=("auto",))
+    topk: int | str = positive_int("auto", also=("auto",))
+    power: float = number(8.0, low=0.0, low_inclusive=False, expected="a number > 0")
 
     def __post_init__(self):
-        if self.num_anchors != "auto" and (
-            not isinstance(self.num_anchors, int) or isinstance(self.num_anchors, bool) or self.num_anchors < 1
-        ):
-            raise ValueError(f"asif: num_anchors must be a positive int or 'auto', got {self.num_anchors!r}")
-        if self.topk != "auto" and (not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1):
-            raise ValueError(f"asif: topk must be a positive int or 'auto', got {self.topk!r}")
+        super().__post_init__()
         if self.topk != "auto" and self.num_anchors != "auto" and self.topk > self.num_anchors:
             raise ValueError(f"asif: topk={self.topk} must not exceed num_anchors={self.num_anchors}")
-        if not isinstance(self.power, (int, float)) or not self.power > 0:
-            raise ValueError(f"asif: power must be a number > 0, got {self.power!r}")
 
     @property
     def resolved_topk(self) -> int:

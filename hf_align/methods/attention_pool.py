@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..utils.checks import check_number, check_positive_int
+from ..utils.checks import number, positive_int
 from .base import AlignerMethod, MethodConfig
 from .citations import CLIP, PAL, SET_TRANSFORMER, join
 from .registry import register_method
@@ -53,15 +53,15 @@ class AttentionPoolConfig(MethodConfig):
     attention heads. hidden_dim: hidden width of the residual MLP head (the authors' 4·D). dropout: on the attention
     weights while training."""
 
-    projection_dim: int = 512
-    num_heads: int = 8
-    hidden_dim: int = 2048
-    dropout: float = 0.0
+    check_prefix = "attention_pool: "
+
+    projection_dim: int = positive_int(512)
+    num_heads: int = positive_int(8)
+    hidden_dim: int = positive_int(2048)
+    dropout: float = number(0.0, low=0.0, high=1.0, high_inclusive=False)
 
     def __post_init__(self):
-        for name in ("projection_dim", "num_heads", "hidden_dim"):
-            check_positive_int(f"attention_pool: {name}", getattr(self, name))
-        check_number("attention_pool: dropout", self.dropout, low=0.0, high=1.0, high_inclusive=False)
+        super().__post_init__()
         if self.projection_dim % self.num_heads:
             raise ValueError(
                 f"attention_pool: projection_dim={self.projection_dim} must be a multiple of num_heads="

@@ -14,8 +14,9 @@ from ..utils.registry import ComponentConfig
 
 @dataclass
 class MethodConfig(ComponentConfig):
-    """Base class of a method's settings. Subclasses are dataclasses; `from_kwargs` rejects unknown keys by name and
-    values of the wrong type, their `__post_init__` checks ranges."""
+    """Base class of a method's settings. Subclasses are dataclasses whose fields declare their checks with their
+    defaults (`hf_align.utils.checks`: `positive_int(512)`, `number(0.1, low=0.0)`, ...), run on construction;
+    `from_kwargs` also rejects unknown keys by name and values of the wrong type."""
 
 
 class AlignerMethod(nn.Module, abc.ABC):

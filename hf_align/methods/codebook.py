@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..functional.ot import in_distributed_group, sinkhorn
-from ..utils.checks import check_number, check_positive_int
+from ..utils.checks import nonnegative_int, number, positive_int
 from .base import AlignerMethod, MethodConfig
 from .citations import CODIS, SWAV, join
 from .registry import register_method
@@ -93,37 +93,20 @@ class CodebookConfig(MethodConfig):
     which the codebook gets no gradient (SwAV freezes its prototypes for the first epoch).
     """
 
-    projection_dim: int = 512
-    num_codes: int = 1024
-    codebook_weight: float = 1.0
-    code_temperature: float = 0.1
-    sinkhorn_epsilon: float = 0.05
-    sinkhorn_iters: int = 3
-    momentum: float = 0.995
-    kmeans_iters: int = 20
-    usage_window: int = 100
+    projection_dim: int = positive_int(512)
+    num_codes: int = positive_int(1024)
+    codebook_weight: float = number(1.0, low=0.0)
+    code_temperature: float = number(0.1, low=0.0, low_inclusive=False)
+    sinkhorn_epsilon: float = number(0.05, low=0.0, low_inclusive=False)
+    sinkhorn_iters: int = positive_int(3)
+    momentum: float = number(0.995, low=0.0, high=1.0, high_inclusive=False)
+    kmeans_iters: int = positive_int(20)
+    usage_window: int = positive_int(100)
     reseed_dead_codes: bool = True
     bias: bool = False
-    queue_length: int | str = "auto"
-    queue_start_steps: int = 0
-    freeze_codebook_steps: int = 0
-
-    def __post_init__(self):
-        for name in ("projection_dim", "num_codes", "sinkhorn_iters", "kmeans_iters", "usage_window"):
-            check_positive_int(name, getattr(self, name))
-        for name in ("code_temperature", "sinkhorn_epsilon"):
-            check_number(name, getattr(self, name), low=0.0, low_inclusive=False)
-        check_number("codebook_weight", self.codebook_weight, low=0.0)
-        check_number("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
-        if self.queue_length != "auto" and not _is_count(self.queue_length):
-            raise ValueError(f"queue_length must be 'auto' or an int >= 0 (0 = no queue), got {self.queue_length!r}")
-        for name in ("queue_start_steps", "freeze_codebook_steps"):
-            if not _is_count(getattr(self, name)):
-                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    queue_length: int | str = nonnegative_int("auto", also=("auto",), expected="'auto' or an int >= 0 (0 = no queue)")
+    queue_start_steps: int = nonnegative_int(0)
+    freeze_codebook_steps: int = nonnegative_int(0)
 
 
 def auto_queue_length(batch_rows: int, num_codes: int) -> int:

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 
 from ..functional.structure import structure_regularizer
 from ..regularizers.structure import StructureRegularizer
-from ..utils.checks import check_number, check_positive_int
+from ..utils.checks import number, positive_int
 from .base import AlignerMethod, MethodConfig
 from .citations import CSA, join
 from .registry import register_method
@@ -99,27 +99,21 @@ class CSAConfig(MethodConfig):
     authors' plain CCA; the default 0.01 keeps the fit from degenerating with fewer pairs than d_v + d_t). refine_*: the
     STRUCTURE refinement of the fit (off while `refine_weight` is 0)."""
 
-    projection_dim: int | str = "auto"
+    check_prefix = "csa: "
+
+    projection_dim: int | str = positive_int("auto", also=("auto",))
     equal_weights: bool = False
-    regularization: float = 0.01
-    refine_weight: float = 0.0
-    refine_cca_weight: float = 0.01
-    refine_levels: int = 1
-    refine_tau: float = 0.2
-    refine_epochs: int = 10
-    refine_lr: float = 5e-4
-    refine_batch_size: int = 4096
+    regularization: float = number(0.01, low=0.0)
+    refine_weight: float = number(0.0, low=0.0)
+    refine_cca_weight: float = number(0.01, low=0.0)
+    refine_levels: int = positive_int(1)
+    refine_tau: float = number(0.2, low=0.0, low_inclusive=False)
+    refine_epochs: int = positive_int(10)
+    refine_lr: float = number(5e-4, low=0.0, low_inclusive=False)
+    refine_batch_size: int = positive_int(4096)
 
     def __post_init__(self):
-        if self.projection_dim != "auto":
-            check_positive_int("csa: projection_dim", self.projection_dim, "a positive int or 'auto'")
-        check_number("csa: regularization", self.regularization, low=0.0)
-        check_number("csa: refine_weight", self.refine_weight, low=0.0)
-        check_number("csa: refine_cca_weight", self.refine_cca_weight, low=0.0)
-        check_number("csa: refine_tau", self.refine_tau, low=0.0, low_inclusive=False)
-        check_number("csa: refine_lr", self.refine_lr, low=0.0, low_inclusive=False)
-        for name in ("refine_levels", "refine_epochs", "refine_batch_size"):
-            check_positive_int(f"csa: {name}", getattr(self, name))
+        super().__post_init__()
         if self.refine_batch_size < 2:
             raise ValueError(
                 f"csa: refine_batch_size must be at least 2 (STRUCTURE compares samples), got {self.refine_batch_size}"

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..utils.checks import check_number, check_positive_int
+from ..utils.checks import number, positive_int
 from .base import AlignerMethod, MethodConfig, check_token_input
 from .citations import FREEZE_ALIGN
 from .registry import register_method
@@ -58,12 +58,10 @@ class FreezeAlignConfig(MethodConfig):
     """projection_dim: width D of the shared space (the authors' `embed_dim`, 512). dropout: after each token
     LayerNorm and in the text head (0.1)."""
 
-    projection_dim: int = 512
-    dropout: float = 0.1
+    check_prefix = "freeze_align: "
 
-    def __post_init__(self):
-        check_positive_int("freeze_align: projection_dim", self.projection_dim)
-        check_number("freeze_align: dropout", self.dropout, 0.0, 1.0, high_inclusive=False)
+    projection_dim: int = positive_int(512)
+    dropout: float = number(0.1, 0.0, 1.0, high_inclusive=False)
 
 
 class PatchProjection(nn.Module):

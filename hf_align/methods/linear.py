@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..utils.checks import positive_int
 from .base import MethodConfig
 from .citations import CLIP
 from .projection import ProjectionPair
@@ -18,12 +19,8 @@ class LinearConfig(MethodConfig):
     """projection_dim: width of the shared space. bias: add a bias to each map (the STRUCTURE authors' linear head has
     one; the default has none)."""
 
-    projection_dim: int = 512
+    projection_dim: int = positive_int(512)
     bias: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.projection_dim, int) or self.projection_dim < 1:
-            raise ValueError(f"projection_dim must be a positive int, got {self.projection_dim!r}")
 
 
 @register_method("linear")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..regularizers.structure import StructureRegularizer
+from ..utils.checks import number, positive_int
 from .base import MethodConfig
 from .citations import CLIP, join
 from .projection import ProjectionPair
@@ -20,18 +21,10 @@ from .registry import register_method
 
 @dataclass
 class MLPConfig(MethodConfig):
-    projection_dim: int = 512
-    hidden_dim: int = 1024
-    dropout: float = 0.1
-    branch_init: float = 1.0
-
-    def __post_init__(self):
-        for name in ("projection_dim", "hidden_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+    projection_dim: int = positive_int(512)
+    hidden_dim: int = positive_int(1024)
+    dropout: float = number(0.1, low=0, high=1, high_inclusive=False)
+    branch_init: float = number(1.0)
 
 
 class ResidualMLPHead(nn.Module):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..functional.relative_representations import pick_anchor_pairs, relative_representation
+from ..utils.checks import number, one_of, positive_int
 from .base import AlignerMethod, MethodConfig
 from .citations import PAL, RELATIVE_REPRESENTATIONS, join
 from .registry import register_method
@@ -28,19 +29,12 @@ class RelativeConfig(MethodConfig):
     """num_anchors: K paired anchors (the embedding width). relative_mode: `softmax` (over anchors, temperature
     `anchor_temperature`) or `cosine` (plain cosines). learn_anchor_temperature: train τ_r (softmax mode only)."""
 
-    num_anchors: int = 512
-    relative_mode: str = "softmax"
-    anchor_temperature: float = 0.1
-    learn_anchor_temperature: bool = True
+    check_prefix = "relative: "
 
-    def __post_init__(self):
-        if not isinstance(self.num_anchors, int) or isinstance(self.num_anchors, bool) or self.num_anchors < 1:
-            raise ValueError(f"relative: num_anchors must be a positive int, got {self.num_anchors!r}")
-        if self.relative_mode not in RELATIVE_MODES:
-            raise ValueError(f"relative: relative_mode must be one of {RELATIVE_MODES}, got {self.relative_mode!r}")
-        t = self.anchor_temperature
-        if not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
-            raise ValueError(f"relative: anchor_temperature must be a finite number > 0, got {t!r}")
+    num_anchors: int = positive_int(512)
+    relative_mode: str = one_of("softmax", RELATIVE_MODES)
+    anchor_temperature: float = number(0.1, low=0.0, low_inclusive=False, expected="a finite number > 0")
+    learn_anchor_temperature: bool = True
 
 
 @register_method("relative")

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..utils.checks import check_positive_int
+from ..utils.checks import positive_int
 from .base import AlignerMethod, MethodConfig, check_token_input
 from .citations import CLIP, SAIL, join
 from .registry import register_method
@@ -58,12 +58,10 @@ class SAILConfig(MethodConfig):
     """projection_dim: width of the shared space (the authors' `dim_alignment`, 512). width_factor: StarMLP hidden
     width as a multiple of its input width (8)."""
 
-    projection_dim: int = 512
-    width_factor: int = 8
+    check_prefix = "sail: "
 
-    def __post_init__(self):
-        check_positive_int("sail: projection_dim", self.projection_dim)
-        check_positive_int("sail: width_factor", self.width_factor)
+    projection_dim: int = positive_int(512)
+    width_factor: int = positive_int(8)
 
 
 def split_vision_tokens(

@@ -24,7 +24,6 @@ cannot be written as a dot product of one vector per sample, so it is an evaluat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..functional.relative_representations import relative_representation
+from ..utils.checks import nonnegative_int, number, positive_int
 from .base import AlignerMethod, MethodConfig, check_token_input
 from .citations import PAL, RELATIVE_REPRESENTATIONS, join
 from .registry import register_method
@@ -47,17 +47,16 @@ class TokenRelativeConfig(MethodConfig):
     projector_dim: width of the residual bottleneck projector applied to the tokens first (0: none, PAL's default
     and the projection-free method; 512 in the authors' `token_k512_proj512` ablation)."""
 
-    num_anchors: int = 512
-    pool_temperature: float = 0.03
+    check_prefix = "token_relative: "
+
+    num_anchors: int = positive_int(512)
+    pool_temperature: float = number(0.03, low=0.0, low_inclusive=False, expected="a finite number > 0")
     pooling: str = "cap"
-    projector_dim: int = 0
+    projector_dim: int = nonnegative_int(0, expected="an int >= 0 (0: no projector)")
 
     def __post_init__(self):
-        if not isinstance(self.num_anchors, int) or isinstance(self.num_anchors, bool) or self.num_anchors < 1:
-            raise ValueError(f"token_relative: num_anchors must be a positive int, got {self.num_anchors!r}")
-        t = self.pool_temperature
-        if not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
-            raise ValueError(f"token_relative: pool_temperature must be a finite number > 0, got {t!r}")
+        super().__post_init__()
+        # not a declared one_of: late interaction, which is no pooling, gets a message of its own
         if self.pooling == "late_interaction":
             raise ValueError(
                 "token_relative: late interaction scores image-text pairs token by token and has no single embedding "
@@ -66,9 +65,6 @@ class TokenRelativeConfig(MethodConfig):
             )
         if self.pooling not in POOLINGS:
             raise ValueError(f"token_relative: pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        p = self.projector_dim
-        if not isinstance(p, int) or isinstance(p, bool) or p < 0:
-            raise ValueError(f"token_relative: projector_dim must be an int >= 0 (0: no projector), got {p!r}")
 
 
 class BottleneckProjector(nn.Module):

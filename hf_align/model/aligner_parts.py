@@ -9,6 +9,7 @@ alone (`from_pretrained`) resolves it with `resolve_parts`. Either way each chec
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 from ..encoders.taps import AUTO, SOURCES, Tap, resolve_tap, tap_width
 from ..methods import AlignerMethod, MethodConfig, get_method
 from ..regularizers import build_regularizers, split_regularizer_kwargs
-from ..similarity.heads import check_similarity
+from ..similarity.registry import check_similarity
 from ..utils.safe_loading import (
     DOWNLOAD_KWARGS,
     LOADING_KWARGS,
@@ -99,20 +100,58 @@ def resolve_parts(config: AlignerConfig) -> AlignerParts:
     )
 
 
-def aligner_settings(method: str, vision_pooling: str, text_pooling: str, kwargs: dict) -> tuple[dict, AlignerParts]:
+@dataclass(frozen=True)
+class AlignerChoices:
+    """The aligner's components as `from_encoders` / `from_feature_dims` take them, by name.
+
+    Attributes:
+        method_config: the method's settings, as a dict or its settings dataclass (`hf_align.methods`); settings may
+            also be given as keywords, but not one setting both ways.
+        regularizers: settings by regulariser name, e.g. `{"structure": {"weight": 10.0}}` (`hf_align.regularizers`).
+        similarity: the similarity head's name (`hf_align.similarity`).
+        similarity_config: the head's settings.
+        structure_weight: shorthand for `regularizers={"structure": {"weight": ...}}` (the one regulariser setting
+            with a keyword of its own); `None`: not given.
+    """
+
+    method_config: dict | MethodConfig | None = None
+    regularizers: dict[str, dict[str, Any]] | None = None
+    similarity: str = "cosine"
+    similarity_config: dict | None = None
+    structure_weight: float | str | None = None
+
+
+def aligner_settings(
+    method: str, vision_pooling: str, text_pooling: str, kwargs: dict, choices: AlignerChoices | None = None
+) -> tuple[dict, AlignerParts]:
     """Sort `from_encoders`-style keywords into `AlignerConfig` fields and validate them (`check_parts`).
 
-    Returns the fields (all but the encoder ones) and the validated parts, which the model then builds from.
+    `choices` holds the explicit arguments (`method_config`, `regularizers`, `similarity`, `similarity_config`,
+    `structure_weight`); `kwargs` the rest: `temperature`, `learnable_temperature`, the method's own settings, and
+    `<regulariser>_<field>` keywords, routed to a regulariser only when they name one of its fields and not one of the
+    method's (`split_regularizer_kwargs`). Returns the fields (all but the encoder ones) and the validated parts,
+    which the model then builds from.
     """
+    choices = choices or AlignerChoices()
     kwargs = dict(kwargs)
     settings = {
-        "similarity": kwargs.pop("similarity", "cosine"),
-        "similarity_config": kwargs.pop("similarity_config", None),
+        "similarity": choices.similarity,
+        "similarity_config": choices.similarity_config,
         "contrastive_temperature": kwargs.pop("temperature", 0.05),
         "learnable_temperature": kwargs.pop("learnable_temperature", False),
     }
-    regularizers, method_kwargs = split_regularizer_kwargs(kwargs, kwargs.pop("regularizers", None))
     method_cls = get_method(method)
+    method_fields = {f.name for f in dataclasses.fields(method_cls.config_class)}
+    regularizers, method_kwargs = split_regularizer_kwargs(kwargs, choices.regularizers, reserved=method_fields)
+    if choices.structure_weight is not None:
+        structure = regularizers.setdefault("structure", {})
+        if "weight" in structure:
+            raise ValueError(
+                f"structure_weight={choices.structure_weight!r} and regularizers['structure']['weight']="
+                f"{structure['weight']!r} both set setting 'weight' of regulariser 'structure': give it one way only"
+            )
+        structure["weight"] = choices.structure_weight
+    method_kwargs = _with_method_config(method, method_cls, choices.method_config, method_kwargs)
     if method_cls.input_kind == "tokens":  # a token method reads whole sequences: that is what `auto` means for it
         vision_pooling = "tokens" if vision_pooling == "auto" else vision_pooling
         text_pooling = "tokens" if text_pooling == "auto" else text_pooling
@@ -232,3 +271,22 @@ def check_weights_fit_config(model_class, path: str | os.PathLike, kwargs: dict)
     found = {name: shape for shapes in files.values() for name, shape in shapes.items()}
     check_loading_info(", ".join(files), shape_mismatches(expected, found))
     return parts if set(kwargs) <= LOADING_KWARGS else None
+
+
+def _with_method_config(method: str, method_cls, method_config, keywords: dict) -> dict:
+    """`method_config` (a dict or the method's settings dataclass) merged with the method's keyword settings."""
+    if method_config is None:
+        return keywords
+    if isinstance(method_config, method_cls.config_class):
+        given = method_config.to_dict()
+    elif isinstance(method_config, dict):
+        given = dict(method_config)
+    else:
+        raise ValueError(
+            f"method_config must be a dict of {method!r}'s settings or a {method_cls.config_class.__name__}, "
+            f"got {method_config!r}"
+        )
+    both = sorted(set(given) & set(keywords))
+    if both:
+        raise ValueError(f"{both} given both in method_config and as keywords: give each setting one way only")
+    return {**given, **keywords}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from transformers import PretrainedConfig
 from transformers.utils import logging
@@ -16,9 +17,13 @@ from ..encoders.taps import (
     VISION_POOLINGS,
     Tap,
     check_tap,
+    default_pooling,
     legacy_tap,
 )
 from ..utils.checks import check_number, check_positive_int, check_upper_bounds
+
+if TYPE_CHECKING:
+    from ..encoders.loading import EncoderInfo
 
 logger = logging.get_logger(__name__)
 
@@ -72,23 +77,29 @@ class AlignerConfig(PretrainedConfig):
     Args:
         vision_encoder (`str`): Hub id or local path of the vision `AutoModel`.
         text_encoder (`str`): Hub id or local path of the text `AutoModel`.
-        vision_revision / text_revision (`str`, *optional*): commit hash the encoder resolved to, or `None` for a local
+        vision_revision (`str`, *optional*): commit hash the encoder resolved to, or `None` for a local
             path. `from_pretrained` reloads exactly this revision.
-        vision_layer / text_layer (`int` or `"auto"`): index into the encoder's `hidden_states` (0 = embeddings,
+        text_revision (`str`, *optional*): the same for the text encoder.
+        vision_layer (`int` or `"auto"`): index into the encoder's `hidden_states` (0 = embeddings,
             -1 = last block). `"auto"` defers the choice to layer selection on a feature cache. Sources other than
             `hidden_states` follow the last layer: their layer is `-1`.
-        vision_source / text_source (`str`): what the aligner reads from the encoder (`hf_align.encoders.taps`):
+        text_layer (`int` or `"auto"`): the same for the text encoder.
+        vision_source (`str`): what the aligner reads from the encoder (`hf_align.encoders.taps`):
             `hidden_states` (at the layer above), `last_hidden_state` (the encoder's own final output, with its final
             norm), `pooler_output` (its own pooled embedding), `projected` (a dual encoder's projected embedding) or,
             for text, `sentence_embedding` (the sentence-transformers pipeline recorded in `text_pipeline`). A config
             without this field (saved before taps existed) reads `hidden_states`, also for the last layer.
-        vision_pooling / text_pooling (`str`): how a sequence source becomes the aligner's input: `cls`, `mean` (over
+        text_source (`str`): the same for the text encoder.
+        vision_pooling (`str`): how a sequence source becomes the aligner's input: `cls`, `mean` (over
             the real tokens, prefix tokens left out), `max`, for text also `last` (the last real token) and
             `weightedmean`, `tokens` (the whole sequence, for token methods), or `none` for the pooled sources.
             `auto` (what configs saved before taps hold; new aligners record a concrete value): vision `cls` when the
             sequence has a prefix token, else `mean`; text `mean`; `none` for a pooled source.
-        vision_hidden_size / text_hidden_size (`int`): width of the tapped features, fixed when the aligner is built.
-        vision_num_layers / text_num_layers (`int`): number of hidden states the encoder exposes (for index checks).
+        text_pooling (`str`): the same for the text encoder.
+        vision_hidden_size (`int`): width of the tapped features, fixed when the aligner is built.
+        text_hidden_size (`int`): the same for the text encoder.
+        vision_num_layers (`int`): number of hidden states the encoder exposes (for index checks).
+        text_num_layers (`int`): the same for the text encoder.
         vision_has_cls (`bool`): whether token 0 of the vision `hidden_states` is a CLS token; what configs saved
             before `vision_num_prefix_tokens` existed count as their one prefix token.
         vision_num_prefix_tokens (`int`, *optional*): leading CLS / register tokens of the tapped vision sequence,
@@ -308,6 +319,46 @@ class AlignerConfig(PretrainedConfig):
         the last one for sources after the last layer."""
         layer = self.tap(modality).layer
         return resolve_layer_index(f"{modality}_layer", layer, getattr(self, f"{modality}_num_layers"))
+
+    def set_layer(
+        self, modality: str, layer: int, width: int | None, encoder_info: Callable[[str], EncoderInfo] | None
+    ) -> bool:
+        """Point the `modality` tap at hidden state `layer`: one modality of `AlignerModel.set_layers`.
+
+        `width` is the new layer's, else what `encoder_info(modality)` (the attached encoder's probe; `None` when no
+        encoder is attached) says it is. A tap that reads one of the encoder's own outputs after the last layer
+        (`last_hidden_state`, `pooler_output`, ...) keeps it when `layer` is that last layer; another layer moves it to
+        `hidden_states`, pooled as `auto` pools hidden states. Returns whether `<modality>_hidden_size` changed, i.e.
+        whether the aligner must be rebuilt.
+        """
+        absolute = resolve_layer_index(f"{modality}_layer", layer, getattr(self, f"{modality}_num_layers"))
+        source = getattr(self, f"{modality}_source")
+        if source != "hidden_states" and absolute == self.absolute_layer(modality):
+            return False  # already read after that layer: the tap (the encoder's own output there) stays
+        if width is None or source != "hidden_states":
+            if encoder_info is None:
+                raise ValueError(
+                    f"set_layers: give {modality}_hidden_size (no encoders attached to probe)"
+                    if source == "hidden_states"
+                    else f"set_layers: the {modality} aligner reads {source!r}; moving it to a hidden state "
+                    "needs the encoders attached (its pooling is chosen on the encoder)"
+                )
+            info = encoder_info(modality)
+            width = info.hidden_sizes[absolute] if width is None else width
+        if source != "hidden_states":
+            tokens = self._pooling(modality) == "tokens"
+            pooling = "tokens" if tokens else default_pooling(info, modality, "hidden_states")
+            setattr(self, f"{modality}_source", "hidden_states")
+            setattr(self, f"{modality}_pooling", pooling)
+            if modality == "vision":
+                self.vision_num_prefix_tokens = info.num_prefix_tokens["hidden_states"]
+            else:
+                self.text_pipeline = None
+        setattr(self, f"{modality}_layer", layer)
+        if width == getattr(self, f"{modality}_hidden_size"):
+            return False
+        setattr(self, f"{modality}_hidden_size", width)
+        return True
 
 
 def resolve_layer_index(name: str, layer: int, num_hidden_states: int | None) -> int:

@@ -14,8 +14,9 @@ from ..utils.registry import ComponentConfig
 
 @dataclass
 class RegularizerConfig(ComponentConfig):
-    """Base class of a regulariser's settings. Subclasses are dataclasses; `from_kwargs` rejects unknown keys by name
-    and values of the wrong type, their `__post_init__` checks ranges."""
+    """Base class of a regulariser's settings. Subclasses are dataclasses whose fields declare their checks with
+    their defaults (`hf_align.utils.checks`), run on construction; `from_kwargs` also rejects unknown keys by name and
+    values of the wrong type."""
 
 
 class Regularizer(nn.Module, abc.ABC):
@@ -54,8 +55,10 @@ class Regularizer(nn.Module, abc.ABC):
         """Return the weighted scalar term.
 
         Args:
-            vision_features / text_features: the batch's frozen tapped-layer features, (B, d_v) / (B, d_t).
-            image_embeds / text_embeds: their aligned outputs, (B, D).
+            vision_features: the batch's frozen tapped-layer vision features, (B, d_v).
+            text_features: the batch's frozen tapped-layer text features, (B, d_t).
+            image_embeds: their aligned image outputs, (B, D).
+            text_embeds: their aligned text outputs, (B, D).
             image_ids: optional (B,) image id of each pair. A term that compares samples with each other must not
                 treat two rows with the same id (captions of one image) as different samples, e.g. by masking those
                 pairs; `None` means every row is its own image.

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from torch import nn
@@ -27,13 +27,20 @@ def get_regularizer(name: str) -> type[Regularizer]:
 
 
 def split_regularizer_kwargs(
-    kwargs: dict[str, Any], regularizers: dict[str, dict[str, Any]] | None = None
+    kwargs: dict[str, Any],
+    regularizers: dict[str, dict[str, Any]] | None = None,
+    reserved: Collection[str] = (),
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Route `<regulariser>_<field>=value` keywords (e.g. `structure_weight=10`) into per-regulariser settings.
 
+    A keyword in `reserved` (the method's own fields) is never routed: a regulariser named `num` does not capture the
+    method's `num_anchors`. Any other keyword prefixed by a regulariser's name is that regulariser's, whose settings
+    dataclass then refuses a field it does not have, by name.
+
     Args:
-        kwargs: keywords of `from_encoders`; those not prefixed by a registered regulariser name belong to the method.
+        kwargs: keywords of `from_encoders`; those not routed are returned for the method.
         regularizers: the explicit mapping `{"structure": {"weight": 10.0}}`, merged with the routed keywords.
+        reserved: keyword names that belong to the method whatever their prefix.
 
     Returns:
         (settings by regulariser name, the remaining keywords). Giving one field both ways is a `ValueError` naming
@@ -47,11 +54,11 @@ def split_regularizer_kwargs(
             f"got {regularizers!r}"
         )
     routed = {name: dict(values) for name, values in regularizers.items()}
-    rest = {}
     names = sorted(REGULARIZERS, key=len, reverse=True)  # longest first: a name may prefix another
+    rest = {}
     for key, value in kwargs.items():
         owner = next((n for n in names if key.startswith(n + "_")), None)
-        if owner is None:
+        if owner is None or key in reserved:
             rest[key] = value
             continue
         field = key[len(owner) + 1 :]

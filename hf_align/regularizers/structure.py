@@ -34,6 +34,7 @@ from ..functional.structure import (
     check_pooled,
     structure_regularizer,
 )
+from ..utils.checks import flag, nonnegative_int, number, one_of
 from .base import Regularizer, RegularizerConfig
 from .registry import register_regularizer
 
@@ -72,37 +73,29 @@ class StructureConfig(RegularizerConfig):
     preset's is a `ValueError`. The other fields are those of `structure_regularizer`.
     """
 
-    weight: float | str = "auto"
+    check_prefix = "structure "
+
+    weight: float | str = number("auto", low=0.0, also=("auto",), expected="a float >= 0 or 'auto'")
     levels: int | list[int] = 1
     tau: float = 0.05
     weighting: str = "inverse"
     margin: float = 0.0
     divergence: str = "authors_rkl"
-    centering: bool = True
-    warmup_steps: int | str = "auto"
-    preset: str | None = None
+    centering: bool = flag(True, expected="a bool")
+    warmup_steps: int | str = nonnegative_int("auto", also=("auto",))
+    preset: str | None = one_of(
+        None, (None, *sorted(STRUCTURE_PRESETS)), expected=f"one of {sorted(STRUCTURE_PRESETS)} or None"
+    )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.preset is not None:
             self._apply_preset()
-        if self.weight != "auto" and not (
-            isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool) and self.weight >= 0
-        ):
-            raise ValueError(f"structure weight must be a float >= 0 or 'auto', got {self.weight!r}")
-        if self.warmup_steps != "auto" and not (
-            isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool) and self.warmup_steps >= 0
-        ):
-            raise ValueError(f"structure warmup_steps must be an int >= 0 or 'auto', got {self.warmup_steps!r}")
-        if not isinstance(self.centering, bool):
-            raise ValueError(f"structure centering must be a bool, got {self.centering!r}")
+        # levels, tau, weighting, margin and divergence: the checks `structure_regularizer` runs on its arguments
         check_levels(self.levels)
         check_options(self.tau, self.weighting, self.margin, self.divergence)
 
     def _apply_preset(self) -> None:
-        if self.preset not in STRUCTURE_PRESETS:
-            raise ValueError(
-                f"structure preset must be one of {sorted(STRUCTURE_PRESETS)} or None, got {self.preset!r}"
-            )
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name, value in STRUCTURE_PRESETS[self.preset].items():
             given = getattr(self, name)

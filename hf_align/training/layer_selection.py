@@ -244,8 +244,9 @@ def select_layers(
         n_samples: pairs drawn at random (one caption per image); all of them when the cache holds fewer.
         seed: seed of that draw.
         k: neighbours for mutual k-NN: an int or a rule of the sample size (`rice` = ⌈2·n^⅓⌉, 35 for 5000).
-        vision_layers / text_layers: candidate layers (absolute indices, or `"pooler_output"` / `"projected"` for the
+        vision_layers: candidate vision layers (absolute indices, or `"pooler_output"` / `"projected"` for the
             encoder's own pooled embedding); default (or "all"): every cached layer and pooled embedding.
+        text_layers: candidate text layers, likewise.
         device: where to compute (default: CUDA when available).
         normalize: L2-normalise every row before scoring, as the STRUCTURE authors do for every metric. CKA then
             ignores each sample's norm (without it, `cka(a, a * s)` for random per-row scales s is below 1); mutual

@@ -1,9 +1,15 @@
 """Checks of settings, declared once: upper bounds of int settings by name, positive ints, bounded numbers, and the
 type check of a settings dataclass's fields. Methods, regularisers, similarity heads, `AlignerConfig` and
-`AlignmentArguments` use them, so an error names the field the same way everywhere."""
+`AlignmentArguments` use them, so an error names the field the same way everywhere.
+
+A settings dataclass declares the check of a field with its default (`positive_int(512)`, `number(0.1, low=0.0)`,
+`one_of("cap", POOLINGS)`, ...) and `check_fields(config)` runs every declared check (`ComponentConfig.__post_init__`
+does, for methods, regularisers and similarity heads); a `__post_init__` is left for what relates fields.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from typing import Any
@@ -87,17 +93,19 @@ def check_number(
     return value
 
 
-def check_settings(owner: str, settings_class: type, values: dict[str, Any]) -> None:
+def check_settings(owner: str, settings_class: type, values: dict[str, Any], label: str | None = None) -> None:
     """Type-check keyword settings of a method's or regulariser's settings dataclass against its field annotations.
 
     Fields annotated `int`, `float`, `bool` or `str` must hold exactly that (a bool is not an int, a float must be
     finite, an int is a float); other annotations and unknown names are left to the dataclass (`from_kwargs` lists
     the names it accepts). Run before the dataclass is built, whose own range checks may assume the types: a recipe
     or config.json with `projection_dim: "512"` or `bias: "no"` then fails by name when the aligner is built. Int
-    settings are also held to their upper bounds (`check_upper_bounds`).
+    settings are also held to their upper bounds (`check_upper_bounds`). `label` is how messages name the owner:
+    `repr(owner)` by default (`'linear'`); the similarity heads say `similarity 'mlp'`.
     """
     kinds = {int: "an int", float: "a finite number", bool: "True or False", str: "a string"}
-    check_upper_bounds(repr(owner), values)
+    label = repr(owner) if label is None else label
+    check_upper_bounds(label, values)
     hints = typing.get_type_hints(settings_class)
     for name, value in values.items():
         kind = hints.get(name)
@@ -111,4 +119,117 @@ def check_settings(owner: str, settings_class: type, values: dict[str, Any]) -> 
             ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
             ok = ok and (kind is int or math.isfinite(value))
         if not ok:
-            raise ValueError(f"{owner!r} setting {name} must be {kinds[kind]}, got {value!r}")
+            raise ValueError(f"{label} setting {name} must be {kinds[kind]}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- declared fields
+CHECK_METADATA = "hf_align.check"  # the key of a field's declared check in `dataclasses.Field.metadata`
+
+
+def _special(value: Any, also: tuple) -> bool:
+    """Whether `value` is one of the non-numeric values a field also accepts (`"auto"`, `None`), by type and value
+    (so `1 == True` or a list never matches by accident)."""
+    return any(type(value) is type(a) and value == a for a in also)
+
+
+def _or_also(expected: str, also: tuple) -> str:
+    return " or ".join([expected, *(repr(a) for a in also)])
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldCheck:
+    """The declared check of one settings field: `check(name, value)` raises `ValueError` naming the field.
+
+    kind: `"positive_int"` (an int >= 1), `"nonnegative_int"` (an int >= 0), `"number"` (a finite int/float within
+    `low`/`high`), `"one_of"` (a member of `options`) or `"flag"` (a bool). `also`: values accepted besides (`"auto"`).
+    `expected`: the phrase of the message `"{name} must be {expected}, got {value!r}"`; by default the kind's own
+    (a `number` out of range without one names its interval, as `check_number` does).
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    options: tuple = ()
+    also: tuple = ()
+    expected: str | None = None
+
+    def check(self, name: str, value: Any) -> None:
+        if _special(value, self.also):
+            return
+        if self.kind in ("positive_int", "nonnegative_int"):
+            low = 1 if self.kind == "positive_int" else 0
+            default = "a positive int" if low else "an int >= 0"
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be {self.expected or _or_also(default, self.also)}, got {value!r}")
+        elif self.kind == "number":
+            if self.expected is None:
+                check_number(name, value, self.low, self.high, self.low_inclusive, self.high_inclusive)
+                return
+            try:
+                check_number(name, value, self.low, self.high, self.low_inclusive, self.high_inclusive)
+            except ValueError:
+                raise ValueError(f"{name} must be {self.expected}, got {value!r}") from None
+        elif self.kind == "one_of":
+            if not any(type(value) is type(o) and value == o for o in self.options):
+                raise ValueError(f"{name} must be {self.expected or f'one of {self.options}'}, got {value!r}")
+        elif self.kind == "flag":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be {self.expected or 'True or False'}, got {value!r}")
+        else:
+            raise ValueError(f"unknown field check kind {self.kind!r}")
+
+
+def _declared(default: Any, check: FieldCheck) -> Any:
+    return dataclasses.field(default=default, metadata={CHECK_METADATA: check})
+
+
+def positive_int(default: Any, *, also: tuple = (), expected: str | None = None) -> Any:
+    """A dataclass field holding an int >= 1 (bools refused), or one of `also` (e.g. `("auto",)`)."""
+    return _declared(default, FieldCheck("positive_int", also=tuple(also), expected=expected))
+
+
+def nonnegative_int(default: Any, *, also: tuple = (), expected: str | None = None) -> Any:
+    """A dataclass field holding an int >= 0 (bools refused), or one of `also`."""
+    return _declared(default, FieldCheck("nonnegative_int", also=tuple(also), expected=expected))
+
+
+def number(
+    default: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    *,
+    also: tuple = (),
+    expected: str | None = None,
+) -> Any:
+    """A dataclass field holding a finite int/float within [low, high] (each bound optional, inclusive or not; bools,
+    NaN and infinities refused), or one of `also`. The message is `check_number`'s unless `expected` is given."""
+    check = FieldCheck("number", low, high, low_inclusive, high_inclusive, also=tuple(also), expected=expected)
+    return _declared(default, check)
+
+
+def one_of(default: Any, options: tuple, *, expected: str | None = None) -> Any:
+    """A dataclass field holding one of `options` (compared by type and value)."""
+    return _declared(default, FieldCheck("one_of", options=tuple(options), expected=expected))
+
+
+def flag(default: bool, *, expected: str | None = None) -> Any:
+    """A dataclass field holding True or False (not 1, not "yes")."""
+    return _declared(default, FieldCheck("flag", expected=expected))
+
+
+def declared_check(field: dataclasses.Field) -> FieldCheck | None:
+    """The check a field declares (`positive_int`, `number`, ...), or None."""
+    return field.metadata.get(CHECK_METADATA)
+
+
+def check_fields(config: Any, prefix: str = "") -> None:
+    """Run the declared check of every field of the dataclass instance `config`, in field order; messages name the
+    field as `prefix + name` (e.g. `"asif: num_anchors must be a positive int or 'auto', got 0"`)."""
+    for field in dataclasses.fields(config):
+        check = declared_check(field)
+        if check is not None:
+            check.check(prefix + field.name, getattr(config, field.name))

@@ -1,11 +1,13 @@
 """The one table of names and modules that moved, each with the release that removes the old path, and the one
 mechanism that serves them: a module `__getattr__` (`module_getattr`) for names that left a module or package that
 still exists, and an import hook (`install`) for modules that are gone, whose old path imports as a stand-in that
-forwards to the new module. Both warn with a `FutureWarning` naming the new path. Only paths that shipped in a release
-are here; library code never uses them (tests/test_import_graph.py)."""
+forwards to the new module; and a decorator (`deprecated_method`) for methods that are going (`MOVED_METHODS`).
+All three warn with a `FutureWarning` naming the new path. Only paths that shipped in a release are here; library code
+never uses them (tests/test_import_graph.py)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -67,7 +69,7 @@ MOVED_NAMES: dict[str, tuple[str, str]] = {
     "hf_align.retrieval_metrics": ("hf_align.evaluation", REMOVED_IN),
     "hf_align.run_data_efficiency": ("hf_align.experiments.data_efficiency", REMOVED_IN),
     "hf_align.segment_tokens": ("hf_align.model", REMOVED_IN),
-    "hf_align.similarity.DEFAULT_MAX_CHUNK_ELEMENTS": ("hf_align.similarity.heads", REMOVED_IN),
+    "hf_align.similarity.DEFAULT_MAX_CHUNK_ELEMENTS": ("hf_align.similarity.base", REMOVED_IN),
     "hf_align.sinkhorn": ("hf_align.functional", REMOVED_IN),
     "hf_align.skipped_samples": ("hf_align.features", REMOVED_IN),
     "hf_align.structure_regularizer": ("hf_align.functional", REMOVED_IN),
@@ -81,6 +83,18 @@ MOVED_NAMES: dict[str, tuple[str, str]] = {
     "hf_align.training.split_by_image": ("hf_align.features", REMOVED_IN),
     "hf_align.unbiased_cka": ("hf_align.functional", REMOVED_IN),
     "hf_align.zero_shot_metrics": ("hf_align.evaluation", REMOVED_IN),
+}
+
+# "module.Class.method" (as the public API names the class) -> (what to call instead, release that removes the method)
+MOVED_METHODS: dict[str, tuple[str, str]] = {
+    "hf_align.AlignerModel.text_hidden_states": (
+        "AlignerModel.text_outputs(input_ids, attention_mask, token_type_ids).hidden_states",
+        REMOVED_IN,
+    ),
+    "hf_align.AlignerModel.vision_hidden_states": (
+        "AlignerModel.vision_outputs(pixel_values).hidden_states",
+        REMOVED_IN,
+    ),
 }
 
 
@@ -105,6 +119,21 @@ def moved_attribute(module: str, name: str):
             _warn(key, MOVED_MODULES[key][0], MOVED_MODULES[key][1])
         return importlib.import_module(key)  # the stand-in, so that its moved names warn too
     raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+
+def deprecated_method(key: str):
+    """Decorator for the method `MOVED_METHODS[key]` describes: each call warns with its replacement, then runs it."""
+    new, removed_in = MOVED_METHODS[key]  # a KeyError at import: every deprecated method is in the table
+
+    def decorate(method):
+        @functools.wraps(method)
+        def deprecated(*args, **kwargs):
+            _warn(key, new, removed_in, stacklevel=3)  # 3: the caller, past `deprecated` and `_warn`
+            return method(*args, **kwargs)
+
+        return deprecated
+
+    return decorate
 
 
 def module_getattr(module: str):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
-from .checks import check_settings
+from .checks import check_fields, check_settings
 
 T = TypeVar("T")
 
@@ -111,26 +111,47 @@ class Registry(Generic[T]):
 
 @dataclass
 class ComponentConfig:
-    """Base of the settings dataclasses of registered components (`MethodConfig`, `RegularizerConfig`).
+    """Base of the settings dataclasses of registered components (`MethodConfig`, `RegularizerConfig`,
+    `SimilarityConfig`).
 
-    Subclasses are dataclasses whose `__post_init__` checks ranges; `from_kwargs` checks names and types first.
+    Subclasses are dataclasses that declare each field's check with its default (`hf_align.utils.checks`:
+    `projection_dim: int = positive_int(512)`, `dropout: float = number(0.1, low=0.0, high=1.0, high_inclusive=False)`);
+    `__post_init__` runs them (`check_fields`), naming the field as `check_prefix + name`. A subclass adds a
+    `__post_init__` only for what is no range of one field (a relation between fields), calling
+    `super().__post_init__()` first. `from_kwargs` checks names and types before the dataclass is built.
     """
+
+    check_prefix: ClassVar[str] = ""  # how range messages name a field: "asif: " -> "asif: topk must be ..."
+
+    def __post_init__(self):
+        check_fields(self, self.check_prefix)
 
     @classmethod
     def from_kwargs(cls, owner: str, kwargs: dict[str, Any]) -> ComponentConfig:
         """Build from keyword settings; `owner` (the method or regulariser name) is named in errors.
 
         Raises `TypeError` for a name the dataclass does not have (listing the ones it has) and `ValueError` for a
-        value of the wrong type (`hf_align.utils.checks.check_settings`: a recipe's `projection_dim: "512"`).
+        value of the wrong type (`hf_align.utils.checks.check_settings`: a recipe's `projection_dim: "512"`) or out
+        of its range (the declared checks).
         """
+        cls.check_names(owner, kwargs)
+        check_settings(owner, cls, kwargs, label=cls.owner_label(owner))
+        return cls(**kwargs)
+
+    @classmethod
+    def owner_label(cls, owner: str) -> str:
+        """How type and bound messages name the owner: `'linear'` (the similarity heads: `similarity 'mlp'`)."""
+        return repr(owner)
+
+    @classmethod
+    def check_names(cls, owner: str, kwargs: dict[str, Any]) -> None:
+        """`TypeError` for keyword settings the dataclass has no field for, listing the ones it has."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise TypeError(
                 f"{owner!r} got unknown argument(s) {unknown}; it accepts {sorted(names) or 'no arguments'}"
             )
-        check_settings(owner, cls, kwargs)
-        return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
