@@ -2,8 +2,8 @@
 
 Datasets are image-folders, caption folders, `save_to_disk` folders, Hub ids or clip_benchmark's standard names (see
 `hf_align.evaluation.benchmark`). Writes `benchmark.csv`, `benchmark.json` and `benchmark.png` to `--output_dir`,
-prints the
-table, and records every result on the model's card data; a local aligner folder gets its `README.md` rewritten
+prints the table, and records every result on the model's card data; a local aligner folder gets its `README.md`
+rewritten
 with them (the card's model-index).
 """
 

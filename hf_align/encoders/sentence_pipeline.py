@@ -10,8 +10,8 @@ values with or without the pipeline.
 
 Safety: every path `modules.json` names (and every file read there) must resolve, symlinks followed, inside the
 sentence-transformers folder (`hf_align.utils.safe_loading.resolve_inside`); `Dense` weights load from
-`model.safetensors`
-only (a pickle-only `pytorch_model.bin` is refused: unpickling can run code), after their header was checked against
+`model.safetensors` only (a pickle-only `pytorch_model.bin` is refused: unpickling can run code), after their header was
+checked against
 the Dense config (nothing is allocated for a config wider than its weights); and the activation must be one of the
 plain `torch.nn` activations in `ACTIVATIONS` (a config naming any other class is refused rather than imported).
 """

@@ -19,8 +19,8 @@ order, one memory-mapped Dataset.
 
 What a folder says is not trusted: every file its metadata (or a dataset folder's `state.json`, `dataset_dict.json`,
 card `configs`) names must lie inside it after `realpath` (`hf_align.utils.safe_loading.resolve_inside`), and metadata
-that
-is valid JSON but not what an extraction writes (a missing key, a wrong type) is damage, named by file and field. Under
+that is valid JSON but not what an extraction writes (a missing key, a wrong type) is damage, named by file and field.
+Under
 `cache_dir` (hf_align's own) damage is rebuilt; a `cache_path` the user named is never deleted.
 """
 
