@@ -58,7 +58,8 @@ class QuickstartArguments:
 def default_regularizers(method: str, structure_weight: float | None) -> dict:
     """STRUCTURE at `structure_weight` (None: the regulariser's own default) where the method takes it: a trainable
     method with pooled inputs for it. Other methods (training-free ones, token methods without a pooled reference)
-    get no regulariser unless a weight is asked for, which the model then refuses with its reason."""
+    get no regulariser unless a weight is asked for, which the model then refuses with its reason. A weight of 0 is
+    plain InfoNCE: no regulariser at all, so the best weights follow retrieval as for any unregularised model."""
     from ..methods import get_method
     from ..regularizers.structure import StructureRegularizer
 
@@ -66,7 +67,7 @@ def default_regularizers(method: str, structure_weight: float | None) -> dict:
     takes_structure = method_class.trainable and (
         (method_class.regularizer_input_kind or method_class.input_kind) in StructureRegularizer.input_kinds
     )
-    if structure_weight is None and not takes_structure:
+    if (structure_weight is None and not takes_structure) or structure_weight == 0:
         return {}
     return {"structure": {} if structure_weight is None else {"weight": structure_weight}}
 

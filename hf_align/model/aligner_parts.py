@@ -70,9 +70,6 @@ def check_parts(
             "fit: refine_weight and the other refine_* settings)"
         )
     for name, regularizer in modules.items():
-        bind = getattr(regularizer, "bind_method", None)
-        if callable(bind):  # settings that follow the method (STRUCTURE's weight="auto")
-            bind(method)
         # a token method may pool its tokens for the regularisers (`AlignerMethod.regularizer_features`)
         if (method_cls.regularizer_input_kind or method_cls.input_kind) not in regularizer.input_kinds:
             raise ValueError(

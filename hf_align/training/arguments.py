@@ -91,11 +91,12 @@ class AlignmentArguments:
         },
     )
     metric_for_best_model: str = field(
-        default="eval_rsum",
+        default="auto",
         metadata={
             "help": "What picks the best weights and early stopping: eval_rsum (R@1 + R@5 + R@10 both ways), "
-            "eval_<retrieval metric> (eval_mean_R@1, ...), eval_<term> (e.g. eval_infonce) or eval_loss (every term "
-            "at full weight)."
+            "eval_<retrieval metric> (eval_mean_R@1, ...), eval_<term> (e.g. eval_infonce), eval_loss (every term "
+            "at full weight) or auto (default): eval_loss when the model has regularisers (the STRUCTURE authors' "
+            "criterion, the objective the user asked for), else eval_rsum."
         },
     )
     caption_sampling: str = field(
@@ -191,15 +192,16 @@ class AlignmentArguments:
             raise ValueError(f"mixed_precision must be no, bf16, fp16 or auto, got {self.mixed_precision!r}")
         if self.max_steps <= 0 and self.num_train_epochs is not None and self.num_train_epochs <= 0:
             raise ValueError("give num_train_epochs > 0, max_steps > 0 or neither (automatic length)")
-        if not isinstance(self.metric_for_best_model, str) or not self.metric_for_best_model.startswith("eval_"):
-            raise ValueError(f"metric_for_best_model must start with 'eval_', got {self.metric_for_best_model!r}")
+        metric = self.metric_for_best_model
+        if not isinstance(metric, str) or not (metric == "auto" or metric.startswith("eval_")):
+            raise ValueError(f"metric_for_best_model must be 'auto' or start with 'eval_', got {metric!r}")
         self.report_to = check_report_to(self.report_to, self.output_dir)
 
     @property
-    def greater_is_better(self) -> bool:
-        # Retrieval recalls (eval_*R@k, eval_rsum) grow with quality; eval_loss and each loss term (eval_infonce, ...)
-        # shrink.
-        return "R@" in self.metric_for_best_model or self.metric_for_best_model == "eval_rsum"
+    def greater_is_better(self) -> bool | None:
+        """Whether `metric_for_best_model` grows with quality; `None` for `"auto"`, which each run resolves
+        (`TrainingPlan.greater_is_better`)."""
+        return None if self.metric_for_best_model == "auto" else greater_is_better(self.metric_for_best_model)
 
     def non_default(self) -> dict:
         """The settings that differ from the defaults (what a model card should mention)."""
@@ -235,6 +237,10 @@ class TrainingPlan:
     auto: tuple[str, ...]
 
     @property
+    def greater_is_better(self) -> bool:
+        return greater_is_better(self.metric_for_best_model)
+
+    @property
     def epochs(self) -> float:
         return self.total_steps / self.steps_per_epoch
 
@@ -259,14 +265,27 @@ class TrainingPlan:
         )
 
 
-def plan_training(args: AlignmentArguments, rows_per_epoch: int, world: int = 1, has_validation: bool = True):
+def greater_is_better(metric: str) -> bool:
+    """Retrieval recalls (`eval_*R@k`, `eval_rsum`) grow with quality; `eval_loss` and each loss term shrink."""
+    return "R@" in metric or metric == "eval_rsum"
+
+
+def plan_training(
+    args: AlignmentArguments,
+    rows_per_epoch: int,
+    world: int = 1,
+    has_validation: bool = True,
+    has_regularizers: bool = False,
+):
     """The `TrainingPlan` of `args` for `rows_per_epoch` training rows and `world` processes.
 
     Left unset, the batch is `auto_batch_size(rows_per_epoch)` (split over the processes) and the run takes
     `min(MAX_AUTO_EPOCHS, max(1, AUTO_STEP_BUDGET / steps_per_epoch))` epochs, evaluated `AUTO_EVALUATIONS` times;
     given epochs or `max_steps` keep one evaluation per epoch. Early stopping is on whenever there is a validation
     split, unless `early_stopping_patience=0`, with a patience of a quarter of the run's evaluations, at least
-    `DEFAULT_EARLY_STOPPING_PATIENCE`.
+    `DEFAULT_EARLY_STOPPING_PATIENCE`. `metric_for_best_model="auto"` is `eval_loss` for a model with regularisers
+    (`has_regularizers`), else `eval_rsum`: on the digits, linear + STRUCTURE restored by `eval_rsum` kept weights
+    from early in the run, 5 points below those `eval_loss` keeps (docs/methods.md, "Defaults").
     """
     auto = []
     batch = args.per_device_train_batch_size
@@ -293,13 +312,16 @@ def plan_training(args: AlignmentArguments, rows_per_epoch: int, world: int = 1,
         evaluations = math.ceil(total_steps / eval_steps)
         patience = max(DEFAULT_EARLY_STOPPING_PATIENCE, math.ceil(evaluations / 4)) if has_validation else 0
         auto.append("early stopping" if has_validation else "no early stopping")
+    metric = args.metric_for_best_model
+    if metric == "auto":
+        metric = "eval_loss" if has_regularizers else "eval_rsum"
     return TrainingPlan(
         batch_size=batch,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         eval_steps=eval_steps,
         early_stopping_patience=patience if has_validation else 0,
-        metric_for_best_model=args.metric_for_best_model,
+        metric_for_best_model=metric,
         auto=tuple(auto),
     )
 

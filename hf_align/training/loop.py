@@ -66,17 +66,16 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
     """Train `model`'s aligner on a feature cache and return what happened.
 
     The model's layers pick the cache columns (`features_for`); a layer set to `"auto"` is chosen first by layer
-    selection on the cache. An epoch visits each training image once with one of its captions, drawn afresh every
-    epoch, when the cache holds several captions per image (`caption_sampling`, `hf_align.training.batches`); captions
-    of one
+    selection on the cache. An epoch visits each training image once with one of its captions, drawn afresh every epoch,
+    when the cache holds several captions per image (`caption_sampling`, `hf_align.training.batches`); captions of one
     image that meet in a batch are not each other's negatives (`mask_same_image`). Methods with a data-dependent start
     (`init_from_data`) get up to `args.init_samples` training pairs before the first step; training-free methods stop
     there. Left unset, the batch, the length of the run and its evaluations follow the number of training rows
     (`plan_training`), logged in one line before the first step. The best weights on the validation split (by
-    `metric_for_best_model`, by default `eval_rsum`: R@1 + R@5 + R@10 both ways) are restored at the end and, with
-    `output_dir`, saved with `save_pretrained`; with a validation split the run stops early after
-    `early_stopping_patience` evaluations without improvement. The returned `TrainingResult` (and one line of the
-    log) says how many steps ran, the best step and score, and whether early stopping fired.
+    `metric_for_best_model`; by default `eval_loss` for a model with regularisers, else `eval_rsum`: R@1 + R@5 + R@10
+    both ways) are restored at the end and, with `output_dir`, saved with `save_pretrained`; with a validation split the
+    run stops early after `early_stopping_patience` evaluations without improvement. The returned `TrainingResult` (and
+    one line of the log) says how many steps ran, the best step and score, and whether early stopping fired.
 
     A run killed at any point (even while writing a checkpoint) and restarted with
     `resume_from_checkpoint="latest"` continues from the last complete checkpoint and ends with exactly the weights of
@@ -121,7 +120,13 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
     mask_train = args.mask_same_image and sampler.repeats_images  # one caption per image: no pair to mask
     model.to(accelerator.device)
     world = accelerator.num_processes
-    plan = plan_training(args, sampler.rows_per_epoch, world, has_validation=len(eval_rows) > 0)
+    plan = plan_training(
+        args,
+        sampler.rows_per_epoch,
+        world,
+        has_validation=len(eval_rows) > 0,
+        has_regularizers=bool(model.regularizers),
+    )
     global_batch = plan.batch_size * world
     if model.aligner.trainable:  # InfoNCE needs negatives; a training-free method only reads the rows
         sampler.check_negatives(global_batch, mask_train)
@@ -242,8 +247,8 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
                 metrics = evaluate_on_rows(unwrapped, source, eval_rows, args)
                 model.train()
                 _record(state, {"step": step, **metrics}, accelerator)
-                if _improved(state, metrics, args):
-                    state.update(best_metric=metrics[args.metric_for_best_model], best_step=step, bad_evals=0)
+                if _improved(state, metrics, plan):
+                    state.update(best_metric=metrics[plan.metric_for_best_model], best_step=step, bad_evals=0)
                     best_state = _aligner_state(unwrapped)
                 else:
                     state["bad_evals"] += 1
@@ -274,7 +279,7 @@ def train(model, features: datasets.Dataset, args: AlignmentArguments | None = N
         total_steps=total_steps if trainable else 0,
         best_step=state["best_step"],
         best_metric=state["best_metric"],
-        metric_for_best_model=args.metric_for_best_model if len(eval_rows) else None,
+        metric_for_best_model=plan.metric_for_best_model if len(eval_rows) else None,
         early_stopped=early_stopped,
     )
     if accelerator.is_main_process:
@@ -447,11 +452,11 @@ def _record(state: dict, entry: dict, accelerator: Accelerator) -> None:
     accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
 
 
-def _improved(state: dict, metrics: dict, args: AlignmentArguments) -> bool:
-    if args.metric_for_best_model not in metrics:
-        raise ValueError(f"metric_for_best_model={args.metric_for_best_model!r} is not among {sorted(metrics)}")
-    value, best = metrics[args.metric_for_best_model], state["best_metric"]
-    return best is None or (value > best if args.greater_is_better else value < best)
+def _improved(state: dict, metrics: dict, plan: TrainingPlan) -> bool:
+    if plan.metric_for_best_model not in metrics:
+        raise ValueError(f"metric_for_best_model={plan.metric_for_best_model!r} is not among {sorted(metrics)}")
+    value, best = metrics[plan.metric_for_best_model], state["best_metric"]
+    return best is None or (value > best if plan.greater_is_better else value < best)
 
 
 def _aligner_state(model) -> dict:
