@@ -30,6 +30,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import datasets
 
@@ -37,6 +38,9 @@ from ..features.decode import load_dataset_split
 from ..model.configuration import TASK_RETRIEVAL, TASK_ZERO_SHOT
 from ..model.templates import DEFAULT_TEMPLATES
 from .zero_shot_retrieval import EvaluationResult, evaluate_retrieval, evaluate_zero_shot
+
+if TYPE_CHECKING:  # annotations only
+    from ..model.modeling import AlignerModel
 
 CLIP_BENCHMARK_HUB_PREFIX = "clip-benchmark/wds_"
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -263,7 +267,9 @@ def _caption_lines(row: dict, column: str) -> dict:
     return {column: [line.strip() for line in row[column].splitlines() if line.strip()]}
 
 
-def benchmark_dataset(model, processor, entry: BenchmarkDataset, batch_size: int = 64) -> EvaluationResult:
+def benchmark_dataset(
+    model: AlignerModel, processor, entry: BenchmarkDataset, batch_size: int = 64
+) -> EvaluationResult:
     """Load one dataset and score it: zero-shot classification when it has a label column, else retrieval."""
     data = load_benchmark_dataset(entry)
     image, label, caption = _columns(data, entry.name)
@@ -281,7 +287,7 @@ def benchmark_dataset(model, processor, entry: BenchmarkDataset, batch_size: int
 
 
 def run_benchmark(
-    model,
+    model: AlignerModel,
     suite: Sequence[BenchmarkDataset | str],
     output_dir: str,
     processor=None,

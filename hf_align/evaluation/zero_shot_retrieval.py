@@ -16,7 +16,7 @@ model.save_pretrained("out")  # the card's model-index lists the run
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
@@ -28,6 +28,9 @@ from ..model.processing import check_image_size
 from ..model.templates import DEFAULT_TEMPLATES, class_prototypes, embed_texts
 from ..training.batches import check_finite_rows, table_rows
 from ..utils.cpu_threads import scoped_cpu_threads
+
+if TYPE_CHECKING:  # annotations only
+    from ..model.modeling import AlignerModel
 
 
 class EvaluationResult(dict):
@@ -152,7 +155,7 @@ def is_feature_cache(dataset: datasets.Dataset) -> bool:
 
 
 @torch.no_grad()
-def embed_images(model, processor, images, batch_size: int = 64, first: int = 0) -> torch.Tensor:
+def embed_images(model: AlignerModel, processor, images, batch_size: int = 64, first: int = 0) -> torch.Tensor:
     """Aligned embeddings (n, D) of images through the frozen vision encoder.
 
     Each image is checked first (`hf_align.model.processing.check_image_size`); an `ImageSizeError` names it as
@@ -168,7 +171,9 @@ def embed_images(model, processor, images, batch_size: int = 64, first: int = 0)
 
 
 @torch.no_grad()
-def embed_feature_cache(model, features: datasets.Dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_feature_cache(
+    model: AlignerModel, features: datasets.Dataset, batch_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Aligned image and text embeddings of every row of a feature cache: two (n, D) tensors.
 
     A row with NaN/Inf features is refused (`ValueError`) by its row of `features` and, when `features` is a selection
@@ -195,7 +200,7 @@ def embed_feature_cache(model, features: datasets.Dataset, batch_size: int = 102
 @scoped_cpu_threads
 @torch.no_grad()
 def evaluate_zero_shot(
-    model,
+    model: AlignerModel,
     processor,
     dataset: datasets.Dataset,
     class_names: Sequence[str] | None = None,
@@ -263,7 +268,7 @@ def evaluate_zero_shot(
 @scoped_cpu_threads
 @torch.no_grad()
 def evaluate_retrieval(
-    model,
+    model: AlignerModel,
     processor=None,
     dataset: datasets.Dataset | None = None,
     image_column: str = "image",

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import datasets
 import torch
@@ -51,6 +52,9 @@ from .store import (
 )
 from .streaming import check_stream, extract_stream, stream_identity
 
+if TYPE_CHECKING:  # annotations only
+    from ..model.modeling import AlignerModel
+
 logger = logging.get_logger(__name__)
 
 __all__ = ["BAD_SAMPLE_POLICIES", "BadSampleError", "extract_features"]
@@ -58,7 +62,7 @@ __all__ = ["BAD_SAMPLE_POLICIES", "BadSampleError", "extract_features"]
 
 @scoped_cpu_threads
 def extract_features(
-    model,
+    model: AlignerModel,
     processor,
     dataset: datasets.Dataset,
     image_column: str = "image",

@@ -18,13 +18,16 @@ Layout of a cache (one row per image–caption pair; an image with several capti
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 import torch
 
 from ..model.configuration import resolve_layer_index
+
+if TYPE_CHECKING:  # annotations only
+    from ..model.modeling import AlignerModel
 
 __all__ = [
     "FeatureCollator",
@@ -185,7 +188,7 @@ def _common_length(tensors: dict[str, torch.Tensor]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the model's view
-def features_for(model, features: datasets.Dataset) -> datasets.Dataset:
+def features_for(model: AlignerModel, features: datasets.Dataset) -> datasets.Dataset:
     """The columns `model` trains on, renamed to its `forward` arguments: `vision_features`, `text_features`.
 
     Picks what `model.config` taps (`tap_column`: a hidden-state layer's pooled or token column, or the column of one

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -38,6 +39,9 @@ from ..functional.representation_similarity import (
     mutual_knn_from_indices,
     resolve_k,
 )
+
+if TYPE_CHECKING:  # annotations only
+    from ..model.modeling import AlignerModel
 
 METRICS = ("mutual_knn", "cka", "unbiased_cka")
 # The encoder's own pooled embeddings layer selection weighs against the hidden states when the cache holds them
@@ -307,7 +311,7 @@ def select_layers(
     )
 
 
-def resolve_auto_layers(model, features: datasets.Dataset, **kwargs) -> LayerSelectionReport | None:
+def resolve_auto_layers(model: AlignerModel, features: datasets.Dataset, **kwargs) -> LayerSelectionReport | None:
     """Choose the `"auto"` layer(s) of `model` by `select_layers` on `features` and point the model at them.
 
     A modality whose layer is fixed (an int) keeps it: only the other one is searched. The chosen layers and their

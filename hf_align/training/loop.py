@@ -30,7 +30,7 @@ from transformers.utils import logging
 
 from ..features import features_for, split_by_image
 from ..functional.retrieval import chunked_retrieval_metrics
-from ..model.modeling import MAX_LOGIT_SCALE, AlignerOutput
+from ..model.modeling import MAX_LOGIT_SCALE, AlignerModel, AlignerOutput
 from ..utils.cpu_threads import follow_load, scoped_cpu_threads
 from ..utils.distributed import average_gradients, cpu_process_group, gather_rows
 from .arguments import AlignmentArguments, TrainingPlan, TrainingResult, plan_training
@@ -62,7 +62,7 @@ def _validation_split(view: datasets.Dataset, eval_fraction: float, seed: int) -
 
 
 @scoped_cpu_threads
-def train(model, features: datasets.Dataset, args: AlignmentArguments | None = None) -> TrainingResult:
+def train(model: AlignerModel, features: datasets.Dataset, args: AlignmentArguments | None = None) -> TrainingResult:
     """Train `model`'s aligner on a feature cache and return what happened.
 
     The model's layers pick the cache columns (`features_for`); a layer set to `"auto"` is chosen first by layer
