@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class SimilarityConfig(ComponentConfig):
         return cls(**settings)
 
 
-class SimilarityHead(nn.Module):
+class SimilarityHead(nn.Module, abc.ABC):
     """Base class of the heads (see the package docstring for the contract).
 
     A head is built as `cls(dim, **settings)`: `settings` are the fields of its `config_class` (a `SimilarityConfig`
@@ -68,8 +69,9 @@ class SimilarityHead(nn.Module):
         self.dim = dim
         self.config = self.config_class.from_settings(self.similarity_name or type(self).__name__, settings)
 
+    @abc.abstractmethod
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Raw scores, higher = more similar: (Bi, D) and (Bt, D) -> (Bi, Bt); the model divides them by τ."""
 
     def score_unit_norm(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """`forward` on embeddings known to be L2-normalised (the model's): (N, D), (M, D) -> (N, M). Default:
