@@ -178,6 +178,6 @@ _FINDER = _MovedModuleFinder()
 
 
 def install() -> None:
-    """Serve the old paths of moved modules (`import hf_align.model.modeling`); `import hf_align` calls it once."""
+    """Serve the old paths of moved modules (`import hf_align.modeling`); `import hf_align` calls it once."""
     if _FINDER not in sys.meta_path:
         sys.meta_path.append(_FINDER)
